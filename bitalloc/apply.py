@@ -1,0 +1,93 @@
+"""python -m bitalloc.apply --plan plan.json: quantize a model as a plan says, pack it, evaluate it.
+
+The plan is validated before the model is loaded; layers, tie groups, budget and
+model fingerprint are checked against the model before any work.  Evaluation
+defaults to the protocol the plan's search used, so the PPL printed here
+reproduces the one search printed.
+"""
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+
+from . import atomic
+from .cli_args import (add_data_args, add_model_args, calibration, check_positive, evaluator, resolve_device)
+from .cost import average_bits, layer_shapes
+from .errors import cli_entry
+from .kernels.backends import BACKENDS, get_backend
+from .models import load_model
+from .plan import Plan
+from .quantize_model import needs_calibration, quantize_model, stored_bytes
+from .summary import render, result_row
+
+log = logging.getLogger(__name__)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="python -m bitalloc.apply", description=__doc__.splitlines()[0],
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    parser.add_argument("--plan", required=True, help="plan.json written by search")
+    parser.add_argument("--backend", default="reference", help=f"GEMM backend ({', '.join(sorted(BACKENDS))})")
+    parser.add_argument("--no-eval", action="store_true", help="quantize and report sizes only")
+    parser.add_argument("--json", default=None, help="write the measured results to this JSON file")
+    parser.add_argument("--quiet", action="store_true", help="no progress bars")
+    add_model_args(parser, default_model=None)
+    add_data_args(parser, seqlen=None, windows=None)
+    return parser
+
+
+def protocol_defaults(args, plan: Plan) -> None:
+    """Fill unset evaluation/calibration options from what the plan's search used."""
+    ev, cal = plan.evaluation or {}, plan.calibration or {}
+    if args.seqlen is None:
+        args.seqlen = int(ev.get("seqlen", 2048))
+    if args.eval_windows is None:
+        args.eval_windows = int(ev["windows"]) if ev.get("subset") else 0
+    if args.eval == "wikitext2" and ev.get("corpus"):
+        args.eval = ev["corpus"]
+    for key, attr in (("source", "calib"), ("nsamples", "nsamples"), ("seqlen", "calib_seqlen"), ("seed", "seed")):
+        if key in cal and getattr(args, attr) == build_parser().get_default(attr):
+            setattr(args, attr, type(getattr(args, attr))(cal[key]))
+
+
+@cli_entry
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
+    plan = Plan.load(args.plan)
+    get_backend(args.backend)
+    protocol_defaults(args, plan)
+    check_positive(args)
+    device = resolve_device(args.device)
+    loaded = load_model(args.model or plan.model)
+    shapes = layer_shapes(loaded.model)
+    assignment = plan.check_against(shapes, loaded.fingerprint)
+    progress = not args.quiet
+    evaluation = None if args.no_eval else evaluator(args, loaded, device, progress)
+    calib = calibration(args, loaded) if needs_calibration(assignment) else None
+    loaded.model.to(device)
+    base = evaluation.unquantized() if evaluation else None
+    quantize_model(loaded, assignment, calib, args.backend, device, args.batch_size, progress)
+    measured = evaluation("eval quantized") if evaluation else None
+    real_bytes = stored_bytes(loaded.model)
+    bits = average_bits(shapes, assignment)
+    rows = []
+    if base:
+        rows.append(result_row("unquantized", None, None, None, base, base["ppl"]))
+    rows.append(result_row(f"plan {args.plan}", real_bytes, bits, plan.predicted.get("loss"), measured,
+                           base["ppl"] if base else None))
+    print(render(rows))
+    print(f"stored bytes of the quantized linears: {real_bytes} (plan predicted {plan.predicted.get('bytes', '-')})")
+    if args.json:
+        atomic.write_json(args.json, {
+            "plan": args.plan, "model": loaded.spec, "fingerprint": loaded.fingerprint, "backend": args.backend,
+            "bytes": real_bytes, "avg_bits": bits, "unquantized": base, "quantized": measured,
+            "evaluation": evaluation.protocol if evaluation else None,
+        })
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

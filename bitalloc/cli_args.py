@@ -1,0 +1,69 @@
+"""Command-line arguments shared by search, apply and the scripts, and what they build."""
+from __future__ import annotations
+
+import argparse
+
+import torch
+
+from .data import DEFAULT_CALIB, ENV_DATA, calibration_ids, eval_windows
+from .errors import BitallocError
+from .evaluate import Evaluator
+from .paths import cache_root
+
+
+def add_model_args(parser: argparse.ArgumentParser, default_model: str | None = "smollm2-135m") -> None:
+    group = parser.add_argument_group("model and device")
+    group.add_argument("--model", default=default_model,
+                       help="smollm2-135m (embedded default), a .gguf file, a Hugging Face directory or a hub id")
+    group.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto (cuda when available)")
+    group.add_argument("--cache-dir", default=None,
+                       help="where sensitivity and reference caches live (default $BITALLOC_CACHE or ~/.cache/bitalloc)")
+
+
+def add_data_args(parser: argparse.ArgumentParser, seqlen: int = 512, windows: int | None = 32) -> None:
+    group = parser.add_argument_group("data")
+    group.add_argument("--data-dir", default=None, help=f"local corpora (layout of shared/data); default ${ENV_DATA}")
+    group.add_argument("--calib", default=DEFAULT_CALIB,
+                       help="calibration text: wiki (default), ptb, wikitext2 (validation) or a .txt/.jsonl path")
+    group.add_argument("--nsamples", type=int, default=16, help="calibration windows (default 16)")
+    group.add_argument("--calib-seqlen", type=int, default=512, help="tokens per calibration window (default 512)")
+    group.add_argument("--seed", type=int, default=0, help="seed for calibration sampling (default 0)")
+    group.add_argument("--eval", default="wikitext2", help="evaluation corpus: wikitext2 or ptb (test splits)")
+    group.add_argument("--seqlen", type=int, default=seqlen, help=f"evaluation window length (default {seqlen})")
+    group.add_argument("--eval-windows", type=int, default=windows,
+                       help="evaluate an evenly spaced subset of N windows (default: %(default)s; 0 = all)")
+    group.add_argument("--batch-size", type=int, default=4, help="windows per forward pass (default 4)")
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise BitallocError(f"unknown device '{name}'") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise BitallocError(f"device '{name}' requested but CUDA is not available")
+    return device
+
+
+def check_positive(args) -> None:
+    for name in ("nsamples", "calib_seqlen", "seqlen", "batch_size"):
+        if getattr(args, name, 1) < 1:
+            raise BitallocError(f"--{name.replace('_', '-')} must be at least 1")
+
+
+def calibration(args, loaded) -> torch.Tensor:
+    return calibration_ids(loaded.tokenizer, args.calib, args.nsamples, args.calib_seqlen, args.seed, args.data_dir)
+
+
+def calibration_record(args) -> dict:
+    return {"source": args.calib, "nsamples": args.nsamples, "seqlen": args.calib_seqlen, "seed": args.seed}
+
+
+def evaluator(args, loaded, device, progress: bool = True) -> Evaluator:
+    max_windows = args.eval_windows or None
+    windows = eval_windows(loaded.tokenizer, args.eval, args.seqlen, max_windows, args.data_dir)
+    protocol = {"corpus": args.eval, "split": "test", "seqlen": args.seqlen, "windows": int(windows.shape[0]),
+                "subset": max_windows is not None}
+    return Evaluator(loaded, windows, protocol, cache_root(args.cache_dir), args.batch_size, device, progress)

@@ -1,0 +1,35 @@
+"""User-facing failures: one clear line and exit code 2, never a traceback."""
+from __future__ import annotations
+
+import functools
+import logging
+import sys
+
+EXIT_BAD_INPUT = 2
+
+
+class BitallocError(Exception):
+    """Bad input (missing model, malformed plan, impossible budget, NaN weights...).
+
+    Raised anywhere in the library; command-line entry points turn it into a single
+    line on stderr and exit code 2.  The message must name the offending thing.
+    """
+
+
+def cli_entry(main):
+    """Wrap a CLI main(argv) so bad input ends with one line and exit code 2."""
+
+    @functools.wraps(main)
+    def wrapper(argv=None):
+        logging.basicConfig(level=logging.INFO, format="%(message)s")
+        try:
+            return main(argv)
+        except BitallocError as err:
+            message = " ".join(str(err).split())
+            print(f"error: {message}", file=sys.stderr)
+            sys.exit(EXIT_BAD_INPUT)
+        except KeyboardInterrupt:
+            print("error: interrupted; finished outputs are kept, partial ones were discarded", file=sys.stderr)
+            sys.exit(130)
+
+    return wrapper

@@ -1,0 +1,1 @@
+"""Packed quantized linears and their compute backends (quant/ decides values, kernels/ computes)."""

@@ -1,0 +1,72 @@
+"""QuantLinear: a linear layer holding packed codes, computed by a chosen backend."""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from ..quant.option import Option, parse
+from ..quant.qweight import QuantizedWeight
+from . import layout, packing
+from .backends import get_backend
+
+
+class QuantLinear(nn.Module):
+    """Stores exactly the tensors of `layout.storage` (so saved bytes == predicted bytes)."""
+
+    def __init__(self, option: Option, in_features: int, out_features: int, bias: bool = False,
+                 act_scale: bool = False, backend: str = "reference"):
+        super().__init__()
+        self.option = option
+        self.in_features, self.out_features = in_features, out_features
+        self.backend = backend
+        for name, (shape, dtype) in layout.storage(option, out_features, in_features, bias, act_scale).items():
+            self.register_buffer(name, torch.zeros(shape, dtype=dtype))
+        for name in ("bias", "act_scale", "zeros"):
+            if name not in self._buffers:
+                setattr(self, name, None)
+        self._dense = None
+
+    @classmethod
+    def from_weight(cls, qw: QuantizedWeight | None, bias: torch.Tensor | None, backend: str = "reference",
+                    dense: torch.Tensor | None = None) -> "QuantLinear":
+        """Pack a quantizer's output; `dense` (with qw None) keeps an unquantized fp16 layer."""
+        if qw is None:
+            out_features, in_features = dense.shape
+            layer = cls(parse("fp16"), in_features, out_features, bias is not None, backend=backend)
+            layer.weight.copy_(dense.to(torch.float16))
+        else:
+            out_features, in_features = qw.shape
+            layer = cls(qw.option, in_features, out_features, bias is not None, qw.act_scale is not None, backend)
+            layer.qweight.copy_(packing.pack(qw.codes, qw.option.bits))
+            layer.scales.copy_(qw.scales.to(torch.float16))
+            if qw.zeros is not None:
+                layer.zeros.copy_(qw.zeros.to(torch.float16))
+            if qw.act_scale is not None:
+                layer.act_scale.copy_(qw.act_scale.to(torch.float16))
+        if bias is not None:
+            layer.bias.copy_(bias.to(torch.float16))
+        return layer
+
+    def quantized_weight(self) -> QuantizedWeight:
+        opt = self.option
+        zeros = self.zeros.float() if self.zeros is not None else None
+        act = self.act_scale.float() if self.act_scale is not None else None
+        codes = packing.unpack(self.qweight, opt.bits, self.in_features)
+        return QuantizedWeight(opt, codes, self.scales.float(), zeros, act)
+
+    def dequantize_codes(self) -> torch.Tensor:
+        """The weight the matmul uses (before x / act_scale), float32."""
+        if not self.option.quantized:
+            return self.weight.float()
+        return self.quantized_weight().dequantize_codes()
+
+    def set_backend(self, name: str) -> None:
+        self.backend = name
+        self._dense = None
+        get_backend(name).prepare(self)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return get_backend(self.backend).forward(self, x)
+
+    def extra_repr(self) -> str:
+        return f"{self.in_features}->{self.out_features}, option={self.option}, backend={self.backend}"

@@ -1,0 +1,36 @@
+"""Plain-text comparison tables printed by search and apply."""
+from __future__ import annotations
+
+import math
+
+COLUMNS = ("variant", "MB", "avg bits", "pred. loss", "PPL", "dPPL", "KL mean", "KL p99", "top-1")
+
+
+def _fmt(value, spec: str) -> str:
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return "-"
+    return format(value, spec)
+
+
+def result_row(name: str, bytes_: int | None, avg_bits: float | None, predicted: float | None,
+               measured: dict | None, base_ppl: float | None) -> list[str]:
+    measured = measured or {}
+    ppl = measured.get("ppl")
+    kl = measured.get("kl", {})
+    return [
+        name,
+        _fmt(bytes_ / 1e6 if bytes_ is not None else None, ".3f"),
+        _fmt(avg_bits, ".3f"),
+        _fmt(predicted, ".4g"),
+        _fmt(ppl, ".3f"),
+        _fmt(ppl - base_ppl if ppl is not None and base_ppl is not None else None, "+.3f"),
+        _fmt(kl.get("mean"), ".4f"),
+        _fmt(kl.get("p99"), ".3f"),
+        _fmt(measured.get("top1"), ".4f"),
+    ]
+
+
+def render(rows: list[list[str]], header=COLUMNS) -> str:
+    widths = [max(len(str(r[i])) for r in [list(header), *rows]) for i in range(len(header))]
+    line = lambda r: "  ".join(str(c).ljust(w) if i == 0 else str(c).rjust(w) for i, (c, w) in enumerate(zip(r, widths)))
+    return "\n".join([line(header), line(["-" * w for w in widths]), *map(line, rows)])
