@@ -81,7 +81,7 @@ def evaluate(model, windows: torch.Tensor, reference: ReferenceCache | None = No
             continue
         if is_reference:
             reference.put(index, logprobs)
-            ref = logprobs.to(torch.float16).float()
+            ref = logprobs
         else:
             ref = reference.get(index).to(logprobs.device).float()
         kls.append((ref.exp() * (ref - logprobs)).sum(-1).flatten().cpu())

@@ -13,6 +13,8 @@ transformers Conv1D (GPT-2) children.
 """
 from __future__ import annotations
 
+import contextlib
+import functools
 import hashlib
 import importlib.metadata
 import logging
@@ -93,12 +95,31 @@ def fingerprint_module(model: nn.Module) -> str:
     return digest.hexdigest()[:16]
 
 
+@contextlib.contextmanager
+def _quiet_transformers():
+    """transformers' own per-tensor progress bars say nothing useful; our log line says what is loading."""
+    import transformers.modeling_gguf_pytorch_utils as gguf_utils
+    from transformers.utils import logging as hf_logging
+
+    was_enabled = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()
+    original = gguf_utils.tqdm
+    gguf_utils.tqdm = functools.partial(original, disable=True)
+    try:
+        yield
+    finally:
+        gguf_utils.tqdm = original
+        if was_enabled:
+            hf_logging.enable_progress_bar()
+
+
 def _from_pretrained(location: str, gguf_file: str | None, dtype):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     extra = {"gguf_file": gguf_file} if gguf_file else {}
-    tokenizer = AutoTokenizer.from_pretrained(location, **extra)
-    model = AutoModelForCausalLM.from_pretrained(location, dtype=dtype, **extra)
+    with _quiet_transformers():
+        tokenizer = AutoTokenizer.from_pretrained(location, **extra)
+        model = AutoModelForCausalLM.from_pretrained(location, dtype=dtype, **extra)
     model.config.use_cache = False
     return model.eval(), tokenizer
 

@@ -117,9 +117,9 @@ def _codebook_quantize(wg, scales, fmt):
 def int_scales(wg: torch.Tensor, bits: int, sym: bool, clip: torch.Tensor | float = 1.0):
     """Scales and zeros for integer groups: wg [out, ng, g] -> ([out, ng], [out, ng] | None)."""
     maxq = 2**bits - 1
-    if sym:
+    if sym:  # restricted range: +-absmax land exactly on codes 1 and maxq (zero point 2**(bits-1))
         absmax = wg.abs().amax(dim=-1) * clip
-        scales = torch.where(absmax > 0, 2 * absmax / maxq, torch.ones_like(absmax))
+        scales = torch.where(absmax > 0, absmax / (2 ** (bits - 1) - 1), torch.ones_like(absmax))
         return to_storage(scales, "scales"), None
     lo = wg.amin(dim=-1) * clip
     hi = wg.amax(dim=-1) * clip

@@ -1,0 +1,105 @@
+"""The command-line entry points end to end on a tiny model, and how they treat bad input."""
+import json
+
+import pytest
+
+from bitalloc import apply, pipeline
+from conftest import all_files, run_cli
+
+SPACE = "rtn:int2:g32:asym,rtn:int3:g32:asym,rtn:int4:g32:asym,rtn:int8:g32:asym"
+QUICK = ["--nsamples", "4", "--calib-seqlen", "32", "--seqlen", "32", "--eval-windows", "6", "--quiet"]
+
+
+@pytest.fixture
+def search_run(cli_env, tiny_dir, capsys):
+    argv = ["--model", str(tiny_dir), "--space", SPACE, "--budget", "rtn:int3:g32:asym", "--out", "run", *QUICK]
+    code, out, err = run_cli(pipeline.main, argv, capsys)
+    assert code == 0, err
+    return cli_env / "run", out
+
+
+def test_search_writes_a_complete_run_directory(search_run):
+    run, out = search_run
+    for name in ("plan.json", "sensitivity.json", "sensitivity.csv", "results.json", "summary.txt",
+                 "sensitivity_heatmap.png", "bits_per_layer.png"):
+        assert (run / name).is_file(), name
+    assert any(p.name.startswith("events.out.tfevents") for p in run.iterdir())
+    assert "unquantized" in out and "uniform rtn:int3:g32:asym" in out and "mixed (ilp)" in out
+    results = json.loads((run / "results.json").read_text())["variants"]
+    uniform, mixed = results["uniform rtn:int3:g32:asym"], results["mixed (ilp)"]
+    assert mixed["bytes"] <= uniform["bytes"]
+    assert mixed["predicted_loss"] <= uniform["predicted_loss"]
+
+
+def test_apply_reproduces_the_searched_perplexity(search_run, capsys, tmp_path):
+    run, _ = search_run
+    plan = json.loads((run / "plan.json").read_text())
+    code, out, err = run_cli(apply.main, ["--plan", str(run / "plan.json"), "--quiet", "--json", "applied.json"],
+                             capsys)
+    assert code == 0, err
+    applied = json.loads((run.parent / "applied.json").read_text())
+    assert applied["quantized"]["ppl"] == pytest.approx(plan["measured"]["ppl"], abs=0.01)
+    assert applied["bytes"] == plan["predicted"]["bytes"]
+
+
+def test_rerunning_search_reuses_the_cached_table(search_run, cli_env, tiny_dir, capsys, monkeypatch):
+    from bitalloc import profile as profile_module
+
+    monkeypatch.setattr(profile_module, "measure_block", lambda *a, **k: pytest.fail("re-measured a cached block"))
+    argv = ["--model", str(tiny_dir), "--space", SPACE, "--budget", "3.2", "--out", "run2", *QUICK]
+    code, _, err = run_cli(pipeline.main, argv, capsys)
+    assert code == 0, err
+
+
+def _expect_bad_input(main, argv, capsys, root, message):
+    before = all_files(root)
+    code, out, err = run_cli(main, argv, capsys)
+    assert code == 2
+    errors = [line for line in err.strip().splitlines() if line.startswith("error")]
+    assert len(errors) == 1 and err.strip().splitlines()[-1] == errors[0], err
+    assert message in errors[0]
+    assert "Traceback" not in err
+    assert all_files(root) == before, "bad input must write nothing"
+
+
+def _plan_file(root, tiny_dir, **changes):
+    layers = {"model.layers.0.mlp.up_proj": "rtn:int4:g32:asym"}
+    data = {"format": "bitalloc-plan", "version": 1, "model": str(tiny_dir), "layers": layers}
+    data.update(changes)
+    path = root / "bad_plan.json"
+    path.write_text(json.dumps(data))
+    return path
+
+
+@pytest.mark.parametrize("case, message", [
+    ("missing model", "model not found"),
+    ("malformed json", "is not valid JSON"),
+    ("unknown layer", "layer 'model.layers.7.mlp.up_proj'"),
+    ("unsupported bits", "unsupported format 'int9'"),
+    ("missing plan", "plan file not found"),
+])
+def test_apply_rejects_bad_input_with_one_line(case, message, cli_env, tiny_dir, capsys):
+    if case == "missing model":
+        path = _plan_file(cli_env, tiny_dir, model=str(cli_env / "no-such-model"))
+    elif case == "malformed json":
+        path = cli_env / "bad_plan.json"
+        path.write_text('{"format": "bitalloc-plan", "layers": {')
+    elif case == "unknown layer":
+        path = _plan_file(cli_env, tiny_dir, layers={"model.layers.7.mlp.up_proj": "rtn:int4:g32:asym"})
+    elif case == "unsupported bits":
+        path = _plan_file(cli_env, tiny_dir, layers={"model.layers.0.mlp.up_proj": "rtn:int9:g32:asym"})
+    else:
+        path = cli_env / "nothing.json"
+    _expect_bad_input(apply.main, ["--plan", str(path), "--quiet"], capsys, cli_env, message)
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--budget", "1.5"], "below the smallest plan"),
+    (["--model", "/no/such/dir"], "model not found"),
+    (["--space", "rtn:int4:g32:asym,rtn:int11:g32:asym"], "unsupported format 'int11'"),
+    (["--solver", "magic"], "unknown solver 'magic'"),
+    (["--eval", "c5"], "unknown corpus 'c5'"),
+])
+def test_search_rejects_bad_input_with_one_line(argv, message, cli_env, tiny_dir, capsys):
+    base = ["--model", str(tiny_dir), "--space", SPACE, "--out", "run", *QUICK]
+    _expect_bad_input(pipeline.main, base + argv, capsys, cli_env, message)
