@@ -32,10 +32,19 @@ def get_backend(name: str):
 
 
 def prepare_input(layer, x: torch.Tensor) -> torch.Tensor:
-    """Input-side transforms every backend applies identically: x / act_scale, then activation quantization."""
+    """Input-side transforms every backend applies identically: x / act_scale, then activation
+    quantization of every channel except the float16 outlier channels."""
     if getattr(layer, "act_scale", None) is not None:
         x = x / layer.act_scale.to(x.dtype)
-    return fake_quantize_tokens(x, layer.option.act_bits)
+    if layer.option.act_bits >= 16:
+        return x
+    idx = getattr(layer, "outlier_idx", None)
+    if idx is None:
+        return fake_quantize_tokens(x, layer.option.act_bits)
+    idx = idx.long()
+    kept = x[..., idx]
+    rest = x.index_fill(-1, idx, 0)
+    return fake_quantize_tokens(rest, layer.option.act_bits).index_copy(-1, idx, kept)
 
 
 @register_backend("reference")

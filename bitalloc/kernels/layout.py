@@ -40,6 +40,10 @@ def storage(option: Option, out_features: int, in_features: int, bias: bool = Fa
             spec["zeros"] = ((out_features, groups), torch.float16)
         if act_scale:
             spec["act_scale"] = ((in_features,), torch.float16)
+        outliers = option.param("outliers", 0, int)
+        if outliers:
+            spec["outlier_idx"] = ((outliers,), torch.int32)
+            spec["outlier_weight"] = ((out_features, outliers), torch.float16)
     if bias:
         spec["bias"] = ((out_features,), torch.float16)
     return spec

@@ -21,7 +21,7 @@ class QuantLinear(nn.Module):
         self.backend = backend
         for name, (shape, dtype) in layout.storage(option, out_features, in_features, bias, act_scale).items():
             self.register_buffer(name, torch.zeros(shape, dtype=dtype))
-        for name in ("bias", "act_scale", "zeros"):
+        for name in ("bias", "act_scale", "zeros", "outlier_idx", "outlier_weight"):
             if name not in self._buffers:
                 setattr(self, name, None)
         self._dense = None
@@ -43,6 +43,9 @@ class QuantLinear(nn.Module):
                 layer.zeros.copy_(qw.zeros.to(torch.float16))
             if qw.act_scale is not None:
                 layer.act_scale.copy_(qw.act_scale.to(torch.float16))
+            if qw.outlier_idx is not None:
+                layer.outlier_idx.copy_(qw.outlier_idx.to(torch.int32))
+                layer.outlier_weight.copy_(qw.outlier_weight.to(torch.float16))
         if bias is not None:
             layer.bias.copy_(bias.to(torch.float16))
         return layer
@@ -52,13 +55,19 @@ class QuantLinear(nn.Module):
         zeros = self.zeros.float() if self.zeros is not None else None
         act = self.act_scale.float() if self.act_scale is not None else None
         codes = packing.unpack(self.qweight, opt.bits, self.in_features)
-        return QuantizedWeight(opt, codes, self.scales.float(), zeros, act)
+        idx = self.outlier_idx.long() if self.outlier_idx is not None else None
+        outlier = self.outlier_weight.float() if self.outlier_weight is not None else None
+        return QuantizedWeight(opt, codes, self.scales.float(), zeros, act, idx, outlier)
 
     def dequantize_codes(self) -> torch.Tensor:
-        """The weight the matmul uses (before x / act_scale), float32."""
+        """The weight the matmul uses (before x / act_scale), float32; outlier columns in float16 precision."""
         if not self.option.quantized:
             return self.weight.float()
-        return self.quantized_weight().dequantize_codes()
+        qw = self.quantized_weight()
+        w = qw.dequantize_codes()
+        if qw.outlier_idx is not None:
+            w[:, qw.outlier_idx] = qw.outlier_weight
+        return w
 
     def set_backend(self, name: str) -> None:
         self.backend = name

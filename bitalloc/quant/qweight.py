@@ -14,8 +14,11 @@ class QuantizedWeight:
     """A quantized [out, in] matrix as plain tensors (codes unpacked, one uint8 each).
 
     `act_scale` (AWQ/SmoothQuant) is a per-input-channel factor s: the codes
-    approximate W * s and the layer computes them against x / s.  The effective
-    weight the layer applies is what `dequantize` returns.
+    approximate W * s and the layer computes them against x / s.  `outlier_idx`
+    (MixQ-style) lists input columns kept in float16: `outlier_weight` holds
+    (W * s)[:, outlier_idx], those columns of the codes are ignored, and those
+    input channels skip activation quantization.  The effective weight the layer
+    applies is what `dequantize` returns.
     """
 
     option: Option
@@ -23,6 +26,8 @@ class QuantizedWeight:
     scales: torch.Tensor  # float32, values exact in float16, [out, n_groups]
     zeros: torch.Tensor | None = None  # float32 [out, n_groups], asymmetric ints only
     act_scale: torch.Tensor | None = None  # float32 [in]
+    outlier_idx: torch.Tensor | None = None  # int64 [k]
+    outlier_weight: torch.Tensor | None = None  # float32 (float16 values) [out, k]
 
     @property
     def shape(self) -> tuple[int, int]:
@@ -38,6 +43,8 @@ class QuantizedWeight:
 
     def dequantize(self) -> torch.Tensor:
         w = self.dequantize_codes()
+        if self.outlier_idx is not None:
+            w[:, self.outlier_idx] = self.outlier_weight
         if self.act_scale is not None:
             w = w / self.act_scale
         return w
