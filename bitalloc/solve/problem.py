@@ -7,6 +7,7 @@ layers, so every solver sees the same additive model.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Callable
 
 import numpy as np
 
@@ -42,9 +43,17 @@ class Problem:
         return float(self.costs[kind].min(axis=1).sum())
 
 
+CostFn = Callable[[LayerShape, Option], float]
+
+
 def build_problem(table: SensitivityTable, shapes: list[LayerShape], options: list[Option] | None = None,
-                  tie_groups: list[list[str]] | None = None) -> Problem:
-    """Problem over the table's layers; `tie_groups` (full layer names) become shared units."""
+                  tie_groups: list[list[str]] | None = None, cost_fns: dict[str, CostFn] | None = None) -> Problem:
+    """Problem over the table's layers; `tie_groups` (full layer names) become shared units.
+
+    `cost_fns` maps each budget kind to the cost of one layer under one option
+    (default: bytes only); every kind gets its own [units, options] matrix.
+    """
+    cost_fns = cost_fns or {"bytes": layer_bytes}
     options = options or table.options
     lookup = table.lookup()
     by_name = {s.name: s for s in shapes}
@@ -59,7 +68,7 @@ def build_problem(table: SensitivityTable, shapes: list[LayerShape], options: li
     order = {layer: i for i, layer in enumerate(layers)}
     units.sort(key=lambda unit: order[unit[0]])
     loss = np.zeros((len(units), len(options)))
-    size = np.zeros((len(units), len(options)))
+    costs = {kind: np.zeros((len(units), len(options))) for kind in cost_fns}
     for u, unit in enumerate(units):
         for o, option in enumerate(options):
             for layer in unit:
@@ -67,5 +76,6 @@ def build_problem(table: SensitivityTable, shapes: list[LayerShape], options: li
                 if row is None:
                     raise BitallocError(f"sensitivity table has no row for {layer} at {option}: profile that option")
                 loss[u, o] += row["error"]
-                size[u, o] += layer_bytes(by_name[layer], option)
-    return Problem(units, list(options), loss, {"bytes": size})
+                for kind, fn in cost_fns.items():
+                    costs[kind][u, o] += fn(by_name[layer], option)
+    return Problem(units, list(options), loss, costs)
