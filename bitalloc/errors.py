@@ -16,6 +16,12 @@ class BitallocError(Exception):
     """
 
 
+def one_line(err: BaseException, limit: int = 2000) -> str:
+    """The message on one line (lone surrogates escaped), at most `limit` characters."""
+    message = " ".join(str(err).split()).encode("utf-8", "backslashreplace").decode("utf-8")
+    return message if len(message) <= limit else message[: limit - 3] + "..."
+
+
 def cli_entry(main):
     """Wrap a CLI main(argv) so bad input ends with one line and exit code 2."""
 
@@ -25,8 +31,7 @@ def cli_entry(main):
         try:
             return main(argv)
         except BitallocError as err:
-            message = " ".join(str(err).split())
-            print(f"error: {message}", file=sys.stderr)
+            print(f"error: {one_line(err)}", file=sys.stderr)
             sys.exit(EXIT_BAD_INPUT)
         except KeyboardInterrupt:
             print("error: interrupted; finished outputs are kept, partial ones were discarded", file=sys.stderr)

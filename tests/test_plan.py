@@ -38,7 +38,7 @@ def test_same_plan_gives_byte_identical_files(tmp_path):
     (plan(extra=1), "unknown key 'extra'"),
     ({"format": "bitalloc-plan", "version": 1, "model": "tiny"}, "missing key 'layers'"),
     (plan(layers=["x"]), "'layers' must map"),
-    (plan(layers={"model.layers.0.q": "rtn:int9:g64:asym"}), "layer model.layers.0.q: .*unsupported format"),
+    (plan(layers={"model.layers.0.q": "rtn:int9:g64:asym"}), "layer 'model.layers.0.q': .*unsupported format"),
     (plan(layers={"model.layers.0.q": 4}), "option must be a string"),
     (plan(layers={"model.layers.0.q": "gptx:int4:g64:asym"}), "unknown quantization method 'gptx'"),
     (plan(default=3), "'default'"),
