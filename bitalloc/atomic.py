@@ -1,12 +1,75 @@
-"""Atomic outputs: a reader sees the old file or the new one, never half of one."""
+"""Atomic outputs: a reader sees the old file or the new one, never half of one.
+
+Every output is built under a temporary name beside its target and renamed over
+it only when complete.  A temporary name says who made it,
+
+    .<target>.~<host>~<pid>~<random>.tmp
+
+so that when a process is killed outright (SIGKILL, power loss: no cleanup
+runs), the next atomic write into the same directory recognises the leftovers
+of a process of this host that is no longer alive and removes them.  Leftovers
+of live processes (another run sharing a cache) are never touched.
+"""
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import json
 import os
+import re
 import shutil
+import socket
 import tempfile
 from pathlib import Path
+
+_HOST = re.sub(r"\W", "_", socket.gethostname()) or "host"
+_TEMP = re.compile(r"^\.(?P<target>.+)\.~(?P<host>\w+)~(?P<pid>\d+)~(?P<tag>\w*)\.tmp$")
+_RENAME_EXCHANGE = 2  # renameat2 flag (Linux >= 3.15): swap two paths in one step
+_AT_FDCWD = -100
+
+
+def _owner_prefix(path: Path) -> str:
+    return f".{path.name}.~{_HOST}~{os.getpid()}~"
+
+
+def _alive(pid: int) -> bool:
+    if pid == os.getpid():
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # exists, belongs to someone else
+        return True
+    return True
+
+
+def sweep_stale(directory: Path) -> list[Path]:
+    """Remove temporaries left in `directory` by dead processes of this host; returns what was removed.
+
+    A directory moved aside by the fallback swap of `atomic_dir` is put back if its
+    target is missing (the process died between the two renames).
+    """
+    removed = []
+    try:
+        entries = list(os.scandir(directory))
+    except OSError:
+        return removed
+    for entry in entries:
+        match = _TEMP.match(entry.name)
+        if not match or match["host"] != _HOST or _alive(int(match["pid"])):
+            continue
+        path = Path(entry.path)
+        target = path.with_name(match["target"])
+        if match["tag"] == "old" and not target.exists():
+            os.replace(path, target)
+            continue
+        if entry.is_dir(follow_symlinks=False):
+            shutil.rmtree(path, ignore_errors=True)
+        else:
+            path.unlink(missing_ok=True)
+        removed.append(path)
+    return removed
 
 
 def _fsync_dir(directory: Path) -> None:
@@ -27,7 +90,8 @@ def atomic_path(path: str | os.PathLike):
     """Yield a temporary path beside `path`; rename it over `path` only on success."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    sweep_stale(path.parent)
+    fd, tmp = tempfile.mkstemp(prefix=_owner_prefix(path), suffix=".tmp", dir=path.parent)
     os.close(fd)
     tmp = Path(tmp)
     try:
@@ -59,20 +123,52 @@ def write_json(path, obj) -> None:
 
 
 @contextlib.contextmanager
+def atomic_files(directory: str | os.PathLike):
+    """Yield a temporary directory; on success move each file made there into `directory`, one rename each.
+
+    For writers that name their own files (TensorBoard event files): every file
+    appears complete or not at all.
+    """
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    sweep_stale(directory)
+    tmp = Path(tempfile.mkdtemp(prefix=_owner_prefix(directory / "files"), suffix=".tmp", dir=directory))
+    try:
+        yield tmp
+        for file in sorted(tmp.iterdir()):
+            with open(file, "rb+") as handle:
+                os.fsync(handle.fileno())
+            os.replace(file, directory / file.name)
+        _fsync_dir(directory)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _exchange(a: Path, b: Path) -> bool:
+    """Swap two existing paths atomically where the OS can (Linux renameat2); False where it cannot."""
+    try:
+        renameat2 = ctypes.CDLL(None, use_errno=True).renameat2
+    except (OSError, AttributeError):
+        return False
+    return renameat2(_AT_FDCWD, os.fsencode(a), _AT_FDCWD, os.fsencode(b), _RENAME_EXCHANGE) == 0
+
+
+@contextlib.contextmanager
 def atomic_dir(path: str | os.PathLike):
     """Build a directory under a temporary name and swap it in whole on success."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
+    sweep_stale(path.parent)
+    tmp = Path(tempfile.mkdtemp(prefix=_owner_prefix(path), suffix=".tmp", dir=path.parent))
     try:
         yield tmp
-        old = None
-        if path.exists():
-            old = path.with_name(f".{path.name}.old-{os.getpid()}")
+        if not path.exists():
+            os.replace(tmp, path)
+        elif not _exchange(tmp, path):  # two renames; `sweep_stale` repairs a death between them
+            old = path.with_name(f"{_owner_prefix(path)}old.tmp")
             os.replace(path, old)
-        os.replace(tmp, path)
-        if old is not None:
+            os.replace(tmp, path)
             shutil.rmtree(old, ignore_errors=True)
         _fsync_dir(path.parent)
     finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+        shutil.rmtree(tmp, ignore_errors=True)  # after a swap, this is the old directory

@@ -130,7 +130,8 @@ def main(argv=None) -> int:
     mixed = problem.assignment(choice)
     plan = Plan(
         model=loaded.spec, fingerprint=loaded.fingerprint, layers={k: str(v) for k, v in mixed.items()},
-        tie_groups=ties, budget=budget.to_json(), solver=report, calibration=calibration_record(args),
+        tie_groups=ties, budget=budget.to_json(), calibration=calibration_record(args),
+        solver={k: v for k, v in report.items() if k != "seconds"},  # wall time would make plans differ per run
         evaluation=evaluation.protocol,
         predicted={"bytes": int(problem.total("bytes", choice)), "loss": problem.total("loss", choice),
                    "avg_bits": 8 * problem.total("bytes", choice) / sum(s.numel for s in shapes)},

@@ -71,18 +71,19 @@ def write_run(run_dir: Path, table: SensitivityTable, assignments: dict[str, dic
     import matplotlib.pyplot as plt
     from tensorboardX import SummaryWriter
 
-    writer = SummaryWriter(logdir=str(run_dir))
-    try:
-        for tag, make in (("sensitivity_heatmap", lambda: heatmap_figure(table)),
-                          ("bits_per_layer", lambda: bits_figure(assignments, bits_of))):
-            figure = make()
-            _save(figure, run_dir / f"{tag}.png")
-            writer.add_figure(tag, figure, close=True)
-            plt.close(figure)
-        for name, assignment in assignments.items():
-            for step, layer in enumerate(assignment):
-                writer.add_scalar(_tag(f"bits_per_layer/{name}"), bits_of(layer, assignment[layer]), step)
-        for tag, value in scalars.items():
-            writer.add_scalar(_tag(tag), value, 0)
-    finally:
-        writer.close()
+    with atomic.atomic_files(run_dir) as events_dir:  # event files appear complete or not at all
+        writer = SummaryWriter(logdir=str(events_dir))
+        try:
+            for tag, make in (("sensitivity_heatmap", lambda: heatmap_figure(table)),
+                              ("bits_per_layer", lambda: bits_figure(assignments, bits_of))):
+                figure = make()
+                _save(figure, run_dir / f"{tag}.png")
+                writer.add_figure(tag, figure, close=True)
+                plt.close(figure)
+            for name, assignment in assignments.items():
+                for step, layer in enumerate(assignment):
+                    writer.add_scalar(_tag(f"bits_per_layer/{name}"), bits_of(layer, assignment[layer]), step)
+            for tag, value in scalars.items():
+                writer.add_scalar(_tag(tag), value, 0)
+        finally:
+            writer.close()
