@@ -19,6 +19,7 @@ from tqdm.auto import tqdm
 
 from . import atomic
 from .data import ids_hash
+from .guards import check_activations
 
 log = logging.getLogger(__name__)
 
@@ -73,6 +74,7 @@ def evaluate(model, windows: torch.Tensor, reference: ReferenceCache | None = No
     for index, batch in enumerate(tqdm(batches, desc=desc, unit="batch", disable=not progress)):
         batch = batch.to(device)
         logits = model(input_ids=batch, use_cache=False).logits[:, :-1].float()
+        check_activations(model, logits, f"evaluation batch {index}", lambda: model(input_ids=batch, use_cache=False))
         logprobs = F.log_softmax(logits, dim=-1)
         targets = batch[:, 1:]
         total_nll -= float(logprobs.gather(-1, targets.unsqueeze(-1)).sum())

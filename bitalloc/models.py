@@ -27,6 +27,7 @@ import torch
 from torch import nn
 
 from .errors import BitallocError
+from .guards import check_weights
 
 log = logging.getLogger(__name__)
 
@@ -150,6 +151,7 @@ def load_model(spec: str = DEFAULT_MODEL, dtype: torch.dtype = torch.float32) ->
     except (OSError, ValueError) as err:
         first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
         raise BitallocError(f"cannot load model '{spec}': {first}") from None
+    check_weights(model)
     if path is None:  # hub: hash the snapshot that was downloaded
         from huggingface_hub import snapshot_download
 

@@ -36,6 +36,7 @@ from .blocks import (BlockBatch, advance, block_outputs, capture_inputs, collect
                      run_block)
 from .cost import layer_bytes, layer_shapes
 from .data import ids_hash
+from .guards import check_activations, check_value, check_weights
 from .kernels.quant_linear import QuantLinear
 from .models import LoadedModel, block_linears, find_blocks, weight_matrix
 from .quant import Option, get_quantizer, quantize
@@ -127,7 +128,7 @@ def measure_block(block, index: int, prefix: str, batches, outputs, options: lis
                 ) / tokens
             finally:
                 replace_module(block, name, original)
-            rows.append({"layer": full, **_row_key(option), "error": error})
+            rows.append({"layer": full, **_row_key(option), "error": check_value(error, f"error of {full} at {option}")})
     return rows
 
 
@@ -135,6 +136,7 @@ def profile(loaded: LoadedModel, calib_ids: torch.Tensor, options: list[Option],
             batch_size: int = 4, device="cpu", force: bool = False, progress: bool = True) -> SensitivityTable:
     """Measure every (linear layer, option) pair; see the module docstring."""
     model = loaded.model
+    check_weights(model)
     dtype = str(next(model.parameters()).dtype).removeprefix("torch.")
     prefix, blocks = find_blocks(model)
     shapes = {s.name: s for s in layer_shapes(model)}
@@ -169,6 +171,7 @@ def profile(loaded: LoadedModel, calib_ids: torch.Tensor, options: list[Option],
     for index in bar:
         block = blocks[index].to(device)
         outputs = block_outputs(block, batches)
+        check_activations(block, outputs, f"block {index}", lambda: block_outputs(block, batches), f"{prefix}.{index}")
         if pending[index]:
             calibs = collect_calibration(block, batches, list(block_linears(block))) if needs_calib else {}
             rows = measure_block(block, index, prefix, batches, outputs, options, pending[index], calibs)

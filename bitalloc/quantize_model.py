@@ -7,6 +7,7 @@ from tqdm.auto import tqdm
 
 from .blocks import advance, block_outputs, capture_inputs, collect_calibration, replace_module
 from .errors import BitallocError
+from .guards import check_weights
 from .kernels.quant_linear import QuantLinear
 from .models import LoadedModel, block_linears, find_blocks, weight_matrix
 from .quant import Option, get_quantizer, quantize
@@ -26,6 +27,7 @@ def quantize_model(loaded: LoadedModel, assignment: dict[str, Option], calib_ids
     quantized, as GPTQ does, streamed one block at a time.
     """
     model = loaded.model
+    check_weights(model)
     prefix, blocks = find_blocks(model)
     calibrate = needs_calibration(assignment)
     if calibrate and calib_ids is None:

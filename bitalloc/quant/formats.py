@@ -54,7 +54,10 @@ def to_storage(values: torch.Tensor, what: str) -> torch.Tensor:
     stored = values.to(STORAGE_DTYPE)
     if not torch.isfinite(stored).all():
         raise BitallocError(f"{what} overflow float16 (|value| > 65504); the weights are out of range")
-    return stored.to(values.dtype)
+    # a nonzero value below float16's smallest (2**-24: a near-constant group) keeps that magnitude, since
+    # a zero scale would divide by zero
+    tiny = torch.full_like(stored, 2.0**-24).copysign(values)
+    return torch.where((stored == 0) & (values != 0), tiny, stored).to(values.dtype)
 
 
 # --- codebook formats -------------------------------------------------------

@@ -14,6 +14,7 @@ from typing import Callable
 import torch
 
 from ..errors import BitallocError
+from ..guards import check_quantized
 from .calib import LayerCalib
 from .option import Option
 from .qweight import QuantizedWeight
@@ -70,9 +71,11 @@ def quantize(weight: torch.Tensor, option: Option, calib: LayerCalib | None = No
     if quantizer.needs_calibration and calib is None:
         raise BitallocError(f"method '{option.method}' needs calibration inputs for layer {layer}")
     try:
-        return quantizer.fn(weight.detach().float(), option, calib)
+        qw = quantizer.fn(weight.detach().float(), option, calib)
     except BitallocError as err:
         raise BitallocError(f"layer {layer}: {err}") from None
+    check_quantized(qw, layer)
+    return qw
 
 
 def versions() -> dict[str, str]:
