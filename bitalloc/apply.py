@@ -18,6 +18,7 @@ from .errors import cli_entry
 from .kernels.backends import BACKENDS, get_backend
 from .models import load_model
 from .plan import Plan
+from .preflight import check_fits
 from .quantize_model import needs_calibration, quantize_model, stored_bytes
 from .summary import render, result_row
 
@@ -61,6 +62,7 @@ def main(argv=None) -> int:
     protocol_defaults(args, plan)
     check_positive(args)
     device = resolve_device(args.device)
+    check_fits(args.model or plan.model, device)
     loaded = load_model(args.model or plan.model)
     shapes = layer_shapes(loaded.model)
     assignment = plan.check_against(shapes, loaded.fingerprint)

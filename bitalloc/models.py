@@ -28,6 +28,7 @@ from torch import nn
 
 from .errors import BitallocError
 from .guards import check_weights
+from .preflight import require_safe_weights
 
 log = logging.getLogger(__name__)
 
@@ -118,9 +119,10 @@ def _from_pretrained(location: str, gguf_file: str | None, dtype):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     extra = {"gguf_file": gguf_file} if gguf_file else {}
+    weights = {} if gguf_file else {"use_safetensors": True}  # never unpickle a checkpoint (see preflight.py)
     with _quiet_transformers():
-        tokenizer = AutoTokenizer.from_pretrained(location, **extra)
-        model = AutoModelForCausalLM.from_pretrained(location, dtype=dtype, **extra)
+        tokenizer = AutoTokenizer.from_pretrained(location, trust_remote_code=False, **extra)
+        model = AutoModelForCausalLM.from_pretrained(location, dtype=dtype, trust_remote_code=False, **extra, **weights)
     model.config.use_cache = False
     return model.eval(), tokenizer
 
@@ -140,6 +142,7 @@ def load_model(spec: str = DEFAULT_MODEL, dtype: torch.dtype = torch.float32) ->
         path = Path(spec)
         if not (path / "config.json").is_file():
             raise BitallocError(f"model directory {spec} has no config.json (is it a Hugging Face model?)")
+        require_safe_weights(path)
         location, gguf = str(path), None
     elif _HUB_ID.match(spec) and not spec.startswith((".", "/")):
         path, location, gguf = None, spec, None

@@ -26,6 +26,7 @@ from .errors import BitallocError, cli_entry
 from .models import find_blocks, load_model, tie_groups
 from .paths import cache_root
 from .plan import Plan
+from .preflight import check_fits
 from .profile import profile
 from .quant import check_option, parse
 from .quant.option import Option
@@ -104,6 +105,7 @@ def main(argv=None) -> int:
     device = resolve_device(args.device)
     options = load_space(args.space, args.space_dir, args.method)
     solver = get_solver(args.solver)
+    check_fits(args.model, device)
     loaded = load_model(args.model)
     shapes = layer_shapes(loaded.model)
     by_name = {s.name: s for s in shapes}
