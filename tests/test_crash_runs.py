@@ -1,10 +1,12 @@
 """Search and apply killed with SIGKILL at random points on a tiny model: every output present is complete,
 a rerun finishes, and it writes the same plan.json byte for byte as a run that was never interrupted.
 
-The kill points are drawn from a seeded generator: either inside the k-th atomic write, after its
-temporary file was half written (the worst moment for a file), or after a random delay (anywhere).
+The failure points are drawn from a seeded generator: a SIGKILL after a random delay (anywhere in
+the run), a SIGKILL inside a random atomic write after its temporary file was half written (the
+worst moment for a file), or an exception injected at that moment.
 BITALLOC_CRASH_SEED picks other points (`for s in 1 2 3; do BITALLOC_CRASH_SEED=$s pytest ...; done`).
 """
+import contextlib
 import json
 import os
 import random
@@ -25,27 +27,39 @@ REPO = Path(__file__).resolve().parents[1]
 SPACE = "rtn:int2:g32:asym,rtn:int4:g32:asym,rtn:int8:g32:asym"
 QUICK = ["--nsamples", "2", "--calib-seqlen", "16", "--seqlen", "16", "--eval-windows", "4", "--quiet"]
 RNG = random.Random(int(os.environ.get("BITALLOC_CRASH_SEED", "20261125")))
-SEARCH_KILLS = [("write", RNG.randint(1, 13)), ("time", round(RNG.uniform(0.1, 1.0), 2))]  # 13 writes, ~1 s
-APPLY_KILLS = [("write", RNG.randint(1, 3))]  # reference log-probs, their result, --json
+SEARCH_KILL_AFTER = round(RNG.uniform(0.1, 1.0), 2)  # seconds into a ~1 s run
+SEARCH_FAIL_AT = RNG.randint(1, 13)  # a search makes 13 atomic writes
+APPLY_KILL_AT = RNG.randint(1, 3)  # reference log-probs, their result, --json
 
-DRIVER = """
-import contextlib, importlib, os, signal, sys, threading
-from bitalloc import atomic
-mode, at, module, argv = sys.argv[1], float(sys.argv[2]), sys.argv[3], sys.argv[4:]
-main = importlib.import_module(module).main
-if mode == "write":  # die inside the at-th atomic write, its temporary file half written
+
+def failing_writes(at: int, fail):
+    """An atomic_path that, inside the at-th atomic write, cuts the temporary file in half and calls fail()."""
     real, count = atomic.atomic_path, [0]
+
     @contextlib.contextmanager
-    def dying(path):
+    def wrapper(path):
         with real(path) as tmp:
             yield tmp
             count[0] += 1
-            if count[0] == int(at):
+            if count[0] == at:
                 os.truncate(tmp, tmp.stat().st_size // 2)
-                os.kill(os.getpid(), signal.SIGKILL)
-    atomic.atomic_path = dying
-else:  # die `at` seconds into the run, wherever it is
-    threading.Timer(at, lambda: os.kill(os.getpid(), signal.SIGKILL)).start()
+                fail()
+
+    return wrapper
+
+
+DRIVER = f"""
+import importlib, os, signal, sys, threading
+sys.path.insert(0, {str(Path(__file__).parent)!r})
+from bitalloc import atomic
+from test_crash_runs import failing_writes
+mode, at, module, argv = sys.argv[1], float(sys.argv[2]), sys.argv[3], sys.argv[4:]
+main = importlib.import_module(module).main
+kill = lambda: os.kill(os.getpid(), signal.SIGKILL)
+if mode == "write":
+    atomic.atomic_path = failing_writes(int(at), kill)
+else:
+    threading.Timer(at, kill).start()
 sys.exit(main(argv))
 """
 
@@ -116,20 +130,20 @@ def clean_search(env, tiny_dir):
 
 @pytest.fixture(scope="module")
 def killed(env, tiny_dir, clean_search):
-    """Start every killed run at once (they are independent), each with its own cache and outputs."""
+    """Start the killed runs at once (they are independent), each with its own cache and outputs."""
     root, _ = env
     runs = {}
-    for name, module, kills, make_argv in (
-        ("search", "bitalloc.pipeline", SEARCH_KILLS, lambda d: search_argv(tiny_dir, d / "out")),
-        ("apply", "bitalloc.apply", APPLY_KILLS, lambda d: apply_argv(clean_search / "plan.json", d / "applied.json")),
+    for name, module, mode, at, argv in (
+        ("search", "bitalloc.pipeline", "time", SEARCH_KILL_AFTER, lambda d: search_argv(tiny_dir, d / "out")),
+        ("apply", "bitalloc.apply", "write", APPLY_KILL_AT,
+         lambda d: apply_argv(clean_search / "plan.json", d / "applied.json")),
     ):
-        for mode, at in kills:
-            work = root / f"{name}-{mode}-{at}"
-            work.mkdir()
-            process_env = {**os.environ, "PYTHONPATH": str(REPO), "BITALLOC_CACHE": str(work / "cache")}
-            runs[(name, mode, at)] = (work, subprocess.Popen(
-                [sys.executable, "-c", DRIVER, mode, str(at), module, *make_argv(work)],
-                cwd=work, env=process_env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True))
+        work = root / f"killed-{name}"
+        work.mkdir()
+        process_env = {**os.environ, "PYTHONPATH": str(REPO), "BITALLOC_CACHE": str(work / "cache")}
+        runs[name] = (work, subprocess.Popen([sys.executable, "-c", DRIVER, mode, str(at), module, *argv(work)],
+                                             cwd=work, env=process_env, stdout=subprocess.DEVNULL,
+                                             stderr=subprocess.PIPE, text=True))
     for work, process in runs.values():
         process.communicate(timeout=300)
     return runs
@@ -143,23 +157,38 @@ def test_same_inputs_and_seed_give_a_byte_identical_plan(env, tiny_dir, clean_se
         assert (root / "second" / name).read_bytes() == (clean_search / name).read_bytes(), name
 
 
-@pytest.mark.parametrize("mode, at", SEARCH_KILLS)
-def test_search_killed_at_a_random_point_resumes_to_the_same_plan(mode, at, env, tiny_dir, killed, clean_search,
-                                                                  capsys):
-    root, patch = env
-    work, process = killed[("search", mode, at)]
-    assert process.returncode in (-signal.SIGKILL, 0), process.stderr.read()
-    assert_outputs_complete(work)
+def assert_resumes_to_the_clean_plan(work, tiny_dir, clean_search, capsys, patch):
     code, _, err = run_in(work / "cache", pipeline.main, search_argv(tiny_dir, work / "out"), capsys, patch)
     assert code == 0, err
     assert not [p for p in all_under(work) if temporary(p)], "the rerun sweeps the killed run's temporaries"
     assert (work / "out" / "plan.json").read_bytes() == (clean_search / "plan.json").read_bytes()
 
 
-@pytest.mark.parametrize("mode, at", APPLY_KILLS)
-def test_apply_killed_at_a_random_point_reruns_to_the_same_result(mode, at, env, killed, clean_search, capsys):
+def test_search_killed_at_a_random_time_resumes_to_the_same_plan(env, tiny_dir, killed, clean_search, capsys):
+    work, process = killed["search"]
+    assert process.returncode in (-signal.SIGKILL, 0), process.stderr.read()
+    assert_outputs_complete(work)
+    assert_resumes_to_the_clean_plan(work, tiny_dir, clean_search, capsys, env[1])
+
+
+def test_search_failing_in_a_random_write_resumes_to_the_same_plan(env, tiny_dir, clean_search, capsys, monkeypatch):
+    work = env[0] / "failed-search"
+
+    def injected():
+        raise OSError("injected: disk full")
+
+    monkeypatch.setattr(atomic, "atomic_path", failing_writes(SEARCH_FAIL_AT, injected))
+    with pytest.raises(OSError, match="injected"):
+        run_in(work / "cache", pipeline.main, search_argv(tiny_dir, work / "out"), capsys, env[1])
+    monkeypatch.undo()
+    assert_outputs_complete(work)
+    assert not [p for p in all_under(work) if temporary(p)], "an exception leaves no temporary behind"
+    assert_resumes_to_the_clean_plan(work, tiny_dir, clean_search, capsys, env[1])
+
+
+def test_apply_killed_in_a_random_write_reruns_to_the_same_result(env, killed, clean_search, capsys):
     root, patch = env
-    work, process = killed[("apply", mode, at)]
+    work, process = killed["apply"]
     assert process.returncode == -signal.SIGKILL, process.stderr.read()
     assert_outputs_complete(work)
     argv = apply_argv(clean_search / "plan.json", work / "applied.json")
