@@ -23,6 +23,8 @@ DOCUMENTED = {"bits": {2, 3, 4, 8}, "group_size": {-1, 16, 32, 64, 128, 256, 512
               "sym": {False, True}, "lm_head": {False, True}, "quant_method": {"gptq"}, "checkpoint_format": {"gptq"}}
 OVERRIDABLE = {"bits", "group_size", "desc_act", "sym"}
 VLLM_FUSED = {"qkv_proj": ("q_proj", "k_proj", "v_proj"), "gate_up_proj": ("gate_proj", "up_proj")}
+TINY_TENSORS = [f"blk.{b}.{n}.weight" for b in range(2)
+                for n in ("attn_q", "attn_k", "attn_v", "attn_output", "ffn_gate", "ffn_up", "ffn_down")]
 
 
 def mixed_plan(blocks: int, group: int, tied: bool = True) -> dict:
@@ -148,10 +150,8 @@ def test_llamacpp_types_name_each_planned_tensor_once(tiny, tmp_path):
     with pytest.raises(BitallocError, match="need more bits in llama.cpp than the plan gives"):
         run_export(tiny, plan, "llamacpp")  # 96/160 columns: no K-quant fits, 2/3 bits become q4_0
     text, notes = run_export(tiny, plan, "llamacpp", allow_wider=True)
-    tensors = [f"blk.{b}.{n}.weight" for b in range(2) for n in ("attn_q", "attn_k", "attn_v", "attn_output",
-                                                                  "ffn_gate", "ffn_up", "ffn_down")]
-    found = matches(text, tensors + ["token_embd.weight", "output.weight", "blk.0.attn_norm.weight"])
-    assert set(found) == set(tensors)
+    found = matches(text, TINY_TENSORS + ["token_embd.weight", "output.weight", "blk.0.attn_norm.weight"])
+    assert set(found) == set(TINY_TENSORS)
     assert found["blk.0.ffn_down.weight"] == "q8_0" and found["blk.1.attn_output.weight"] == "f16"
     assert found["blk.0.attn_q.weight"] == "q4_0" and any("blk.0.attn_q.weight (96 columns): 2 -> q4_0" in n for n in notes)
 
@@ -159,10 +159,8 @@ def test_llamacpp_types_name_each_planned_tensor_once(tiny, tmp_path):
 def test_llamacpp_names_are_checked_against_the_gguf_file(tiny, tmp_path):
     plan = mixed_plan(2, 32)
     good, bad = tmp_path / "good.gguf", tmp_path / "bad.gguf"
-    names = [f"blk.{b}.{n}.weight" for b in range(2) for n in ("attn_q", "attn_k", "attn_v", "attn_output",
-                                                                "ffn_gate", "ffn_up", "ffn_down")]
-    write_gguf(good, names)
-    write_gguf(bad, names[1:])
+    write_gguf(good, TINY_TENSORS)
+    write_gguf(bad, TINY_TENSORS[1:])
     data = export_input(Plan.from_json(plan), tiny, good)
     assert any("checked against" in n for n in get_exporter("llamacpp")(data, allow_wider=True)[1])
     data.gguf = bad
