@@ -59,8 +59,14 @@ def test_gptq_beats_rtn_on_the_layer_output(layer, bits):
 def test_gptq_reproduces_weights_already_on_the_grid(layer, option):
     _, _, calib = layer
     opt = parse(option)
-    w = torch.randn(16, 96)
-    grid = quantize(w, parse(option.replace("gptq", "rtn"))).dequantize()  # every group spans its full range
+    group = opt.group_size or 96
+    g = torch.Generator().manual_seed(0)
+    maxq, low = 2**opt.bits - 1, 1 if opt.sym else 0  # symmetric grids use codes 1..maxq
+    codes = torch.randint(low, maxq + 1, (16, 96), generator=g)
+    codes[:, ::group], codes[:, 1::group] = low, maxq  # every group spans its whole grid
+    zeros = torch.full((16, 96 // group), 2 ** (opt.bits - 1)) if opt.sym else torch.randint(0, maxq + 1, (16, 96 // group), generator=g)
+    scales = (torch.rand(16, 96 // group, generator=g) * 0.1 + 0.01).half().float()
+    grid = (codes - zeros.repeat_interleave(group, 1)) * scales.repeat_interleave(group, 1)
     assert torch.equal(quantize(grid, opt, calib).dequantize(), grid)
 
 

@@ -53,7 +53,7 @@ def quantize_hqq(w: torch.Tensor, option: Option, calib=None) -> QuantizedWeight
     maxq = 2**option.bits - 1
     wg = formats.to_groups(w, option.group_size)
     scales, _ = formats.int_scales(wg, option.bits, sym=False)
-    start = -wg.amin(-1) / scales
+    start = -formats.asym_range(wg.amin(-1), wg.amax(-1))[0] / scales
     zeros = optimise_zeros(wg, scales, start, maxq, option.param("iters", 20, int), option.param("lp", 0.7, float),
                            option.param("beta", 10.0, float), option.param("kappa", 1.01, float))
     zeros = formats.to_storage(zeros, "zeros")

@@ -48,7 +48,7 @@ def clip_ranges(wg: torch.Tensor, option: Option, upper: torch.Tensor, lower: to
         return (wg.abs().amax(-1) * upper).clamp_min(1e-8), None
     if option.sym:
         return (wg.abs().amax(-1) * upper / (2 ** (option.bits - 1) - 1)).clamp_min(1e-8), None
-    hi, lo = wg.amax(-1) * upper, wg.amin(-1) * lower
+    lo, hi = formats.asym_range(wg.amin(-1) * lower, wg.amax(-1) * upper)
     scales = ((hi - lo) / (2**option.bits - 1)).clamp_min(1e-8)
     return scales, _ste_round(-lo / scales).clamp(0, 2**option.bits - 1)
 
@@ -95,7 +95,7 @@ def quantize_lwc(w: torch.Tensor, option: Option, calib: LayerCalib) -> Quantize
     wg = formats.to_groups(w, option.group_size)
     with torch.no_grad():
         if option.fmt == "int" and not option.sym:
-            hi, lo = wg.amax(-1) * upper, wg.amin(-1) * lower
+            lo, hi = formats.asym_range(wg.amin(-1) * lower, wg.amax(-1) * upper)
             flat = hi <= lo
             scales = formats.to_storage(torch.where(flat, torch.ones_like(hi), (hi - lo) / (2**option.bits - 1)),
                                         "scales")

@@ -64,6 +64,6 @@ def rtn_quantize(w: torch.Tensor, option: Option, weights: torch.Tensor | None =
     return quantize_with_scales(w, option, scales, zeros)
 
 
-@register_quantizer("rtn", version="1")
+@register_quantizer("rtn", version="2")
 def quantize_rtn(w: torch.Tensor, option: Option, calib: LayerCalib | None = None) -> QuantizedWeight:
     return rtn_quantize(w, option, channel_weight(calib, w.shape[1]))
