@@ -8,18 +8,19 @@ computes (W * s) against x / s: the activations lose their outlier channels
 them on (W * s is quantized round-to-nearest in the option's format; `clip=1`
 adds the clipping search).  Channels that never fire keep s = 1.
 
-Where s lives.  Here every layer stores its own s as act_scale (float16) and its
-input is divided by s at run time, inside the same pass that quantizes the
-activations.  That is always correct, whatever options a mixed plan gives the
-layers that read the same tensor.  It folds into the preceding RMSNorm/LayerNorm
-(norm weight / s, and bias / s), saving that division, only when every linear
-reading the norm's output (q/k/v, or gate/up) uses the very same s: the same
-method and alpha, with s computed from the group's concatenated weights instead
-of each layer's own.  For o_proj and down_proj there is no norm before them; s
-folds into the rows of v_proj (per head, GQA-repeated) and up_proj only when
-those are not quantized on their own terms.  bitalloc keeps the per-layer
-act_scale for that reason; a deployment that fixes one option per tie group may
-fold it.
+Where s lives.  Every layer stores its own s as act_scale (float16) and divides
+its input by s at run time, in the same pass that quantizes the activations (a
+fused kernel reads x once for both).  That is always correct, whatever options a
+mixed plan gives the layers that read the same tensor.  Folding s away instead
+is possible only when every linear reading one tensor uses the very same s
+(same method and alpha, s computed from the group's concatenated weights rather
+than each layer's own): for q/k/v and gate/up, divide the preceding RMSNorm's
+weight (and a LayerNorm's bias) by s; for o_proj and down_proj, which have no
+norm before them, divide the rows of up_proj, or of v_proj (with grouped KV
+heads only if s is equal across the query heads sharing a KV head), by s,
+before those layers are quantized themselves.  A
+plan that gives one option per tie group (`--tie fused`) meets the condition;
+a per-layer plan in general does not, so bitalloc keeps the per-layer act_scale.
 """
 from __future__ import annotations
 
