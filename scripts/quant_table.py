@@ -51,6 +51,8 @@ def variants() -> list[tuple[str, str]]:
     rows += [("rtn W8A8 FP8 act", "rtn:int8:pc:sym:afp8"), ("rtn W4A8 FP8 act", "rtn:int4:g64:asym:afp8")]
     rows += [(f"{m} {f.upper()}", f"{m}:{f}:g64") for f in ("fp4", "nf4") for m in ("rtn", "gptq")]
     rows += [(f"rtn {f.upper()}", f"rtn:{f}:g64") for f in ("fp8e4m3", "fp8e5m2")]
+    rows += [(f"rtn W{b} clip search", f"rtn:int{b}:g64:asym:clip=1") for b in (4, 3)]
+    rows += [(f"gptq W{b} no act-order", f"gptq:int{b}:g64:asym:act_order=0") for b in (4, 3)]
     return rows
 
 
