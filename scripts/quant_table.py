@@ -34,25 +34,23 @@ WEIGHT_METHODS = ("rtn", "gptq", "awq", "lwc", "hqq", "smoothquant")
 
 
 def variants() -> list[tuple[str, str]]:
-    """(row label, option) in the order they run: the comparisons the issue asks for first."""
+    """(row label, option) in the order they run: the comparisons the issue asks for first,
+    then the rows that need no calibration (fast), then the rest."""
     rows = [(f"{m} W{b}", f"{m}:int{b}:g64:asym") for b in (4, 3) for m in ("rtn", "gptq", "awq", "lwc")]
     rows += [("rtn W8A8", "rtn:int8:pc:sym:a8"), ("smoothquant W8A8", "smoothquant:int8:pc:sym:a8")]
     rows += [(f"{m} W{b}", f"{m}:int{b}:g64:asym") for b in (4, 3) for m in ("hqq", "smoothquant")]
     rows += [(f"{m} W8", f"{m}:int8:g64:asym") for m in WEIGHT_METHODS]
-    for weights, act, label in (("int8:pc:sym", "a8", "W8A8"), ("int4:g64:asym", "a8", "W4A8"),
-                                ("int4:g64:asym", "a4", "W4A4")):
-        for method in ("rtn", "smoothquant"):
-            for outliers in ((32,) if act == "a8" and weights.startswith("int8") else (0, 32)):
-                if label == "W8A8" and outliers == 0:
-                    continue  # the two plain W8A8 rows run first, above
-                suffix = f":outliers={outliers}" if outliers else ""
-                rows.append((f"{method} {label}{' +32 outliers' if outliers else ''}",
-                             f"{method}:{weights}:{act}{suffix}"))
-    rows += [("rtn W8A8 FP8 act", "rtn:int8:pc:sym:afp8"), ("rtn W4A8 FP8 act", "rtn:int4:g64:asym:afp8")]
-    rows += [(f"{m} {f.upper()}", f"{m}:{f}:g64") for f in ("fp4", "nf4") for m in ("rtn", "gptq")]
-    rows += [(f"rtn {f.upper()}", f"rtn:{f}:g64") for f in ("fp8e4m3", "fp8e5m2")]
-    rows += [(f"rtn W{b} clip search", f"rtn:int{b}:g64:asym:clip=1") for b in (4, 3)]
+    rows += [("rtn W4A8", "rtn:int4:g64:asym:a8"), ("rtn W4A4", "rtn:int4:g64:asym:a4"),
+             ("rtn W8A8 FP8 act", "rtn:int8:pc:sym:afp8"), ("rtn W4A8 FP8 act", "rtn:int4:g64:asym:afp8")]
+    rows += [(f"rtn {f.upper()}", f"rtn:{f}:g64") for f in ("fp4", "nf4", "fp8e4m3", "fp8e5m2")]
+    for label, weights, act in (("W8A8", "int8:pc:sym", "a8"), ("W4A8", "int4:g64:asym", "a8"),
+                                ("W4A4", "int4:g64:asym", "a4")):
+        if label != "W8A8":
+            rows.append((f"smoothquant {label}", f"smoothquant:{weights}:{act}"))
+        rows += [(f"{m} {label} +32 outliers", f"{m}:{weights}:{act}:outliers=32") for m in ("rtn", "smoothquant")]
+    rows += [(f"gptq {f.upper()}", f"gptq:{f}:g64") for f in ("fp4", "nf4")]
     rows += [(f"gptq W{b} no act-order", f"gptq:int{b}:g64:asym:act_order=0") for b in (4, 3)]
+    rows += [(f"rtn W{b} clip search", f"rtn:int{b}:g64:asym:clip=1") for b in (4, 3)]
     return rows
 
 
