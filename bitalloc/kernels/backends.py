@@ -40,11 +40,11 @@ def prepare_input(layer, x: torch.Tensor) -> torch.Tensor:
         return x
     idx = getattr(layer, "outlier_idx", None)
     if idx is None:
-        return fake_quantize_tokens(x, layer.option.act_bits)
+        return fake_quantize_tokens(x, layer.option.act_bits, layer.option.act_fmt)
     idx = idx.long()
     kept = x[..., idx]
     rest = x.index_fill(-1, idx, 0)
-    return fake_quantize_tokens(rest, layer.option.act_bits).index_copy(-1, idx, kept)
+    return fake_quantize_tokens(rest, layer.option.act_bits, layer.option.act_fmt).index_copy(-1, idx, kept)
 
 
 @register_backend("reference")

@@ -1,5 +1,5 @@
 """The shared quantizers: pure functions used alike by the profiler, apply and tests."""
-from . import rtn  # noqa: F401  (registers "rtn")
+from . import awq, gptq, hqq, omniquant, rtn, smoothquant  # noqa: F401  (each module registers its method)
 from .calib import LayerCalib
 from .option import FP16, Option, parse
 from .qweight import QuantizedWeight

@@ -8,9 +8,12 @@ class LayerCalib:
     """Streaming statistics of a layer's inputs x [tokens, in].
 
     Keeps X^T X (for GPTQ-style Hessians), per-channel mean |x| and max |x|
-    (for AWQ/SmoothQuant), and up to `max_rows` sampled rows of x for methods
-    that search against the layer's real outputs.  Memory stays bounded
-    whatever the calibration size.
+    (for AWQ/SmoothQuant/outlier selection), and up to `max_rows` sampled rows
+    of x for methods that search against the layer's real outputs.  Memory
+    stays bounded whatever the calibration size.  Each batch's X^T X is a
+    float32 matmul (fast on CPUs) summed into a float64 total, so rounding does
+    not grow with the number of batches.  Layers that read the very same input
+    tensor (q/k/v) may share one LayerCalib; quantizers never modify it.
     """
 
     def __init__(self, in_features: int, max_rows: int = 4096, seed: int = 0):
@@ -25,10 +28,10 @@ class LayerCalib:
 
     def add(self, x: torch.Tensor) -> None:
         x = x.detach().reshape(-1, self.in_features).float().cpu()
-        x64 = x.double()
-        self.xtx += x64.T @ x64
-        self.abs_sum += x64.abs().sum(0)
-        self.abs_max = torch.maximum(self.abs_max, x.abs().amax(0))
+        self.xtx += (x.T @ x).double()
+        magnitude = x.abs()
+        self.abs_sum += magnitude.sum(0, dtype=torch.float64)
+        self.abs_max = torch.maximum(self.abs_max, magnitude.amax(0))
         self.count += x.shape[0]
         kept = sum(r.shape[0] for r in self._rows)
         if kept < self.max_rows:
@@ -45,3 +48,9 @@ class LayerCalib:
 
     def rows(self) -> torch.Tensor:
         return torch.cat(self._rows) if self._rows else torch.zeros(0, self.in_features)
+
+
+def output_error(dw: torch.Tensor, hessian: torch.Tensor) -> torch.Tensor:
+    """Per output row, E[(dW x)^2] * 2 = dW H dW^T on the diagonal: the exact squared output error
+    over every calibration token, from X^T X alone (no stored activations)."""
+    return ((dw @ hessian) * dw).sum(-1)

@@ -117,6 +117,15 @@ def _codebook_quantize(wg, scales, fmt):
 
 # --- integer formats --------------------------------------------------------
 
+def asym_range(lo: torch.Tensor, hi: torch.Tensor):
+    """The range an asymmetric grid covers: [lo, hi] widened to include 0.
+
+    The zero point is a code in [0, 2^bits - 1], so 0 must lie in the range; a group
+    of all-positive (or all-negative) weights would otherwise lose its top (bottom).
+    """
+    return torch.minimum(lo, torch.zeros_like(lo)), torch.maximum(hi, torch.zeros_like(hi))
+
+
 def int_scales(wg: torch.Tensor, bits: int, sym: bool, clip: torch.Tensor | float = 1.0):
     """Scales and zeros for integer groups: wg [out, ng, g] -> ([out, ng], [out, ng] | None)."""
     maxq = 2**bits - 1
@@ -124,11 +133,7 @@ def int_scales(wg: torch.Tensor, bits: int, sym: bool, clip: torch.Tensor | floa
         absmax = wg.abs().amax(dim=-1) * clip
         scales = torch.where(absmax > 0, absmax / (2 ** (bits - 1) - 1), torch.ones_like(absmax))
         return to_storage(scales, "scales"), None
-    lo = wg.amin(dim=-1) * clip
-    hi = wg.amax(dim=-1) * clip
-    flat = hi == lo  # zero-range group: widen to include 0 so the value is exact
-    lo = torch.where(flat, torch.minimum(lo, torch.zeros_like(lo)), lo)
-    hi = torch.where(flat, torch.maximum(hi, torch.zeros_like(hi)), hi)
+    lo, hi = asym_range(wg.amin(dim=-1) * clip, wg.amax(dim=-1) * clip)
     scales = torch.where(hi > lo, (hi - lo) / maxq, torch.ones_like(hi))
     scales = to_storage(scales, "scales")
     zeros = torch.clamp(torch.round(-lo / scales), 0, maxq)

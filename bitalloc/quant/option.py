@@ -4,6 +4,8 @@
     gptq:int3:g128:sym         GPTQ, 3-bit symmetric
     rtn:nf4:g64                NF4 codebook with group scales
     rtn:int8:pc:sym:a8         per-output-channel INT8 weights, INT8 per-token activations
+    rtn:int4:g64:asym:afp8     FP8 (E4M3) per-token activations; afp8e5m2 for E5M2
+    rtn:int8:pc:sym:a8:outliers=16   16 input channels kept in float16 (MixQ-style)
     gptq:int4:g64:asym:damp=0.01   method parameters as key=value
     fp16                       keep the layer unquantized
 
@@ -21,6 +23,7 @@ INT_BITS = range(2, 9)
 _FORMAT_RE = re.compile(r"^(int)([2-8])$|^(fp8e4m3|fp8e5m2|fp4|nf4)$")
 FLOAT_FORMAT_BITS = {"fp8e4m3": 8, "fp8e5m2": 8, "fp4": 4, "nf4": 4}
 ACT_BITS = (4, 8, 16)
+ACT_FORMATS = {"afp8": "fp8e4m3", "afp8e4m3": "fp8e4m3", "afp8e5m2": "fp8e5m2"}
 
 
 @dataclass(frozen=True, order=True)
@@ -32,6 +35,7 @@ class Option:
     sym: bool = False
     act_bits: int = 16  # 16 = activations stay in floating point
     params: tuple[tuple[str, str], ...] = field(default=())
+    act_fmt: str = "int"  # activation format when act_bits < 16: int, fp8e4m3 or fp8e5m2
 
     @property
     def quantized(self) -> bool:
@@ -44,7 +48,10 @@ class Option:
     def param(self, key: str, default=None, cast=str):
         for k, v in self.params:
             if k == key:
-                return cast(v)
+                try:
+                    return cast(v)
+                except ValueError:
+                    raise BitallocError(f"option '{self}': parameter {key}={v} is not a valid {cast.__name__}") from None
         return default
 
     def __str__(self) -> str:
@@ -53,7 +60,11 @@ class Option:
         parts = [self.method, self.format_name, f"g{self.group_size}" if self.group_size else "pc"]
         if self.fmt == "int":
             parts.append("sym" if self.sym else "asym")
-        if self.act_bits != 16:
+        if self.act_fmt == "fp8e4m3":
+            parts.append("afp8")
+        elif self.act_fmt != "int":
+            parts.append(f"a{self.act_fmt}")
+        elif self.act_bits != 16:
             parts.append(f"a{self.act_bits}")
         parts += [f"{k}={v}" for k, v in self.params]
         return ":".join(parts)
@@ -91,11 +102,13 @@ def parse(text: str) -> Option:
     else:
         raise BitallocError(f"option '{text}': group must be gN (N >= 1) or pc, got '{group_token}'")
     sym = fmt != "int"
-    act_bits = 16
+    act_bits, act_fmt = 16, "int"
     params = []
     for token in rest:
         if token in ("sym", "asym") and fmt == "int":
             sym = token == "sym"
+        elif token in ACT_FORMATS:
+            act_bits, act_fmt = 8, ACT_FORMATS[token]
         elif re.fullmatch(r"a[0-9]+", token):
             act_bits = int(token[1:])
             if act_bits not in ACT_BITS:
@@ -107,4 +120,4 @@ def parse(text: str) -> Option:
     keys = [k for k, _ in params]
     if len(set(keys)) != len(keys):
         raise BitallocError(f"option '{text}': a parameter is given twice")
-    return Option(method, fmt, bits, group, sym, act_bits, tuple(sorted(params)))
+    return Option(method, fmt, bits, group, sym, act_bits, tuple(sorted(params)), act_fmt)

@@ -5,6 +5,11 @@
 Adding a method is one module with one `@register_quantizer` line, plus an import
 in `bitalloc/quant/__init__.py`.  The version string enters cache keys, so bump
 it whenever the method's output changes.
+
+Two things are handled here for every method alike: NaN checks, and MixQ-style
+outlier channels (option parameter `outliers=N`): the N input channels with the
+largest calibration max |x| (after the method's own input transform x / s) keep
+their weight columns in float16 and skip activation quantization.
 """
 from __future__ import annotations
 
@@ -15,6 +20,7 @@ import torch
 
 from ..errors import BitallocError
 from ..guards import check_quantized
+from . import formats
 from .calib import LayerCalib
 from .option import Option
 from .qweight import QuantizedWeight
@@ -60,6 +66,30 @@ def check_option(option: Option) -> None:
         raise BitallocError(f"method '{option.method}' does not support format '{option.format_name}' ({option})")
 
 
+def needs_calibration(option: Option) -> bool:
+    """Whether quantizing with this option needs the layer's LayerCalib (the method's, or outlier selection)."""
+    if not option.quantized:
+        return False
+    return get_quantizer(option.method).needs_calibration or option.param("outliers", 0, int) > 0
+
+
+def outlier_channels(calib: LayerCalib, act_scale: torch.Tensor | None, count: int) -> torch.Tensor:
+    """The `count` input channels with the largest max |x / s|, in ascending channel order."""
+    magnitude = calib.abs_max if act_scale is None else calib.abs_max / act_scale
+    order = torch.sort(magnitude, descending=True, stable=True).indices
+    return order[:count].sort().values
+
+
+def _keep_outliers(qw: QuantizedWeight, weight: torch.Tensor, calib: LayerCalib, count: int) -> QuantizedWeight:
+    if count >= weight.shape[1]:
+        raise BitallocError(f"outliers={count} must be fewer than the layer's {weight.shape[1]} input channels")
+    idx = outlier_channels(calib, qw.act_scale, count)
+    scaled = weight if qw.act_scale is None else weight * qw.act_scale
+    qw.outlier_idx = idx
+    qw.outlier_weight = formats.to_storage(scaled[:, idx], "outlier weights")
+    return qw
+
+
 def quantize(weight: torch.Tensor, option: Option, calib: LayerCalib | None = None,
              layer: str = "weight") -> QuantizedWeight:
     """Quantize one layer's weight with the option's method; `layer` names it in errors."""
@@ -68,10 +98,15 @@ def quantize(weight: torch.Tensor, option: Option, calib: LayerCalib | None = No
     if not torch.isfinite(weight).all():
         bad = (~torch.isfinite(weight)).nonzero()[0].tolist()
         raise BitallocError(f"layer {layer} has a NaN/Inf weight at {tuple(bad)}; refusing to quantize it")
-    if quantizer.needs_calibration and calib is None:
-        raise BitallocError(f"method '{option.method}' needs calibration inputs for layer {layer}")
+    if needs_calibration(option) and calib is None:
+        what = f"method '{option.method}'" if quantizer.needs_calibration else "outlier selection (outliers=N)"
+        raise BitallocError(f"{what} needs calibration inputs for layer {layer}")
+    weight = weight.detach().float()
     try:
-        qw = quantizer.fn(weight.detach().float(), option, calib)
+        qw = quantizer.fn(weight, option, calib)
+        outliers = option.param("outliers", 0, int)
+        if outliers:
+            qw = _keep_outliers(qw, weight, calib, outliers)
     except BitallocError as err:
         raise BitallocError(f"layer {layer}: {err}") from None
     check_quantized(qw, layer)

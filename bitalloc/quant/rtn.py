@@ -2,7 +2,8 @@
 
 Parameters (option `key=value`): `clip=1` searches shrink ratios of the group
 range and keeps, per group, the one with the least error; the error is the
-weight MSE, or the output error E[(dW x)^2] when calibration statistics are given.
+weight MSE, or, when calibration statistics are given, the squared error
+weighted per input channel by E[x^2] (the diagonal of the Hessian).
 """
 from __future__ import annotations
 
@@ -17,38 +18,52 @@ from .registry import register_quantizer
 CLIP_GRID = torch.linspace(1.0, 0.7, 16)
 
 
-def _group_error(wg, option, clip, channel_weight):
+def channel_weight(calib: LayerCalib | None, in_features: int) -> torch.Tensor:
+    """E[x_j^2] per input channel (ones without calibration): how much channel j's weight error costs."""
+    if calib is None:
+        return torch.ones(in_features)
+    return calib.hessian().diagonal().clamp_min(1e-8)
+
+
+def _group_error(wg, option, clip, weight_g):
     scales, zeros = formats.fit_scales(wg, option.fmt, option.bits, option.sym, clip)
     codes = formats.quantize_groups(wg, option.fmt, option.bits, option.sym, scales, zeros)
     err = (formats.dequantize_groups(codes, option.fmt, option.bits, scales, zeros) - wg) ** 2
-    return (err * channel_weight).sum(-1), scales, zeros
+    return (err * weight_g).sum(-1), scales, zeros
 
 
-def clipped_scales(w: torch.Tensor, option: Option, calib: LayerCalib | None):
-    """Per-group scales minimising (activation-weighted) squared error over CLIP_GRID."""
+def clip_search(w: torch.Tensor, option: Option, weights: torch.Tensor, grid: torch.Tensor = CLIP_GRID):
+    """Per-group scales/zeros minimising the channel-weighted squared error over `grid`.
+
+    Returns (scales, zeros, ratio): `ratio` [out, n_groups] is the chosen shrink factor.
+    """
     wg = formats.to_groups(w, option.group_size)
-    channel_weight = torch.ones(w.shape[1])
-    if calib is not None:
-        channel_weight = calib.hessian().diagonal().clamp_min(1e-8)
-    channel_weight = formats.to_groups(channel_weight[None], option.group_size)[0]
+    weight_g = formats.to_groups(weights[None], option.group_size)[0]
     best = None
-    for ratio in CLIP_GRID:
-        err, scales, zeros = _group_error(wg, option, ratio, channel_weight)
+    for ratio in grid:
+        err, scales, zeros = _group_error(wg, option, ratio, weight_g)
         if best is None:
-            best = [err, scales, zeros]
+            best = [err, scales, zeros, torch.full_like(err, float(ratio))]
             continue
         better = err < best[0]
         best[0] = torch.where(better, err, best[0])
         best[1] = torch.where(better, scales, best[1])
         if zeros is not None:
             best[2] = torch.where(better, zeros, best[2])
-    return best[1], best[2]
+        best[3] = torch.where(better, ratio, best[3])
+    return best[1], best[2], best[3]
 
 
-@register_quantizer("rtn", version="1")
-def quantize_rtn(w: torch.Tensor, option: Option, calib: LayerCalib | None = None) -> QuantizedWeight:
+def rtn_quantize(w: torch.Tensor, option: Option, weights: torch.Tensor | None = None) -> QuantizedWeight:
+    """Min/max scales, or the clipping search when `option` has clip=1 (weighted by `weights`)."""
     if option.param("clip", 0, int):
-        scales, zeros = clipped_scales(w, option, calib)
+        weights = torch.ones(w.shape[1]) if weights is None else weights
+        scales, zeros, _ = clip_search(w, option, weights)
     else:
         scales, zeros = formats.fit_scales(formats.to_groups(w, option.group_size), option.fmt, option.bits, option.sym)
     return quantize_with_scales(w, option, scales, zeros)
+
+
+@register_quantizer("rtn", version="2")
+def quantize_rtn(w: torch.Tensor, option: Option, calib: LayerCalib | None = None) -> QuantizedWeight:
+    return rtn_quantize(w, option, channel_weight(calib, w.shape[1]))
