@@ -100,6 +100,7 @@ class ModelBytes:
     embeddings: int  # the token embedding table (and the head, when tied to it)
     head: int  # an untied head
     other: int  # norms, position embeddings, projections outside the blocks
+    head_tied: bool  # the head is the embedding table (counted there)
 
     @property
     def total(self) -> int:
@@ -107,7 +108,7 @@ class ModelBytes:
 
     def to_json(self) -> dict:
         return {"linears": self.linears, "embeddings": self.embeddings, "head": self.head, "other": self.other,
-                "total": self.total}
+                "total": self.total, "head_tied": self.head_tied}
 
 
 def _table_shape(name: str, weight: torch.Tensor, bias) -> LayerShape:
@@ -115,27 +116,28 @@ def _table_shape(name: str, weight: torch.Tensor, bias) -> LayerShape:
     return LayerShape(name, weight.shape[0], weight.shape[1], bias is not None)
 
 
-def model_bytes(model: nn.Module, assignment: dict[str, Option], embeddings: Option = FP16, head: Option = FP16,
-                other_dtype: torch.dtype = torch.float16) -> ModelBytes:
+def model_bytes(model: nn.Module, assignment: dict[str, Option], embeddings: Option = FP16,
+                head: Option | None = None, other_dtype: torch.dtype = torch.float16) -> ModelBytes:
     """Bytes of the whole model: decoder linears per `assignment`, token embeddings and head under
-    their own options, every other parameter in `other_dtype`.  Tied tensors count once."""
+    their own options, every other parameter in `other_dtype`.  Tied tensors count once; a head
+    tied to the embeddings is stored under their option (`head` None: that, or fp16 when untied)."""
     linears = assignment_bytes(layer_shapes(model), assignment)
     counted = {id(p) for m in linear_layers(model).values() for p in m.parameters()}
     embed = model.get_input_embeddings()
     out = model.get_output_embeddings()
     embed_bytes = layer_bytes(_table_shape("embeddings", embed.weight, None), embeddings)
     counted.add(id(embed.weight))
-    head_bytes = 0
-    if out is not None and out.weight is embed.weight:
-        if head != embeddings:
+    head_bytes, tied = 0, out is not None and out.weight is embed.weight
+    if tied:
+        if head not in (None, embeddings):
             raise BitallocError(f"the head is tied to the token embeddings: give both one option, not "
                                 f"{embeddings} and {head}")
     elif out is not None:
-        head_bytes = layer_bytes(_table_shape("head", out.weight, getattr(out, "bias", None)), head)
+        head_bytes = layer_bytes(_table_shape("head", out.weight, getattr(out, "bias", None)), head or FP16)
         counted |= {id(p) for p in out.parameters()}
     size = torch.empty((), dtype=other_dtype).element_size()
     other = sum(p.numel() * size for p in {id(p): p for p in model.parameters()}.values() if id(p) not in counted)
-    return ModelBytes(linears, embed_bytes, head_bytes, other)
+    return ModelBytes(linears, embed_bytes, head_bytes, other, tied)
 
 
 def parameter_count(model: nn.Module) -> int:

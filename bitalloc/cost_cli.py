@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import sys
 import time
+from pathlib import Path
 
 import torch
 
@@ -41,7 +42,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--decode", action="store_true", help="count one decoding step instead of a prefill")
     parser.add_argument("--plan", default=None, help="plan.json whose bytes, bits and BOPs to report")
     parser.add_argument("--embeddings", default="fp16", help="option the token embeddings are stored under")
-    parser.add_argument("--head", default="fp16", help="option an untied head is stored under")
+    parser.add_argument("--head", default=None,
+                        help="option the head is stored under (default: fp16, or the embeddings' option when tied)")
     parser.add_argument("--json", default=None, help="also write every figure to this JSON file")
     return parser
 
@@ -55,15 +57,23 @@ def _option(text: str, what: str):
     return option
 
 
-def mac_rows(count, params: list[int], total_params: int) -> list[list[str]]:
-    giga = lambda v: f"{v / 1e9:.4f}"
-    rows = [[name, f"{params[i] / 1e6:.3f}", giga(count.block_linears[i]), giga(count.block_attention[i]),
-             giga(count.blocks[i]), giga(2 * count.blocks[i])] for i, name in enumerate(count.block_names)]
-    rows.append(["outside the blocks (head...)", "", giga(count.outside_blocks), "", giga(count.outside_blocks),
-                 giga(2 * count.outside_blocks)])
-    rows.append(["total", f"{total_params / 1e6:.3f}", giga(sum(count.block_linears) + count.outside_blocks),
-                 giga(sum(count.block_attention)), giga(count.total), giga(2 * count.total)])
-    return rows
+def prefix_for(value: float) -> tuple[float, str]:
+    """The SI prefix that shows `value` with one to three digits before the point."""
+    return next(((factor, p) for factor, p in ((1e12, "T"), (1e9, "G"), (1e6, "M"), (1e3, "k")) if value >= factor),
+                (1.0, ""))
+
+
+def mac_table(count, params: list[int], total_params: int) -> str:
+    factor, p = prefix_for(count.total)
+    fmt = lambda v: f"{v / factor:.4f}"
+    rows = [[name, f"{params[i] / 1e6:.3f}", fmt(count.block_linears[i]), fmt(count.block_attention[i]),
+             fmt(count.blocks[i]), fmt(2 * count.blocks[i])] for i, name in enumerate(count.block_names)]
+    rows.append(["outside the blocks (head)", "", fmt(count.outside_blocks), "", fmt(count.outside_blocks),
+                 fmt(2 * count.outside_blocks)])
+    rows.append(["total", f"{total_params / 1e6:.3f}", fmt(sum(count.block_linears) + count.outside_blocks),
+                 fmt(sum(count.block_attention)), fmt(count.total), fmt(2 * count.total)])
+    header = ("block", "params (M)", f"linear {p}MACs", f"attention {p}MACs", f"{p}MACs", f"{p}FLOPs")
+    return render(rows, header=header)
 
 
 def variant_figures(model, shapes, assignment, embeddings, head, count, kv_bytes: int | None) -> dict:
@@ -75,49 +85,49 @@ def variant_figures(model, shapes, assignment, embeddings, head, count, kv_bytes
             "bops_total": linear_bops + (count.total - linear_macs) * UNQUANTIZED_BITS, "kv_cache_bytes": kv_bytes}
 
 
-def cost_rows(variants: dict[str, dict]) -> list[list[str]]:
-    rows = [
-        ("decoder linears (MB)", lambda v: v["bytes"]["linears"] / 1e6, ".3f"),
-        ("token embeddings (MB)", lambda v: v["bytes"]["embeddings"] / 1e6, ".3f"),
-        ("head, untied (MB)", lambda v: v["bytes"]["head"] / 1e6, ".3f"),
-        ("norms and the rest, fp16 (MB)", lambda v: v["bytes"]["other"] / 1e6, ".3f"),
-        ("model total (MB)", lambda v: v["bytes"]["total"] / 1e6, ".3f"),
-        ("avg bits, decoder linears", lambda v: v["avg_bits"], ".3f"),
-        ("GBOPs, decoder linears", lambda v: v["bops_linears"] / 1e9, ".2f"),
-        ("GBOPs, whole forward", lambda v: v["bops_total"] / 1e9, ".2f"),
-        ("KV cache, fp16 (MB)", lambda v: v["kv_cache_bytes"] / 1e6, ".3f"),
-    ]
-    kv_known = next(iter(variants.values()))["kv_cache_bytes"] is not None
-    rows = rows if kv_known else rows[:-1]
-    return [[label, *(format(get(v), spec) for v in variants.values())] for label, get, spec in rows]
+def cost_table(variants: dict[str, dict]) -> str:
+    megabytes = lambda key: lambda v: f"{v['bytes'][key] / 1e6:.3f}"
+    rows = [["decoder linears (MB)", megabytes("linears")], ["token embeddings (MB)", megabytes("embeddings")],
+            ["head (MB)", lambda v: "tied" if v["bytes"]["head_tied"] else f"{v['bytes']['head'] / 1e6:.3f}"],
+            ["norms and the rest, fp16 (MB)", megabytes("other")], ["model total (MB)", megabytes("total")],
+            ["avg bits, decoder linears", lambda v: f"{v['avg_bits']:.3f}"]]
+    for key, label in (("bops_linears", "decoder linears"), ("bops_total", "whole forward")):
+        factor, p = prefix_for(max(v[key] for v in variants.values()))
+        rows.append([f"{p}BOPs, {label}", lambda v, key=key, factor=factor: f"{v[key] / factor:.3f}"])
+    if next(iter(variants.values()))["kv_cache_bytes"] is not None:
+        rows.append(["KV cache, fp16 (MB)", lambda v: f"{v['kv_cache_bytes'] / 1e6:.3f}"])
+    return render([[label, *(show(v) for v in variants.values())] for label, show in rows], header=("", *variants))
+
+
+def macs_json(count, params: list[int], total_params: int) -> dict:
+    return {"params": total_params, "block_params": params, "macs": count.total, "flops": 2 * count.total,
+            "macs_by_operator": count.by_operator, "macs_outside_blocks": count.outside_blocks,
+            "blocks": [{"name": name, "macs": count.blocks[i], "linear_macs": count.block_linears[i],
+                        "attention_macs": count.block_attention[i], "by_operator": count.block_operators[i]}
+                       for i, name in enumerate(count.block_names)]}
 
 
 @cli_entry
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     workload = Workload(args.batch, args.seqlen, args.decode)
-    embeddings, head = _option(args.embeddings, "embeddings"), _option(args.head, "head")
+    embeddings = _option(args.embeddings, "embeddings")
+    head = _option(args.head, "head") if args.head else None
     plan = Plan.load(args.plan) if args.plan else None
     started = time.time()
     loaded = load_model(args.model)
     model = loaded.model
     shapes = layer_shapes(model)
     assignment = plan.check_against(shapes, loaded.fingerprint) if plan else None
-    _, blocks = find_blocks(model)
-    params = [sum(p.numel() for p in block.parameters()) for block in blocks]
+    params = [sum(p.numel() for p in block.parameters()) for block in find_blocks(model)[1]]
     count = count_macs(model, workload)
-    print(f"{loaded.spec}, {workload}.  MACs = multiply-accumulates (fvcore); FLOPs = 2 x MACs\n")
-    print(render(mac_rows(count, params, parameter_count(model)),
-                 header=("block", "params (M)", "linear GMACs", "attention GMACs", "GMACs", "GFLOPs")))
     report = {"model": loaded.spec, "workload": {"batch": args.batch, "seqlen": args.seqlen, "decode": args.decode,
                                                  "tokens": workload.tokens},
-              "params": parameter_count(model), "block_params": params, "macs": count.total, "flops": 2 * count.total,
-              "macs_by_operator": count.by_operator,
-              "blocks": [{"name": name, "macs": count.blocks[i], "linear_macs": count.block_linears[i],
-                          "attention_macs": count.block_attention[i], "by_operator": count.block_operators[i]}
-                         for i, name in enumerate(count.block_names)],
-              "macs_outside_blocks": count.outside_blocks}
-    print("\nby operator: " + ", ".join(f"{op} {v / 1e9:.4f} GMACs" for op, v in sorted(count.by_operator.items())))
+              **macs_json(count, params, parameter_count(model))}
+    print(f"{loaded.spec}, {workload}.  MACs = multiply-accumulates (fvcore); FLOPs = 2 x MACs\n")
+    print(mac_table(count, params, parameter_count(model)))
+    factor, p = prefix_for(count.total)
+    print("\nby operator: " + ", ".join(f"{op} {v / factor:.4f} {p}MACs" for op, v in sorted(count.by_operator.items())))
     kv_bytes = None  # unknown without the architecture's dimensions
     try:
         arch = architecture(model.config)
@@ -126,19 +136,20 @@ def main(argv=None) -> int:
     else:
         formula = analytic_macs(arch, workload)
         report["analytic_macs"] = formula["total"]
-        print(f"analytic formula ({arch.model_type}): {formula['total'] / 1e9:.4f} GMACs; fvcore - formula = "
+        print(f"analytic formula ({arch.model_type}): {formula['total'] / factor:.4f} {p}MACs; fvcore - formula = "
               f"{100 * (count.total - formula['total']) / formula['total']:+.3f} %")
         kv_bytes = kv_cache_bytes(arch, workload.keys, workload.batch, torch.float16)
-    variants = {"unquantized (fp16)": variant_figures(model, shapes, {s.name: FP16 for s in shapes}, FP16, FP16,
-                                                      count, kv_bytes)}
-    if plan is not None:
-        variants[f"plan {args.plan}"] = variant_figures(model, shapes, assignment, embeddings, head, count, kv_bytes)
-    elif (embeddings, head) != (FP16, FP16):
-        variants[f"embeddings {embeddings}, head {head}"] = variant_figures(
-            model, shapes, {s.name: FP16 for s in shapes}, embeddings, head, count, kv_bytes)
+    fp16 = {s.name: FP16 for s in shapes}
+    variants = {"unquantized": variant_figures(model, shapes, fp16, FP16, None, count, kv_bytes)}
+    labels = {"unquantized": "unquantized (fp16)"}
+    if plan is not None or embeddings != FP16 or head not in (None, FP16):
+        variants["plan"] = variant_figures(model, shapes, assignment or fp16, embeddings, head, count, kv_bytes)
+        labels["plan"] = f"plan {Path(args.plan).name}" if plan else "fp16 linears + --embeddings/--head"
+        report["plan"] = {"path": args.plan, "embeddings": str(embeddings),
+                          "head": str(head) if head else None}
     report["variants"] = variants
     print(f"\nbytes and bit operations ({workload}; KV cache holding {workload.keys} tokens per sequence)\n")
-    print(render(cost_rows(variants), header=("", *variants)))
+    print(cost_table({labels[k]: v for k, v in variants.items()}))
     if args.json:
         atomic.write_json(args.json, report)
     print(f"\n[{time.time() - started:.1f} s]")

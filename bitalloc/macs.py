@@ -151,6 +151,9 @@ def _empty_cache(model: nn.Module, batch: int, length: int) -> list[torch.Tensor
 
 
 def _trace_target(model: nn.Module, workload: Workload) -> tuple[nn.Module, tuple]:
+    positions = getattr(model.config, "max_position_embeddings", None)
+    if positions and workload.keys > positions:
+        raise BitallocError(f"{workload} needs {workload.keys} positions; the model has {positions}")
     device = next(model.parameters()).device
     ids = torch.zeros(workload.batch, workload.new_tokens, dtype=torch.long, device=device)
     if not workload.decode:
@@ -215,7 +218,11 @@ def count_macs(model: nn.Module, workload: Workload = Workload()) -> MacCount:
     analysis = mac_analysis(*_trace_target(model.eval(), workload))
     with torch.no_grad(), warnings.catch_warnings():
         warnings.simplefilter("ignore", torch.jit.TracerWarning)
-        by_module = analysis.by_module()
+        try:
+            by_module = analysis.by_module()
+        except (RuntimeError, ValueError, TypeError, IndexError) as err:
+            first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+            raise BitallocError(f"fvcore cannot trace {type(model).__name__}: {first}") from None
         by_module_op = analysis.by_module_and_operator()
     missed = sorted(op for op in analysis.unsupported_ops() if _PRODUCT_LIKE.search(op))
     if missed:

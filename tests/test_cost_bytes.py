@@ -106,8 +106,12 @@ def test_embeddings_and_head_have_options_of_their_own():
     stored = lambda weight, option: stored_bytes(QuantLinear.from_weight(quantize(weight.detach(), option), None))
     assert sizes.embeddings == stored(model.get_input_embeddings().weight, int4)
     assert sizes.head == stored(model.get_output_embeddings().weight, int8)
+    gpt2 = tiny_gpt2()  # head tied to the embeddings: stored once, under the embeddings' option
+    fp16 = {s.name: FP16 for s in layer_shapes(gpt2)}
+    tied = model_bytes(gpt2, fp16, embeddings=int4)
+    assert tied.head == 0 and tied.head_tied and tied.embeddings == stored(gpt2.get_input_embeddings().weight, int4)
     with pytest.raises(BitallocError, match="tied"):
-        model_bytes(tiny_gpt2(), {s.name: FP16 for s in layer_shapes(tiny_gpt2())}, embeddings=int4, head=int8)
+        model_bytes(gpt2, fp16, embeddings=int4, head=int8)
 
 
 @pytest.mark.parametrize("make", [tiny_llama, tiny_opt, tiny_gpt2])
