@@ -151,7 +151,8 @@ def main(argv=None) -> int:
         measured = evaluation(f"eval {name}")
         restore(loaded.model, originals)
         picked = problem.choice_of(assignment)
-        entry = {"bytes": int(problem.total("bytes", picked)), "predicted_loss": problem.total("loss", picked),
+        entry = {budget.kind: problem.total(budget.kind, picked),  # "bytes" below stays an int
+                 "bytes": int(problem.total("bytes", picked)), "predicted_loss": problem.total("loss", picked),
                  "avg_bits": 8 * problem.total("bytes", picked) / sum(s.numel for s in shapes), "measured": measured}
         results[name] = entry
         rows.append(result_row(name, entry["bytes"], entry["avg_bits"], entry["predicted_loss"], measured,

@@ -175,5 +175,8 @@ def test_search_takes_a_latency_budget_from_a_table(cli_env, tiny_dir, capsys):
     lookup = LatencyTable.load(path).lookup("triton", 1)
     assert sum(lookup(s, parse(plan["layers"][s.name])) for s in shapes) == pytest.approx(plan["predicted"]["latency"])
     assert "ms in the decoder linears (triton, batch 1)" in out
+    variants = json.loads((cli_env / "run" / "results.json").read_text())["variants"]
+    assert variants["mixed (ilp)"]["latency"] == plan["predicted"]["latency"]
+    assert variants["uniform rtn:int4:g32:asym"]["latency"] == pytest.approx(limit)
     code, _, err = run_cli(pipeline.main, argv[:4] + ["--budget", "0.000001ms"] + argv[6:], capsys)
     assert code == 2 and "below the smallest plan" in err
