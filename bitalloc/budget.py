@@ -1,47 +1,141 @@
 """Budgets as users write them, resolved against the model's layers.
 
-    4.5 or 4.5bits         average bits per quantizable weight (scales/zeros included)
-    60MB, 57MiB, 123456B   bytes of the quantized linears
-    rtn:int3:g64:asym      the bytes of that option applied uniformly
+    4.5, 4.5bits              average bits per quantizable weight, scales and zeros included   (kind bytes)
+    60MB, 57MiB, 123456B      bytes of the quantized linears (B, kB, MB, GB, TB; KiB, MiB, GiB, TiB)
+    12GBOPs, 3.5e9BOPs        bit operations of the decoder linears per token, the sum of
+                              bits_w x bits_a x MACs (prefixes k, M, G, T, decimal)     (kind bops)
+    3ms, 250us, 0.004s        summed latency of the decoder linears, from a latency
+                              table (--latency-table; schema in bitalloc.cost)          (kind latency)
+    rtn:int3:g64:asym         the bytes of that option applied to every layer
+    rtn:int3:g64:asym@bops    the BOPs (@latency: the latency, @bytes: the bytes) of that option everywhere
+
+Units and prefixes are case-insensitive.  FLOPs and MACs are not budgets: every
+option multiplies the same matrices, so they cannot steer the allocation.  The
+plan's bytes are always computed and reported, whatever the budget's kind.
 """
 from __future__ import annotations
 
 import math
 import re
 from dataclasses import dataclass
-
-from .cost import LayerShape, layer_bytes
+from .cost import LatencyLookup, LatencyTable, LayerShape, layer_bops, layer_bytes
 from .errors import BitallocError
 from .quant.option import Option, parse
+from .solve.problem import CostFn
 
-_UNITS = {"b": 1, "kb": 1e3, "mb": 1e6, "gb": 1e9, "kib": 2**10, "mib": 2**20, "gib": 2**30}
+UNITS = {"bytes": "bytes", "bops": "BOPs per token", "latency": "ms"}
+_NUMBER = r"([0-9]*\.?[0-9]+(?:e[+-]?[0-9]+)?)"
+_BYTE_UNITS = {"b": 1, "kb": 1e3, "mb": 1e6, "gb": 1e9, "tb": 1e12,
+               "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40}
+_PREFIXES = {"": 1, "k": 1e3, "m": 1e6, "g": 1e9, "t": 1e12}
+_SECONDS_IN_MS = {"s": 1e3, "ms": 1.0, "us": 1e-3, "µs": 1e-3}
+
+
+def cost_function(kind: str, latency: LatencyLookup | None = None) -> CostFn:
+    """The per-layer cost of a budget kind."""
+    if kind == "bytes":
+        return layer_bytes
+    if kind == "bops":
+        return layer_bops
+    if kind == "latency":
+        if latency is None:
+            raise BitallocError("a latency budget needs a latency table (--latency-table FILE)")
+        return latency
+    raise BitallocError(f"unknown budget kind '{kind}' (known: {', '.join(UNITS)})")
 
 
 @dataclass(frozen=True)
 class Budget:
-    kind: str  # a cost kind the solvers know: "bytes"
+    kind: str  # a cost kind: "bytes", "bops" or "latency"
     limit: float
     spec: str
     uniform: Option | None = None  # set when the budget was given as a uniform option
+    latency: LatencyLookup | None = None  # the table a latency budget is counted in
+
+    @property
+    def cost(self) -> CostFn:
+        return cost_function(self.kind, self.latency)
+
+    def cost_fns(self) -> dict[str, CostFn]:
+        """For build_problem: the budget's kind, and bytes (always reported)."""
+        return {"bytes": layer_bytes, self.kind: self.cost}
+
+    def describe(self, value: float | None = None) -> str:
+        value = self.limit if value is None else value
+        if self.kind == "bytes":
+            return f"{value / 1e6:.3f} MB of quantized linears"
+        if self.kind == "bops":
+            return f"{value / 1e9:.3f} GBOPs per token in the decoder linears"
+        return f"{value:.4f} ms in the decoder linears ({self.latency.backend}, batch {self.latency.batch})"
+
+    def check_reachable(self, shapes: list[LayerShape], options: list[Option]) -> None:
+        """Stop before any work when even the cheapest option everywhere is over the budget."""
+        smallest = sum(min(self.cost(s, o) for o in options) for s in shapes)
+        if self.limit < smallest:
+            raise BitallocError(f"budget {self.spec} ({self.describe()}) is below the smallest plan the option "
+                                f"space allows ({self.describe(smallest)})")
 
     def to_json(self) -> dict:
-        return {"kind": self.kind, "limit": self.limit, "spec": self.spec}
+        data = {"kind": self.kind, "limit": self.limit, "spec": self.spec, "unit": UNITS[self.kind]}
+        if self.latency is not None:
+            data["latency"] = self.latency.to_json()
+        return data
 
 
-def parse_budget(text: str, shapes: list[LayerShape]) -> Budget:
+def _uniform(spec: str, shapes: list[LayerShape], latency: LatencyLookup | None) -> Budget:
+    text, _, kind = spec.partition("@")
+    kind = kind.strip().lower() or "bytes"
+    cost = cost_function(kind, latency)
+    option = parse(text)
+    return Budget(kind, sum(cost(s, option) for s in shapes), spec, option, latency if kind == "latency" else None)
+
+
+def parse_budget(text: str, shapes: list[LayerShape], latency: LatencyLookup | None = None) -> Budget:
+    """Read a budget (grammar in the module doc); `latency` is needed for latency budgets only."""
     spec = str(text).strip()
     numel = sum(s.numel for s in shapes)
-    match = re.fullmatch(r"([0-9]*\.?[0-9]+)\s*(bits?)?", spec, flags=re.I)
+    match = re.fullmatch(_NUMBER + r"\s*(bits?)?", spec, flags=re.I)
     if match:
         bits = float(match.group(1))
         if not 0 < bits <= 32:
             raise BitallocError(f"budget '{spec}': average bits must be in (0, 32]")
         return Budget("bytes", math.floor(bits * numel / 8), spec)
-    match = re.fullmatch(r"([0-9]*\.?[0-9]+)\s*([kmg]i?b|b)", spec, flags=re.I)
+    match = re.fullmatch(_NUMBER + r"\s*([kmgt]i?b|b)", spec, flags=re.I)
     if match:
-        value = float(match.group(1)) * _UNITS[match.group(2).lower()]
-        return Budget("bytes", math.floor(value), spec)
-    if ":" in spec or spec == "fp16":
-        option = parse(spec)
-        return Budget("bytes", sum(layer_bytes(s, option) for s in shapes), spec, option)
-    raise BitallocError(f"cannot read budget '{spec}': use average bits (4.5), bytes (60MB) or an option (rtn:int4:g64:asym)")
+        return Budget("bytes", math.floor(float(match.group(1)) * _BYTE_UNITS[match.group(2).lower()]), spec)
+    match = re.fullmatch(_NUMBER + r"\s*([kmgt]?)bops?", spec, flags=re.I)
+    if match:
+        return Budget("bops", float(match.group(1)) * _PREFIXES[match.group(2).lower()], spec)
+    match = re.fullmatch(_NUMBER + r"\s*(s|ms|us|µs)", spec, flags=re.I)
+    if match:
+        cost_function("latency", latency)
+        return Budget("latency", float(match.group(1)) * _SECONDS_IN_MS[match.group(2).lower()], spec,
+                      latency=latency)
+    if re.fullmatch(_NUMBER + r"\s*[kmgt]?(flops?|macs?)", spec, flags=re.I):
+        raise BitallocError(f"budget '{spec}': FLOPs and MACs are the same under every option, so they cannot "
+                            "steer the allocation; use BOPs (bits_w x bits_a x MACs) or latency")
+    if ":" in spec or spec.partition("@")[0] == "fp16":
+        return _uniform(spec, shapes, latency)
+    raise BitallocError(f"cannot read budget '{spec}': use average bits (4.5), bytes (60MB), BOPs (12GBOPs), "
+                        "latency (3ms) or an option (rtn:int4:g64:asym, rtn:int4:g64:asym@bops)")
+
+
+def add_budget_args(parser) -> None:
+    """--budget and the latency table it may be counted in (search.sh)."""
+    parser.add_argument("--budget", default="rtn:int4:g64:asym",
+                        help="average bits (4.5), bytes (60MB), BOPs per token (12GBOPs), latency (3ms, needs "
+                             "--latency-table), or an option whose uniform cost is the budget "
+                             "(rtn:int4:g64:asym, ...@bops, ...@latency); grammar in bitalloc/budget.py")
+    parser.add_argument("--latency-table", default=None,
+                        help="CSV of measured layer latencies (schema in bitalloc/cost.py) for latency budgets")
+    parser.add_argument("--latency-backend", default=None,
+                        help="backend whose rows of the latency table count (default: the table's only one)")
+    parser.add_argument("--latency-batch", type=int, default=1,
+                        help="token rows per layer call whose rows of the latency table count")
+
+
+def budget_from_args(args, shapes: list[LayerShape]) -> Budget:
+    latency = None
+    if args.latency_table:
+        latency = LatencyTable.load(args.latency_table).lookup(args.latency_backend, args.latency_batch)
+    return parse_budget(args.budget, shapes, latency)

@@ -18,7 +18,7 @@ import numpy as np
 
 from . import atomic, tb
 from .blocks import capture_inputs, run_block
-from .budget import parse_budget
+from .budget import add_budget_args, budget_from_args
 from .cli_args import (add_data_args, add_model_args, calibration, calibration_record, check_positive, evaluator,
                        resolve_device)
 from .cost import bits_per_weight, layer_shapes
@@ -42,8 +42,7 @@ def build_parser() -> argparse.ArgumentParser:
         prog="bash search.sh", description=__doc__.split("\n\n")[0],
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
-    parser.add_argument("--budget", default="rtn:int4:g64:asym",
-                        help="average bits (4.5), bytes (60MB) or an option whose uniform size is the budget")
+    add_budget_args(parser)
     parser.add_argument("--space", default="rtn-g64",
                         help="option space: a preset name in --space-dir, a file (one option per line) "
                              "or a comma-separated list of options")
@@ -109,13 +108,8 @@ def main(argv=None) -> int:
     loaded = load_model(args.model)
     shapes = layer_shapes(loaded.model)
     by_name = {s.name: s for s in shapes}
-    budget = parse_budget(args.budget, shapes)
-    smallest = sum(min(bits_per_weight(s, o) * s.numel / 8 for o in options) for s in shapes)
-    if budget.limit < smallest:
-        raise BitallocError(
-            f"budget {args.budget} ({budget.limit:.0f} bytes) is below the smallest plan the option space allows "
-            f"({smallest:.0f} bytes, {8 * smallest / sum(s.numel for s in shapes):.3f} bits per weight)"
-        )
+    budget = budget_from_args(args, shapes)
+    budget.check_reachable(shapes, options)
     run_dir = Path(args.out) if args.out else default_out(args)
     progress = not args.quiet
     evaluation = evaluator(args, loaded, device, progress)
@@ -126,8 +120,8 @@ def main(argv=None) -> int:
                     args.force, progress)
     table.save(run_dir / "sensitivity.json")
 
-    problem = build_problem(table, shapes, options, ties)
-    problem.limits = {"bytes": budget.limit}
+    problem = build_problem(table, shapes, options, ties, cost_fns=budget.cost_fns())
+    problem.limits = {budget.kind: budget.limit}
     choice, report = solver(problem)
     mixed = problem.assignment(choice)
     plan = Plan(
@@ -135,15 +129,16 @@ def main(argv=None) -> int:
         tie_groups=ties, budget=budget.to_json(), calibration=calibration_record(args),
         solver={k: v for k, v in report.items() if k != "seconds"},  # wall time would make plans differ per run
         evaluation=evaluation.protocol,
-        predicted={"bytes": int(problem.total("bytes", choice)), "loss": problem.total("loss", choice),
+        predicted={budget.kind: problem.total(budget.kind, choice),  # "bytes" below stays an int
+                   "bytes": int(problem.total("bytes", choice)), "loss": problem.total("loss", choice),
                    "avg_bits": 8 * problem.total("bytes", choice) / sum(s.numel for s in shapes)},
     )
     plan.save(run_dir / "plan.json")
 
     uniform_option = budget.uniform or max(
-        (o for o in options if o.quantized and problem.total("bytes", [options.index(o)] * len(problem.units))
+        (o for o in options if o.quantized and problem.total(budget.kind, [options.index(o)] * len(problem.units))
          <= budget.limit),
-        key=lambda o: problem.total("bytes", [options.index(o)] * len(problem.units)), default=None,
+        key=lambda o: problem.total(budget.kind, [options.index(o)] * len(problem.units)), default=None,
     )
     variants = {}
     if uniform_option is not None and uniform_option in options:
@@ -159,7 +154,8 @@ def main(argv=None) -> int:
         measured = evaluation(f"eval {name}")
         restore(loaded.model, originals)
         picked = problem.choice_of(assignment)
-        entry = {"bytes": int(problem.total("bytes", picked)), "predicted_loss": problem.total("loss", picked),
+        entry = {budget.kind: problem.total(budget.kind, picked),  # "bytes" below stays an int
+                 "bytes": int(problem.total("bytes", picked)), "predicted_loss": problem.total("loss", picked),
                  "avg_bits": 8 * problem.total("bytes", picked) / sum(s.numel for s in shapes), "measured": measured}
         results[name] = entry
         rows.append(result_row(name, entry["bytes"], entry["avg_bits"], entry["predicted_loss"], measured,
@@ -177,7 +173,7 @@ def main(argv=None) -> int:
     atomic.write_text(run_dir / "summary.txt", text + "\n")
     tb.write_run(run_dir, table, variants, lambda layer, o: bits_per_weight(by_name[layer], o),
                  {f"ppl/{k}": v["measured"]["ppl"] for k, v in results.items()})
-    print(f"\n{loaded.spec}: budget {args.budget} = {budget.limit / 1e6:.3f} MB of quantized linears; "
+    print(f"\n{loaded.spec}: budget {args.budget} = {budget.describe()}; "
           f"{evaluation.protocol['corpus']} PPL on {evaluation.protocol['windows']} windows of "
           f"{evaluation.protocol['seqlen']} tokens\n")
     print(text)
