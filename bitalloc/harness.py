@@ -161,7 +161,7 @@ def run_tasks(loaded, tasks: list[str], task_files: list[str] = (), num_fewshot:
              "unavailable": {name: reason}}.
     """
     _require_lm_eval()
-    logging.getLogger("lm_eval").setLevel(max(logging.WARNING, log.getEffectiveLevel()))
+    logging.getLogger("lm_eval").setLevel(max(logging.ERROR, log.getEffectiveLevel()))  # its notes on our use
     specs, include = _task_specs(list(tasks), list(task_files))
     from lm_eval import simple_evaluate
     from lm_eval.models.huggingface import HFLM
