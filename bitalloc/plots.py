@@ -157,24 +157,21 @@ def window_figure(per_window: dict[str, list[float]], base: list[float]):
     return figure
 
 
-def results_figure(rows: list[dict], corpus: str):
-    """PPL against average bits per model, from the batch results (one line per model)."""
+def results_figure(rows: list[dict], title: str):
+    """PPL against average bits per model, from rows of one protocol of the batch results (a line per model)."""
     plt = pyplot()
     figure, axis = plt.subplots(figsize=(7.5, 5))
     models = list(dict.fromkeys(r["model"] for r in rows))
     for i, model in enumerate(models):
-        mine = sorted(((float(r["avg_bits"]), float(r["ppl"]), r["plan"]) for r in rows
-                       if r["model"] == model and r["corpus"] == corpus and r["status"] == "ok"))
-        if not mine:
-            continue
+        mine = sorted((float(r["avg_bits"]), float(r["ppl"]), r["plan"]) for r in rows if r["model"] == model)
         axis.plot([m[0] for m in mine], [m[1] for m in mine], marker=MARKERS[i % len(MARKERS)], label=model)
         for bits, ppl, plan in mine:
             axis.annotate(plan if len(plan) < 28 else "…" + plan[-26:], (bits, ppl), textcoords="offset points",
                           xytext=(4, 4), fontsize=7)
     axis.set_yscale("log")
     axis.set_xlabel("average bits per weight (scales and zeros included)")
-    axis.set_ylabel(f"{corpus} perplexity")
-    axis.set_title(f"{corpus}: perplexity vs size")
+    axis.set_ylabel("perplexity")
+    axis.set_title(f"Perplexity vs size: {title}")
     axis.grid(alpha=0.3, which="both")
     axis.legend(fontsize=8)
     return figure

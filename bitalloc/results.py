@@ -91,15 +91,24 @@ def _float(text: str) -> float | None:
         return None
 
 
+def _column(row: dict) -> tuple[str, str, str]:
+    return row["corpus"], row["seqlen"], row["windows"]
+
+
+def _label(column: tuple[str, str, str]) -> str:
+    corpus, seqlen, windows = column
+    return f"{corpus}@{seqlen}" + (f" ({windows}w)" if windows else "")
+
+
 def summary_table(ppl: list[dict], lm: list[dict], metric: str = "acc") -> tuple[list[str], list[list[str]]]:
-    """One row per (model, plan): bits, PPL / dPPL per corpus and seqlen, mean KL, top-1, task accuracies."""
+    """One row per (model, plan): bits, PPL per protocol (corpus, seqlen, windows), dPPL / KL / top-1 on the
+    first protocol that has a reference, and task accuracies."""
     variants = list(dict.fromkeys((r["model"], r["plan"]) for r in [*ppl, *lm]))
-    corpora = list(dict.fromkeys((r["corpus"], r["seqlen"]) for r in ppl))
+    columns = list(dict.fromkeys(_column(r) for r in ppl))
     tasks = list(dict.fromkeys(r["task"] for r in lm))
-    first = corpora[0] if corpora else None
-    header = ["model", "plan", "avg bits"]
-    header += [f"PPL {c}@{s}" for c, s in corpora]
-    header += [f"dPPL {first[0]}", f"KL {first[0]}", f"top-1 {first[0]}"] if first else []
+    compared = next((c for c in columns if any(_column(r) == c and r["kl_mean"] for r in ppl)), None)
+    header = ["model", "plan", "avg bits"] + [f"PPL {_label(c)}" for c in columns]
+    header += [f"dPPL {_label(compared)}", "KL mean", "top-1"] if compared else []
     header += [f"{t} {metric}" for t in tasks] + (["mean acc"] if tasks else [])
     rows = []
     for model, plan in variants:
@@ -107,13 +116,13 @@ def summary_table(ppl: list[dict], lm: list[dict], metric: str = "acc") -> tuple
         bits = next((r["avg_bits"] for r in [*mine, *lm] if (r["model"], r["plan"]) == (model, plan)
                      and r["avg_bits"]), "")
         row = [model, plan, f"{float(bits):.3f}" if _float(bits) is not None else "-"]
-        cells = {(r["corpus"], r["seqlen"]): r for r in mine}
-        for corpus in corpora:
-            r = cells.get(corpus)
+        cells = {_column(r): r for r in mine}
+        for column in columns:
+            r = cells.get(column)
             row.append("n/a" if r and r["status"] == NOT_AVAILABLE else
                        f"{float(r['ppl']):.3f}" if r and _float(r["ppl"]) is not None else "-")
-        if first:
-            r = cells.get(first, {})
+        if compared:
+            r = cells.get(compared, {})
             row += [f"{v:{spec}}" if v is not None else "-" for v, spec in
                     ((_float(r.get("dppl")), "+.3f"), (_float(r.get("kl_mean")), ".4f"), (_float(r.get("top1")), ".4f"))]
         scores = []

@@ -69,9 +69,13 @@ def test_batch_writes_results_and_summary_makes_one_table(search_run, tiny_dir, 
     code, out, err = run_cli(script("summarize").main, ["--results", "results", "--format", "markdown"], capsys)
     assert code == 0, err
     table = out.strip().splitlines()
-    assert table[0].startswith("| model | plan | avg bits | PPL wikitext2@32 | PPL ptb@32 | PPL c4@32 |")
+    assert table[0].startswith("| model | plan | avg bits | PPL wikitext2@32 (4w) | PPL ptb@32 (4w) | PPL c4@32 |")
     assert "local_mc acc" in table[0] and len(table) == 2 + 3
     assert all("| n/a |" in line for line in table[2:])  # C4 marked not available in every row
+
+    code, out, err = run_cli(script("plot_results").main, ["--results", "results"], capsys)
+    assert code == 0, err
+    assert [Path(p).name for p in out.split()] == ["ppl_wikitext2_32_4w.png", "ppl_ptb_32_4w.png"]
 
     code, _, _ = run_cli(batch.main, argv[:4] + ["--eval", "wikitext2", "--results", "results", *QUICK], capsys)
     assert code == 0
