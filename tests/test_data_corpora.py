@@ -7,7 +7,6 @@ import re
 import pytest
 import torch
 
-from bitalloc import data
 from bitalloc.data import C4_WINDOWS, CorpusUnavailable, calibration_ids, eval_windows, load_text
 from bitalloc.errors import BitallocError
 from bitalloc.evaluate import default_seqlen
@@ -27,11 +26,8 @@ class WordTokenizer:
 
 
 @pytest.fixture(autouse=True)
-def offline(monkeypatch):
-    data.hub_reachable.cache_clear()
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+def offline(offline_hub):
     yield
-    data.hub_reachable.cache_clear()
 
 
 def test_wikitext2_is_tokenized_whole_with_its_blank_lines(tmp_path):

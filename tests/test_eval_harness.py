@@ -5,7 +5,6 @@ import logging
 import pytest
 import torch
 
-from bitalloc import data
 from bitalloc.errors import BitallocError
 from bitalloc.harness import read_local_task, run_tasks
 from bitalloc.models import from_module
@@ -24,11 +23,8 @@ QUESTIONS = [
 
 
 @pytest.fixture(autouse=True)
-def offline(monkeypatch):
-    data.hub_reachable.cache_clear()
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+def offline(offline_hub):
     yield
-    data.hub_reachable.cache_clear()
 
 
 @pytest.fixture
