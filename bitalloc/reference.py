@@ -11,9 +11,9 @@ the whole WikiText-2 test set at 2048 would be 28 GB.  The cache is bounded by
 $BITALLOC_REFERENCE_GB (default 4): a reference that would not fit is stored as
 its top-K log-probabilities plus the log of the remaining mass (K=256: 1.5 KB a
 token), which gives the KL divergence between the distributions coarse-grained
-to those K tokens and one "rest" bucket, a lower bound within ~1e-3 of the
-exact value in practice, recorded as `"kl_topk": K` in the results; top-1
-agreement stays exact.  After a reference is written, the least recently used
+to those K tokens and one "rest" bucket: a lower bound of the exact value that
+reaches it as K grows (tests/test_eval_reference.py), recorded as
+`"kl_topk": K` in the results; top-1 agreement stays exact.  After a reference is written, the least recently used
 other references are deleted until the cache fits (never ones used in the last
 30 minutes, which another process may be reading).
 """
