@@ -72,8 +72,11 @@ def bits_figure(assignments: dict[str, dict[str, float]]):
     figure, axis = plt.subplots(figsize=(13, 4))
     layers = list(next(iter(assignments.values())))
     for i, (name, bits) in enumerate(assignments.items()):
-        axis.step(range(len(layers)), [bits[l] for l in layers], where="mid", label=name, linewidth=1.4,
-                  alpha=0.9, zorder=3 - i * 0.1)
+        values = [bits[l] for l in layers]
+        if len(set(values)) == 1:  # a uniform plan: a dashed reference line, so mixed plans stay visible
+            axis.axhline(values[0], linestyle="--", linewidth=0.9, color=f"C{i}", label=name, zorder=1)
+        else:
+            axis.step(range(len(layers)), values, where="mid", label=name, linewidth=1.6, color=f"C{i}", zorder=3)
     blocks = [split_layer(l)[0] for l in layers]
     starts = [i for i in range(1, len(layers)) if blocks[i] != blocks[i - 1]]
     for s in starts:
@@ -85,27 +88,33 @@ def bits_figure(assignments: dict[str, dict[str, float]]):
         dict.fromkeys(split_layer(l)[1].split(".")[-1] for l in layers)) + ")", fontsize=8)
     axis.set_ylabel("bits per weight\n(scales and zeros included)")
     axis.set_title("Bits per layer")
-    axis.legend(fontsize=8, loc="upper right")
+    axis.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0))
     axis.grid(axis="y", alpha=0.3)
     return figure
 
 
-def front_figure(front: list[tuple[float, float]] | None, points: dict[str, tuple[float, float]],
-                 xlabel: str = "average bits per weight", ylabel: str = "predicted loss"):
-    """The size/quality front (a line) with named plans (points) on it."""
+def front_figure(front: list[tuple[float, float]] | None, points: dict[str, dict]):
+    """Left: the predicted size/loss front (a line) with named plans on it; right: the same plans measured.
+
+    `points` maps a plan name to {"avg_bits", "predicted", "kl"}.
+    """
     plt = pyplot()
-    figure, axis = plt.subplots(figsize=(7.5, 5))
+    figure, axes = plt.subplots(1, 2, figsize=(13, 5))
     if front:
         xs, ys = zip(*sorted(front))
-        axis.plot(xs, ys, "-", color="0.45", linewidth=1.5, marker=".", markersize=4, label="Pareto front", zorder=1)
-    for i, (name, (x, y)) in enumerate(points.items()):
-        axis.scatter([x], [y], s=60, marker=MARKERS[i % len(MARKERS)], label=name, zorder=3)
-    axis.set_yscale("log")
-    axis.set_xlabel(xlabel)
-    axis.set_ylabel(ylabel)
-    axis.set_title("Size vs predicted loss" + ("" if front else " (no Pareto front in this run)"))
-    axis.grid(alpha=0.3, which="both")
-    axis.legend(fontsize=8)
+        axes[0].plot(xs, ys, "-", color="0.45", linewidth=1.5, marker=".", markersize=4, label="Pareto front",
+                     zorder=1)
+    for axis, key, label in ((axes[0], "predicted", "predicted loss"), (axes[1], "kl", "measured mean KL")):
+        for i, (name, point) in enumerate(points.items()):
+            axis.scatter([point["avg_bits"]], [point[key]], s=60, marker=MARKERS[i % len(MARKERS)], label=name,
+                         color=f"C{i}", zorder=3)
+        axis.set_yscale("log")
+        axis.set_xlabel("average bits per weight (scales and zeros included)")
+        axis.set_ylabel(label)
+        axis.grid(alpha=0.3, which="both")
+    axes[0].set_title("Size vs predicted loss" + ("" if front else " (no Pareto front in this run)"), fontsize=10)
+    axes[1].set_title("Size vs measured loss", fontsize=10)
+    axes[0].legend(fontsize=8)
     return figure
 
 

@@ -194,9 +194,9 @@ def write_report(run: Run, out: Path) -> Path:
     else:
         lines += ["No quantized variant with both a predicted and a measured loss.", ""]
 
-    size_points = {n: (p["avg_bits"], p["predicted"]) for n, p in points.items() if p["avg_bits"]}
+    size_points = {n: p for n, p in points.items() if p["avg_bits"]}
     plots.save(plots.front_figure(run.front, size_points), out / "pareto_front.png")
-    lines += ["## Size vs predicted loss", "",
+    lines += ["## Size vs loss", "",
               f"Pareto front from `{run.front_file}` ({len(run.front)} points) with the chosen plan and the "
               "baselines." if run.front else
               "This run directory holds no Pareto front JSON; the plans it evaluated are shown alone.",

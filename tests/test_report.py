@@ -88,7 +88,7 @@ def test_report_shows_predicted_vs_measured_and_the_figures(search_run, capsys):
     code, out, err = run_cli(report.main, [str(search_run), "--measure", "--quiet"], capsys)
     assert code == 0, err
     text = (search_run / "report" / "report.md").read_text()
-    for heading in ("## Results", "## Predicted vs measured loss", "## Size vs predicted loss", "## Bits per layer",
+    for heading in ("## Results", "## Predicted vs measured loss", "## Size vs loss", "## Bits per layer",
                     "## Sensitivity", "## Per-window perplexity"):
         assert heading in text
     assert "Pareto front from `pareto.json` (3 points)" in text
