@@ -131,7 +131,7 @@ def main(argv=None) -> int:
         if lm:
             res.merge_rows(out / res.LM_EVAL_FILE, res.LM_FIELDS, res.LM_KEY, lm)
     print(res.summarize(out))
-    print(f"\nresults: {out / res.PPL_FILE}, {out / res.LM_EVAL_FILE}")
+    print("\nresults: " + ", ".join(str(out / f) for f in (res.PPL_FILE, res.LM_EVAL_FILE) if (out / f).is_file()))
     return 0
 
 

@@ -54,7 +54,8 @@ def resolve_device(name: str) -> torch.device:
 
 def check_positive(args) -> None:
     for name in ("nsamples", "calib_seqlen", "seqlen", "batch_size"):
-        if getattr(args, name, 1) < 1:
+        value = getattr(args, name, 1)
+        if value is not None and value < 1:  # None: decided later (seqlen from the model)
             raise BitallocError(f"--{name.replace('_', '-')} must be at least 1")
 
 
