@@ -99,7 +99,7 @@ def front_figure(front: list[tuple[float, float]] | None, points: dict[str, dict
     `points` maps a plan name to {"avg_bits", "predicted", "kl"}.
     """
     plt = pyplot()
-    figure, axes = plt.subplots(1, 2, figsize=(13, 5))
+    figure, axes = plt.subplots(1, 2, figsize=(13, 5), layout="constrained")
     if front:
         xs, ys = zip(*sorted(front))
         axes[0].plot(xs, ys, "-", color="0.45", linewidth=1.5, marker=".", markersize=4, label="Pareto front",
@@ -128,7 +128,7 @@ def spearman(xs: list[float], ys: list[float]) -> float | None:
 def predicted_measured_figure(points: dict[str, dict]):
     """Predicted loss against measured KL and dPPL, one labelled point per variant."""
     plt = pyplot()
-    figure, axes = plt.subplots(1, 2, figsize=(12, 4.8))
+    figure, axes = plt.subplots(1, 2, figsize=(12, 4.8), layout="constrained")
     names = list(points)
     for axis, key, label in ((axes[0], "kl", "measured mean KL vs unquantized"),
                              (axes[1], "dppl", "measured dPPL")):
