@@ -5,9 +5,9 @@ import argparse
 
 import torch
 
-from .data import DEFAULT_CALIB, ENV_DATA, calibration_ids, eval_windows
+from .data import DEFAULT_CALIB, ENV_DATA, CorpusUnavailable, calibration_ids, eval_split, eval_windows
 from .errors import BitallocError
-from .evaluate import Evaluator
+from .evaluate import Evaluation, Evaluator, default_seqlen
 from .paths import cache_root
 
 
@@ -24,12 +24,17 @@ def add_data_args(parser: argparse.ArgumentParser, seqlen: int = 512, windows: i
     group = parser.add_argument_group("data")
     group.add_argument("--data-dir", default=None, help=f"local corpora (layout of shared/data); default ${ENV_DATA}")
     group.add_argument("--calib", default=DEFAULT_CALIB,
-                       help="calibration text: wiki (default), ptb, wikitext2 (validation) or a .txt/.jsonl path")
+                       help="calibration text: wiki (default), ptb (train), wikitext2 (validation), c4 (train shard), "
+                            "pileval or a .txt/.jsonl path")
     group.add_argument("--nsamples", type=int, default=16, help="calibration windows (default 16)")
     group.add_argument("--calib-seqlen", type=int, default=512, help="tokens per calibration window (default 512)")
     group.add_argument("--seed", type=int, default=0, help="seed for calibration sampling (default 0)")
-    group.add_argument("--eval", default="wikitext2", help="evaluation corpus: wikitext2 or ptb (test splits)")
-    group.add_argument("--seqlen", type=int, default=seqlen, help=f"evaluation window length (default {seqlen})")
+    group.add_argument("--eval", default="wikitext2",
+                       help="evaluation corpora, comma-separated: wikitext2, ptb (test splits), c4, c4-new "
+                            "(validation shard), or a text/JSONL path; a corpus that is not available is skipped "
+                            "with one line")
+    group.add_argument("--seqlen", type=int, default=seqlen,
+                       help="evaluation window length (default: %(default)s; none = the model's context, at most 2048)")
     group.add_argument("--eval-windows", type=int, default=windows,
                        help="evaluate an evenly spaced subset of N windows (default: %(default)s; 0 = all)")
     group.add_argument("--batch-size", type=int, default=4, help="windows per forward pass (default 4)")
@@ -49,7 +54,8 @@ def resolve_device(name: str) -> torch.device:
 
 def check_positive(args) -> None:
     for name in ("nsamples", "calib_seqlen", "seqlen", "batch_size"):
-        if getattr(args, name, 1) < 1:
+        value = getattr(args, name, 1)
+        if value is not None and value < 1:  # None: decided later (seqlen from the model)
             raise BitallocError(f"--{name.replace('_', '-')} must be at least 1")
 
 
@@ -61,9 +67,27 @@ def calibration_record(args) -> dict:
     return {"source": args.calib, "nsamples": args.nsamples, "seqlen": args.calib_seqlen, "seed": args.seed}
 
 
-def evaluator(args, loaded, device, progress: bool = True) -> Evaluator:
+def corpora(spec: str) -> list[str]:
+    names = list(dict.fromkeys(name.strip() for name in spec.split(",") if name.strip()))
+    if not names:
+        raise BitallocError("--eval names no corpus")
+    return names
+
+
+def evaluator(args, loaded, device, progress: bool = True, keep_reference: bool = True) -> Evaluation:
+    """Every corpus of --eval under its protocol; unavailable ones (C4 without its file) are skipped, said once."""
+    if args.seqlen is None:
+        args.seqlen = default_seqlen(loaded.model)
     max_windows = args.eval_windows or None
-    windows = eval_windows(loaded.tokenizer, args.eval, args.seqlen, max_windows, args.data_dir)
-    protocol = {"corpus": args.eval, "split": "test", "seqlen": args.seqlen, "windows": int(windows.shape[0]),
-                "subset": max_windows is not None}
-    return Evaluator(loaded, windows, protocol, cache_root(args.cache_dir), args.batch_size, device, progress)
+    found, unavailable = {}, {}
+    for name in corpora(args.eval):
+        try:
+            windows = eval_windows(loaded.tokenizer, name, args.seqlen, max_windows, args.data_dir)
+        except CorpusUnavailable as err:
+            unavailable[name] = str(err)
+            continue
+        protocol = {"corpus": name, "split": eval_split(name),
+                    "seqlen": args.seqlen, "windows": int(windows.shape[0]), "subset": max_windows is not None}
+        found[name] = Evaluator(loaded, windows, protocol, cache_root(args.cache_dir), args.batch_size, device,
+                                progress, keep_reference)
+    return Evaluation(found, unavailable)

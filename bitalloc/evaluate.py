@@ -2,63 +2,53 @@
 
 PPL follows the GPTQ protocol: windows from `data.eval_windows`, each scored on
 its own, PPL = exp(mean NLL over every predicted token).  The unquantized
-model's log-probabilities are cached on disk (float16, one file per batch) keyed
-by model fingerprint and windows, so every later evaluation of a quantized
-variant compares against them without recomputing.
+model's token distributions are cached on disk (`reference.ReferenceCache`:
+keyed, atomic, checksummed, bounded), so every later evaluation of a quantized
+variant compares against them without recomputing.  Results also carry
+per-window statistics (PPL, mean KL, top-1 of each window) and, for quantized
+variants, dPPL against the unquantized model.
 """
 from __future__ import annotations
 
+import json
 import logging
 import math
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
 from . import atomic
-from .data import ids_hash
+from .errors import BitallocError
 from .guards import check_activations
+from .reference import ReferenceCache, compare
 
 log = logging.getLogger(__name__)
 
+MAX_DEFAULT_SEQLEN = 2048
+CONTEXT_KEYS = ("max_position_embeddings", "n_positions", "max_sequence_length", "seq_length", "n_ctx")
 
-class ReferenceCache:
-    """Unquantized log-probabilities per evaluation batch, on disk."""
+__all__ = ["evaluate", "Evaluator", "Evaluation", "ReferenceCache", "default_seqlen"]
 
-    def __init__(self, root: Path | None, fingerprint: str, windows: torch.Tensor, batch_size: int):
-        key = f"{fingerprint}-{ids_hash(windows)}-b{batch_size}"
-        self.dir = None if root is None else Path(root) / "reference" / key
-        self.batches = math.ceil(windows.shape[0] / batch_size)
-        self._memory: dict[int, torch.Tensor] = {}
 
-    def _path(self, index: int) -> Path:
-        return self.dir / f"batch_{index:05d}.safetensors"
-
-    def complete(self) -> bool:
-        if self.dir is None:
-            return len(self._memory) == self.batches
-        return all(self._path(i).is_file() for i in range(self.batches))
-
-    def put(self, index: int, logprobs: torch.Tensor) -> None:
-        stored = logprobs.to(torch.float16).cpu().contiguous()
-        if self.dir is None:
-            self._memory[index] = stored
-            return
-        with atomic.atomic_path(self._path(index)) as tmp:
-            save_file({"logprobs": stored}, str(tmp))
-
-    def get(self, index: int) -> torch.Tensor:
-        if self.dir is None:
-            return self._memory[index]
-        return load_file(str(self._path(index)))["logprobs"]
+def default_seqlen(model) -> int:
+    """The model's context length, capped at 2048 (the length papers report)."""
+    config = getattr(model, "config", None)
+    context = next((getattr(config, k) for k in CONTEXT_KEYS if isinstance(getattr(config, k, None), int)), None)
+    return min(context or MAX_DEFAULT_SEQLEN, MAX_DEFAULT_SEQLEN)
 
 
 def _stats(values: torch.Tensor) -> dict:
     values = values.double()
+    if values.numel() > 2**24:  # torch.quantile's limit: estimate p99 on an even subsample
+        values = values[:: math.ceil(values.numel() / 2**24)]
     return {"mean": float(values.mean()), "median": float(values.median()),
-            "p99": float(torch.quantile(values, 0.99)) if values.numel() <= 2**24 else float("nan")}
+            "p99": float(torch.quantile(values, 0.99))}
+
+
+def _rounded(values: list[float]) -> list[float]:
+    return [float(f"{v:.6g}") for v in values]
 
 
 @torch.no_grad()
@@ -68,45 +58,53 @@ def evaluate(model, windows: torch.Tensor, reference: ReferenceCache | None = No
 
     With `is_reference`, this model *is* the reference: its log-probs are stored.
     """
-    total_nll, total_tokens = 0.0, 0
-    kls, agree = [], 0
-    batches = windows.split(batch_size)
-    for index, batch in enumerate(tqdm(batches, desc=desc, unit="batch", disable=not progress)):
+    window_nll, window_kl, window_top1, kls = [], [], [], []
+    for index, batch in enumerate(tqdm(windows.split(batch_size), desc=desc, unit="batch", disable=not progress)):
         batch = batch.to(device)
         logits = model(input_ids=batch, use_cache=False).logits[:, :-1].float()
         check_activations(model, logits, f"evaluation batch {index}", lambda: model(input_ids=batch, use_cache=False))
         logprobs = F.log_softmax(logits, dim=-1)
         targets = batch[:, 1:]
-        total_nll -= float(logprobs.gather(-1, targets.unsqueeze(-1)).sum())
-        total_tokens += targets.numel()
+        window_nll += (-logprobs.gather(-1, targets.unsqueeze(-1)).squeeze(-1).double().mean(-1)).tolist()
         if reference is None:
             continue
         if is_reference:
             reference.put(index, logprobs)
-            ref = logprobs
-        else:
-            ref = reference.get(index).to(logprobs.device).float()
-        kls.append((ref.exp() * (ref - logprobs)).sum(-1).flatten().cpu())
-        agree += int((ref.argmax(-1) == logprobs.argmax(-1)).sum())
-    nll = total_nll / total_tokens
-    result = {"ppl": math.exp(nll), "nll": nll, "tokens": total_tokens, "windows": int(windows.shape[0])}
+        stored = {"logprobs": logprobs} if is_reference else reference.get(index)
+        for row in range(batch.shape[0]):
+            kl, same = compare({k: v[row] for k, v in stored.items()}, logprobs[row])
+            kls.append(kl.cpu())
+            window_kl.append(float(kl.double().mean()))
+            window_top1.append(float(same.double().mean()))
+    nll = sum(window_nll) / len(window_nll)  # windows are equally long: the token mean
+    result = {"ppl": math.exp(nll), "nll": nll, "tokens": len(window_nll) * (windows.shape[1] - 1),
+              "windows": int(windows.shape[0]), "per_window": {"ppl": _rounded([math.exp(v) for v in window_nll])}}
     if reference is not None:
-        kl = torch.cat(kls).clamp_min(0)
-        result.update({"kl": _stats(kl), "top1": agree / total_tokens})
+        result.update({"kl": _stats(torch.cat(kls)), "top1": sum(window_top1) / len(window_top1)})
+        if reference.topk:
+            result["kl_topk"] = reference.topk
+        result["per_window"].update({"kl_mean": _rounded(window_kl), "top1": _rounded(window_top1)})
     return result
 
 
 class Evaluator:
-    """One evaluation protocol (corpus, seqlen, windows) bound to one model and its reference."""
+    """One evaluation protocol (corpus, seqlen, windows) bound to one model and its reference.
+
+    With `keep_reference=False` only perplexity is measured and nothing is cached
+    (an unquantized-only run needs no reference).
+    """
 
     def __init__(self, loaded, windows: torch.Tensor, protocol: dict, cache_dir: Path | None,
-                 batch_size: int = 4, device="cpu", progress: bool = True):
+                 batch_size: int = 4, device="cpu", progress: bool = True, keep_reference: bool = True):
         self.loaded, self.windows, self.protocol = loaded, windows, protocol
         self.batch_size, self.device, self.progress = batch_size, device, progress
-        self.cache = ReferenceCache(cache_dir, loaded.fingerprint, windows, batch_size)
+        vocab = getattr(getattr(loaded.model, "config", None), "vocab_size", None)
+        self.cache = ReferenceCache(cache_dir, loaded.fingerprint, windows, batch_size, vocab) if keep_reference \
+            else None
+        self._base: dict | None = None
 
     def _result_path(self) -> Path | None:
-        return None if self.cache.dir is None else self.cache.dir / "result.json"
+        return None if self.cache is None or self.cache.dir is None else self.cache.dir / "result.json"
 
     def unquantized(self) -> dict:
         """The unquantized model's result; computes (and caches) the reference log-probs if needed.
@@ -114,18 +112,61 @@ class Evaluator:
         Call while the model is still unquantized.
         """
         path = self._result_path()
-        if self.cache.complete() and path is not None and path.is_file():
-            import json
-
-            return json.loads(path.read_text())
-        result = evaluate(self.loaded.model, self.windows, self.cache, True, self.batch_size, self.device,
-                          self.progress, desc="eval unquantized")
+        if self.cache is not None and self.cache.complete() and path is not None and path.is_file():
+            if self.cache.verify():
+                self.cache.touch()
+                self._base = json.loads(path.read_text())
+                return self._base
+        name = self.protocol.get("corpus", "")
+        self._base = evaluate(self.loaded.model, self.windows, self.cache, self.cache is not None, self.batch_size,
+                              self.device, self.progress, desc=f"eval unquantized {name}".strip())
         if path is not None:
-            atomic.write_json(path, result)
-        return result
+            atomic.write_json(path, self._base)
+            self.cache.prune()
+        return self._base
 
     def __call__(self, desc: str = "eval") -> dict:
-        if not self.cache.complete():
+        if self._base is None or self.cache is None or not self.cache.complete():
             raise RuntimeError("Evaluator.unquantized() must run before a quantized evaluation")
-        return evaluate(self.loaded.model, self.windows, self.cache, False, self.batch_size, self.device,
-                        self.progress, desc=desc)
+        self.cache.touch()
+        result = evaluate(self.loaded.model, self.windows, self.cache, False, self.batch_size, self.device,
+                          self.progress, desc=desc)
+        result["dppl"] = result["ppl"] - self._base["ppl"]
+        return result
+
+
+class Evaluation:
+    """Several corpora behind the interface of one Evaluator (`protocol`, `unquantized()`, `__call__`).
+
+    Results are those of the first corpus, with every corpus' result under
+    "corpora"; corpora that could not be found are listed there as
+    {"available": false, "reason": ...} and skipped.
+    """
+
+    def __init__(self, evaluators: dict[str, Evaluator], unavailable: dict[str, str]):
+        if not evaluators:
+            reasons = "; ".join(unavailable.values())
+            raise BitallocError(f"no evaluation corpus is available: {reasons}")
+        self.evaluators, self.unavailable = evaluators, unavailable
+        for name, reason in unavailable.items():
+            log.warning("skipping %s: %s", name, reason)
+        first = next(iter(evaluators.values())).protocol
+        self.protocol = dict(first)
+        if len(evaluators) + len(unavailable) > 1:
+            self.protocol["corpus"] = ",".join([*evaluators, *unavailable])
+            self.protocol["corpora"] = {**{n: e.protocol for n, e in evaluators.items()},
+                                        **{n: {"available": False, "reason": r} for n, r in unavailable.items()}}
+
+    def _merge(self, results: dict[str, dict]) -> dict:
+        if len(results) + len(self.unavailable) == 1:
+            return next(iter(results.values()))
+        merged = dict(next(iter(results.values())))
+        merged["corpora"] = {**results, **{n: {"available": False, "reason": r} for n, r in self.unavailable.items()}}
+        return merged
+
+    def unquantized(self) -> dict:
+        return self._merge({name: e.unquantized() for name, e in self.evaluators.items()})
+
+    def __call__(self, desc: str = "eval") -> dict:
+        return self._merge({name: e(f"{desc} {name}" if len(self.evaluators) > 1 else desc)
+                            for name, e in self.evaluators.items()})

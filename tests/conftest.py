@@ -102,6 +102,17 @@ def cli_env(monkeypatch, tmp_path, corpus_dir):
     return tmp_path
 
 
+@pytest.fixture
+def offline_hub(monkeypatch):
+    """No hub for `datasets` or lm-eval: corpora and tasks must come from local files (fails at once)."""
+    from bitalloc import data
+
+    data.hub_reachable.cache_clear()
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    yield
+    data.hub_reachable.cache_clear()
+
+
 def run_cli(main, argv, capsys):
     """Run a CLI main in-process; returns (exit code, stdout, stderr)."""
     try:

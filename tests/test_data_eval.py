@@ -28,7 +28,7 @@ def test_ptb_test_sentences_are_joined_with_single_spaces(tmp_path):
 
 def test_missing_corpus_names_both_ways(tmp_path, monkeypatch):
     monkeypatch.setattr("datasets.load_dataset", lambda *a, **k: (_ for _ in ()).throw(ConnectionError("offline")))
-    with pytest.raises(BitallocError, match=r"wikitext2/test not found: put it at .*wikitext2/test.txt.*hub"):
+    with pytest.raises(BitallocError, match=r"wikitext2/test not available: put it at .*wikitext2/test.txt.*hub"):
         load_text("wikitext2", "test", tmp_path)
 
 

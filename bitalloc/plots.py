@@ -1,0 +1,186 @@
+"""Report figures: sensitivity by block and layer type, bits per layer, size/quality front, predicted vs measured.
+
+Each function returns a matplotlib figure built from plain data, so the report,
+the plot scripts and TensorBoard can share them; `save` writes a PNG atomically.
+"""
+from __future__ import annotations
+
+import math
+import re
+
+import numpy as np
+
+from . import atomic
+
+MARKERS = "os^Dv<>pXh*"
+
+
+def pyplot():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def save(figure, path) -> None:
+    with atomic.atomic_path(path) as tmp:
+        figure.savefig(tmp, format="png", dpi=120, bbox_inches="tight")
+    pyplot().close(figure)
+
+
+def split_layer(name: str) -> tuple[int, str]:
+    """('model.layers.3.self_attn.q_proj') -> (3, 'self_attn.q_proj')."""
+    match = re.search(r"\.(\d+)\.(.+)$", name)
+    return (int(match.group(1)), match.group(2)) if match else (0, name)
+
+
+def _grid(layers: list[str], value_of) -> tuple[list[str], int, np.ndarray]:
+    """Layer types x blocks matrix of `value_of(layer)`; NaN where a block lacks a type."""
+    types = list(dict.fromkeys(split_layer(l)[1] for l in layers))
+    blocks = max(split_layer(l)[0] for l in layers) + 1
+    grid = np.full((len(types), blocks), np.nan)
+    for layer in layers:
+        block, kind = split_layer(layer)
+        grid[types.index(kind), block] = value_of(layer)
+    return types, blocks, grid
+
+
+def sensitivity_figure(errors: dict[tuple[str, str], float], layers: list[str], options: list[str]):
+    """One panel per option: log10 sensitivity, layer types (rows) x blocks (columns), one colour scale."""
+    plt = pyplot()
+    grids = [_grid(layers, lambda l, o=o: math.log10(max(errors[(l, o)], 1e-12)))[2] for o in options]
+    types, blocks, _ = _grid(layers, lambda l: 0.0)
+    low, high = np.nanmin(grids), np.nanmax(grids)
+    figure, axes = plt.subplots(len(options), 1, figsize=(max(8, 0.32 * blocks + 3), 1.0 + 0.36 * len(types) * len(options)),
+                                squeeze=False, sharex=True)
+    for axis, option, grid in zip(axes[:, 0], options, grids):
+        image = axis.imshow(grid, aspect="auto", cmap="magma", vmin=low, vmax=high, interpolation="nearest")
+        axis.set_yticks(range(len(types)), [t.split(".")[-1] for t in types], fontsize=8)
+        axis.set_title(option, fontsize=9, loc="left")
+    axes[-1, 0].set_xticks(range(blocks), [str(b) for b in range(blocks)], fontsize=7)
+    axes[-1, 0].set_xlabel("block")
+    figure.colorbar(image, ax=axes[:, 0].tolist(), label="log10 sensitivity (predicted loss)", shrink=0.8)
+    figure.suptitle("Sensitivity of each layer to each option (darker = less damage)", fontsize=11)
+    return figure
+
+
+def bits_figure(assignments: dict[str, dict[str, float]]):
+    """Bits per weight of every layer, one line per variant, block boundaries marked."""
+    plt = pyplot()
+    figure, axis = plt.subplots(figsize=(13, 4))
+    layers = list(next(iter(assignments.values())))
+    for i, (name, bits) in enumerate(assignments.items()):
+        values = [bits[l] for l in layers]
+        if len(set(values)) == 1:  # a uniform plan: a dashed reference line, so mixed plans stay visible
+            axis.axhline(values[0], linestyle="--", linewidth=0.9, color=f"C{i}", label=name, zorder=1)
+        else:
+            axis.step(range(len(layers)), values, where="mid", label=name, linewidth=1.6, color=f"C{i}", zorder=3)
+    blocks = [split_layer(l)[0] for l in layers]
+    starts = [i for i in range(1, len(layers)) if blocks[i] != blocks[i - 1]]
+    for s in starts:
+        axis.axvline(s - 0.5, color="0.85", linewidth=0.6, zorder=0)
+    ticks = [0, *starts]
+    step = max(1, len(ticks) // 30)
+    axis.set_xticks(ticks[::step], [str(blocks[t]) for t in ticks[::step]], fontsize=7)
+    axis.set_xlabel("block (each block's linears in order: " + ", ".join(
+        dict.fromkeys(split_layer(l)[1].split(".")[-1] for l in layers)) + ")", fontsize=8)
+    axis.set_ylabel("bits per weight\n(scales and zeros included)")
+    axis.set_title("Bits per layer")
+    axis.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0))
+    axis.grid(axis="y", alpha=0.3)
+    return figure
+
+
+def front_figure(front: list[tuple[float, float]] | None, points: dict[str, dict]):
+    """Left: the predicted size/loss front (a line) with named plans on it; right: the same plans measured.
+
+    `points` maps a plan name to {"avg_bits", "predicted", "kl"}.
+    """
+    plt = pyplot()
+    figure, axes = plt.subplots(1, 2, figsize=(13, 5), layout="constrained")
+    if front:
+        xs, ys = zip(*sorted(front))
+        axes[0].plot(xs, ys, "-", color="0.45", linewidth=1.5, marker=".", markersize=4, label="Pareto front",
+                     zorder=1)
+    for axis, key, label in ((axes[0], "predicted", "predicted loss"), (axes[1], "kl", "measured mean KL")):
+        for i, (name, point) in enumerate(points.items()):
+            axis.scatter([point["avg_bits"]], [point[key]], s=60, marker=MARKERS[i % len(MARKERS)], label=name,
+                         color=f"C{i}", zorder=3)
+        axis.set_yscale("log")
+        axis.set_xlabel("average bits per weight (scales and zeros included)")
+        axis.set_ylabel(label)
+        axis.grid(alpha=0.3, which="both")
+    axes[0].set_title("Size vs predicted loss" + ("" if front else " (no Pareto front in this run)"), fontsize=10)
+    axes[1].set_title("Size vs measured loss", fontsize=10)
+    axes[0].legend(fontsize=8)
+    return figure
+
+
+def spearman(xs: list[float], ys: list[float]) -> float | None:
+    if len(xs) < 3:
+        return None
+    rx, ry = np.argsort(np.argsort(xs)), np.argsort(np.argsort(ys))
+    return float(np.corrcoef(rx, ry)[0, 1])
+
+
+def predicted_measured_figure(points: dict[str, dict]):
+    """Predicted loss against measured KL and dPPL, one labelled point per variant."""
+    plt = pyplot()
+    figure, axes = plt.subplots(1, 2, figsize=(12, 4.8), layout="constrained")
+    names = list(points)
+    for axis, key, label in ((axes[0], "kl", "measured mean KL vs unquantized"),
+                             (axes[1], "dppl", "measured dPPL")):
+        xs = [points[n]["predicted"] for n in names]
+        ys = [points[n][key] for n in names]
+        for i, (name, x, y) in enumerate(zip(names, xs, ys)):
+            axis.scatter([x], [y], s=55, marker=MARKERS[i % len(MARKERS)], label=name, zorder=3)
+            axis.annotate(name, (x, y), textcoords="offset points", xytext=(5, 4), fontsize=7)
+        axis.set_xscale("log")
+        if all(y > 0 for y in ys):
+            axis.set_yscale("log")
+        rho = spearman(xs, ys)
+        axis.set_title(label + (f"  (Spearman {rho:.2f})" if rho is not None else ""), fontsize=10)
+        axis.set_xlabel("predicted loss (sum of per-layer sensitivities)")
+        axis.set_ylabel(label)
+        axis.margins(x=0.3, y=0.12)
+        axis.grid(alpha=0.3, which="both")
+    figure.suptitle("Predicted vs measured loss", fontsize=11)
+    return figure
+
+
+def window_figure(per_window: dict[str, list[float]], base: list[float]):
+    """Per-window PPL ratio to the unquantized model, one line per variant."""
+    plt = pyplot()
+    figure, axis = plt.subplots(figsize=(10, 3.6))
+    for i, (name, ppl) in enumerate(per_window.items()):
+        axis.plot(range(len(ppl)), [p / b for p, b in zip(ppl, base)], marker=MARKERS[i % len(MARKERS)],
+                  markersize=3, linewidth=1, label=name)
+    axis.axhline(1.0, color="0.5", linewidth=0.8)
+    axis.set_xlabel("evaluation window")
+    axis.set_ylabel("PPL / unquantized PPL")
+    axis.set_title("Per-window perplexity ratio")
+    axis.grid(alpha=0.3)
+    axis.legend(fontsize=8)
+    return figure
+
+
+def results_figure(rows: list[dict], title: str):
+    """PPL against average bits per model, from rows of one protocol of the batch results (a line per model)."""
+    plt = pyplot()
+    figure, axis = plt.subplots(figsize=(7.5, 5))
+    models = list(dict.fromkeys(r["model"] for r in rows))
+    for i, model in enumerate(models):
+        mine = sorted((float(r["avg_bits"]), float(r["ppl"]), r["plan"]) for r in rows if r["model"] == model)
+        axis.plot([m[0] for m in mine], [m[1] for m in mine], marker=MARKERS[i % len(MARKERS)], label=model)
+        for bits, ppl, plan in mine:
+            axis.annotate(plan if len(plan) < 28 else "…" + plan[-26:], (bits, ppl), textcoords="offset points",
+                          xytext=(4, 4), fontsize=7)
+    axis.set_yscale("log")
+    axis.set_xlabel("average bits per weight (scales and zeros included)")
+    axis.set_ylabel("perplexity")
+    axis.set_title(f"Perplexity vs size: {title}")
+    axis.grid(alpha=0.3, which="both")
+    axis.legend(fontsize=8)
+    return figure
