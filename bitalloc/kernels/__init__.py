@@ -1,1 +1,6 @@
-"""Packed quantized linears and their compute backends (quant/ decides values, kernels/ computes)."""
+"""Packed quantized linears and their compute backends (quant/ decides values, kernels/ computes).
+
+Importing this package registers every backend: reference (backends.py), cpu, int8,
+mixed-outlier, approx and triton (its kernels compile only where triton and CUDA are).
+"""
+from . import backends, cpu  # noqa: F401  (register backends)
