@@ -1,0 +1,151 @@
+"""`triton`: weight-only integer layers (2, 3, 4, 8 bits; A16) through this repo's Triton kernels.
+
+The kernels read the stored tensors in place (`triton_kernels.py`).  Launch
+parameters are tuned per (kernel, bits, group, shape, batch bucket) the first
+time a shape is seen, by timing every candidate with a cold L2 cache, split-K's
+zeroing and cast included, and kept for the process.  Outlier columns (fp16)
+are added by a small dense correction: x[:, idx] @ (W_outlier - W_codes[:, idx])^T.
+With TRITON_INTERPRET=1 the kernels run on CPU tensors (slowly), which the CPU
+tests use to check the kernels' logic.
+"""
+from __future__ import annotations
+
+import logging
+import os
+
+import torch
+
+from .backends import Fallback, add_bias, divide_act_scale, register_backend
+from .timing import time_cuda
+
+log = logging.getLogger(__name__)
+
+BITS = (2, 3, 4, 8)
+ONE_GROUP = 1 << 30  # group size for per-channel scales: every column falls in group 0
+GEMV = "gemv"
+MATMUL = "matmul"
+# (BLOCK_N, BLOCK_K in codes, SPLIT_K, num_warps)
+GEMV_CONFIGS = [(64, 128, 1, 4), (32, 128, 1, 4), (128, 128, 1, 8), (64, 64, 1, 4), (32, 256, 1, 4),
+                (64, 128, 2, 4), (32, 128, 4, 4), (128, 64, 4, 8)]
+# (BLOCK_M, BLOCK_N, BLOCK_K, SPLIT_K, num_warps, num_stages) per batch bucket
+MATMUL_CONFIGS = {
+    "small": [(16, 64, 128, 1, 4, 3), (16, 128, 64, 1, 4, 3), (16, 64, 128, 4, 4, 3), (16, 32, 128, 2, 4, 3),
+              (16, 128, 128, 1, 8, 3)],
+    "medium": [(32, 64, 128, 1, 4, 3), (64, 64, 64, 1, 4, 3), (32, 128, 64, 1, 4, 3), (64, 128, 64, 1, 8, 3)],
+    "large": [(64, 128, 64, 1, 4, 3), (128, 128, 64, 1, 8, 3), (128, 64, 64, 1, 4, 3), (128, 256, 64, 1, 8, 3)],
+}
+_tuned: dict[tuple, tuple] = {}
+
+
+def interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET") == "1"
+
+
+def available() -> str | None:
+    """None when the kernels can run here, else why not."""
+    try:
+        import triton  # noqa: F401
+    except ImportError:
+        return "triton is not installed"
+    if not torch.cuda.is_available() and not interpreting():
+        return "needs a CUDA device (or TRITON_INTERPRET=1)"
+    return None
+
+
+def _bucket(m: int) -> str:
+    return "small" if m <= 16 else "medium" if m <= 64 else "large"
+
+
+def _launch(kind: str, config: tuple, x, qweight, scales, zeros, bits: int, group: int, in_features: int):
+    from . import triton_kernels as tk
+
+    m, n, kw, ng = x.shape[0], qweight.shape[0], qweight.shape[1], scales.shape[1]
+    split = config[2] if kind == GEMV else config[3]
+    out = torch.zeros(m, n, device=x.device, dtype=torch.float32) if split > 1 else \
+        torch.empty(m, n, device=x.device, dtype=x.dtype)
+    zeros_arg = zeros if zeros is not None else scales
+    common = dict(BITS=bits, GROUP=group, HAS_ZEROS=zeros is not None)
+    if kind == GEMV:
+        block_n, block_k, split, warps = config
+        grid = (triton_cdiv(n, block_n), split, m)
+        tk.gemv_words[grid](x, qweight, scales, zeros_arg, out, n, in_features, kw, ng, x.stride(0), out.stride(0),
+                            BLOCK_N=block_n, BLOCK_W=block_k * bits // 32, SPLIT_K=split, num_warps=warps, **common)
+    else:
+        block_m, block_n, block_k, split, warps, stages = config
+        grid = (triton_cdiv(m, block_m) * triton_cdiv(n, block_n), split)
+        tk.matmul_codes[grid](x, qweight, scales, zeros_arg, out, m, n, in_features, kw, ng, x.stride(0),
+                              out.stride(0), BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, SPLIT_K=split,
+                              GROUP_M=8, num_warps=warps, num_stages=stages, **common)
+    return out.to(x.dtype) if split > 1 else out
+
+
+def triton_cdiv(a: int, b: int) -> int:
+    return -(-a // b)
+
+
+def candidates(m: int, bits: int, group: int) -> tuple[str, list[tuple]]:
+    if m == 1 and 32 % bits == 0:
+        return GEMV, list(GEMV_CONFIGS)
+    return MATMUL, list(MATMUL_CONFIGS[_bucket(m)])
+
+
+def quant_matmul(x: torch.Tensor, qweight, scales, zeros, bits: int, group_size: int, in_features: int):
+    """x [M, K] (contiguous) @ dequantized(qweight)^T -> [M, N] in x's dtype."""
+    group = group_size if 0 < group_size < in_features else ONE_GROUP
+    kind, configs = candidates(x.shape[0], bits, group)
+    key = (kind, bits, group, zeros is not None, qweight.shape, _bucket(x.shape[0]), x.dtype)
+    config = _tuned.get(key)
+    if config is None:
+        config = configs[0] if interpreting() else _tune(kind, configs, x, qweight, scales, zeros, bits, group,
+                                                         in_features)
+        _tuned[key] = config
+    return _launch(kind, config, x, qweight, scales, zeros, bits, group, in_features)
+
+
+def _tune(kind, configs, x, qweight, scales, zeros, bits, group, in_features) -> tuple:
+    timings = {}
+    for config in configs:
+        try:
+            timings[config] = time_cuda(lambda: _launch(kind, config, x, qweight, scales, zeros, bits, group,
+                                                        in_features), reps=10, warmup=2)
+        except Exception as err:  # a config the compiler rejects (resources): skip it
+            log.debug("triton config %s failed: %s", config, err)
+    best = min(timings, key=timings.get)
+    log.debug("tuned %s bits=%d group=%d %s x %s: %s (%.1f us)", kind, bits, group, tuple(x.shape),
+              tuple(qweight.shape), best, timings[best] * 1e6)
+    return best
+
+
+@register_backend("triton")
+class TritonBackend(Fallback):
+    def unsupported(self, layer) -> str | None:
+        opt = layer.option
+        if not opt.quantized:
+            return "unquantized layer"
+        if opt.fmt != "int" or opt.bits not in BITS:
+            return f"kernels cover int{'/int'.join(map(str, BITS))}, not {opt.format_name}"
+        if opt.act_bits < 16:
+            return "activation quantization (use int8 or mixed-outlier)"
+        return available()
+
+    def build(self, layer) -> dict:
+        correction = None
+        if layer.outlier_idx is not None:
+            idx = layer.outlier_idx.long()
+            stored = layer.quantized_weight()
+            stored.outlier_idx = None
+            codes_part = stored.dequantize_codes()[:, idx.cpu()].to(layer.outlier_weight.device)
+            correction = (idx, (layer.outlier_weight.float() - codes_part))
+        return {"correction": correction}
+
+    def run(self, layer, state: dict, x: torch.Tensor) -> torch.Tensor:
+        x = divide_act_scale(layer, x)
+        shape = x.shape
+        flat = x.reshape(-1, shape[-1]).contiguous()
+        opt = layer.option
+        out = quant_matmul(flat, layer.qweight, layer.scales, layer.zeros, opt.bits, opt.group_size,
+                           layer.in_features)
+        if state["correction"] is not None:
+            idx, weight = state["correction"]
+            out = out + flat[:, idx] @ weight.to(flat.dtype).T
+        return add_bias(layer, out.reshape(*shape[:-1], layer.out_features))
