@@ -3,4 +3,4 @@
 Importing this package registers every backend: reference (backends.py), cpu, int8,
 mixed-outlier, approx and triton (its kernels compile only where triton and CUDA are).
 """
-from . import backends, cpu, triton_backend  # noqa: F401  (register backends)
+from . import approx, backends, cpu, int8, outlier, triton_backend  # noqa: F401  (register backends)

@@ -145,3 +145,56 @@ def matmul_codes(x_ptr, qw_ptr, s_ptr, z_ptr, out_ptr, M, N, K, KW, NG, stride_x
         tl.store(out, acc.to(out_ptr.dtype.element_ty), mask=ok)
     else:
         tl.atomic_add(out, acc, mask=ok)
+
+
+@triton.jit
+def quantize_rows(x_ptr, keep_ptr, q_ptr, scale_ptr, rowsum_ptr, K, stride_x, QMAX: tl.constexpr,
+                  HAS_KEEP: tl.constexpr, BLOCK: tl.constexpr):
+    """Per-token symmetric quantization of one row: int8 codes, float32 scale and the codes' sum.
+
+    Same arithmetic as `fake_quantize_tokens` in float16: scale = absmax / QMAX
+    rounded to the input dtype, codes = round-half-even(x / scale).  Channels
+    with keep == 0 (fp16 outlier channels) are quantized as zeros.
+    """
+    row = tl.program_id(0)
+    cols = tl.arange(0, BLOCK)
+    absmax = tl.zeros([BLOCK], dtype=tl.float32)
+    for start in range(0, K, BLOCK):
+        k = start + cols
+        x = tl.load(x_ptr + row * stride_x + k, mask=k < K, other=0.0).to(tl.float32)
+        if HAS_KEEP:
+            x = x * tl.load(keep_ptr + k, mask=k < K, other=0.0)
+        absmax = tl.maximum(absmax, tl.abs(x))
+    scale = (tl.maximum(tl.max(absmax, axis=0), 1e-8) / QMAX).to(x_ptr.dtype.element_ty).to(tl.float32)
+    total = tl.zeros([BLOCK], dtype=tl.int32)
+    for start in range(0, K, BLOCK):
+        k = start + cols
+        x = tl.load(x_ptr + row * stride_x + k, mask=k < K, other=0.0).to(tl.float32)
+        if HAS_KEEP:
+            x = x * tl.load(keep_ptr + k, mask=k < K, other=0.0)
+        ratio = (x / scale).to(x_ptr.dtype.element_ty).to(tl.float32)
+        q = tl.minimum(tl.maximum(tl.extra.cuda.libdevice.rint(ratio), -QMAX - 1.0), QMAX * 1.0).to(tl.int32)
+        tl.store(q_ptr + row * K + k, q.to(tl.int8), mask=k < K)
+        total += q
+    tl.store(scale_ptr + row, scale)
+    tl.store(rowsum_ptr + row, tl.sum(total, axis=0))
+
+
+@triton.jit
+def scale_int_product(acc_ptr, sx_ptr, rowsum_ptr, sw_ptr, corr_ptr, bias_ptr, out_ptr, M, N,
+                      HAS_CORR: tl.constexpr, HAS_BIAS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    """out = acc * sx[m] * sw[n] (+ sx[m] * rowsum[m] * corr[n]) (+ bias[n]), in out's dtype."""
+    rm = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    rn = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+    ok = (rm[:, None] < M) & (rn[None, :] < N)
+    acc = tl.load(acc_ptr + rm[:, None] * N + rn[None, :], mask=ok, other=0).to(tl.float32)
+    sx = tl.load(sx_ptr + rm, mask=rm < M, other=0.0)
+    sw = tl.load(sw_ptr + rn, mask=rn < N, other=0.0)
+    out = acc * sx[:, None] * sw[None, :]
+    if HAS_CORR:
+        rowsum = tl.load(rowsum_ptr + rm, mask=rm < M, other=0).to(tl.float32)
+        corr = tl.load(corr_ptr + rn, mask=rn < N, other=0.0)
+        out += (sx * rowsum)[:, None] * corr[None, :]
+    if HAS_BIAS:
+        out += tl.load(bias_ptr + rn, mask=rn < N, other=0.0).to(tl.float32)[None, :]
+    tl.store(out_ptr + rm[:, None] * N + rn[None, :], out.to(out_ptr.dtype.element_ty), mask=ok)
