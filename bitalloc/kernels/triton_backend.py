@@ -25,20 +25,24 @@ ONE_GROUP = 1 << 30  # group size for per-channel scales: every column falls in 
 GEMV = "gemv"
 MATMUL = "matmul"
 # (BLOCK_N, BLOCK_K in codes, SPLIT_K, num_warps)
-GEMV_CONFIGS = [(64, 128, 1, 4), (32, 128, 1, 4), (128, 128, 1, 8), (64, 64, 1, 4), (32, 256, 1, 4),
-                (64, 128, 2, 4), (32, 128, 4, 4), (128, 64, 4, 8)]
+GEMV_CONFIGS = [(64, 128, 1, 4), (32, 128, 1, 4), (128, 128, 1, 8), (32, 256, 1, 4), (64, 128, 4, 4),
+                (128, 64, 2, 8)]
 # (BLOCK_M, BLOCK_N, BLOCK_K, SPLIT_K, num_warps, num_stages) per batch bucket
 MATMUL_CONFIGS = {
-    "small": [(16, 64, 128, 1, 4, 3), (16, 128, 64, 1, 4, 3), (16, 64, 128, 4, 4, 3), (16, 32, 128, 2, 4, 3),
-              (16, 128, 128, 1, 8, 3)],
-    "medium": [(32, 64, 128, 1, 4, 3), (64, 64, 64, 1, 4, 3), (32, 128, 64, 1, 4, 3), (64, 128, 64, 1, 8, 3)],
-    "large": [(64, 128, 64, 1, 4, 3), (128, 128, 64, 1, 8, 3), (128, 64, 64, 1, 4, 3), (128, 256, 64, 1, 8, 3)],
+    "small": [(16, 64, 128, 1, 4, 3), (16, 128, 64, 1, 4, 3), (16, 64, 128, 4, 4, 3), (16, 32, 128, 2, 4, 3)],
+    "medium": [(32, 64, 128, 1, 4, 3), (64, 64, 64, 1, 4, 3), (64, 128, 64, 1, 8, 3)],
+    "large": [(128, 128, 64, 1, 8, 3), (64, 128, 64, 1, 4, 3), (128, 256, 64, 1, 8, 3)],
 }
 _tuned: dict[tuple, tuple] = {}
 
 
 def interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET") == "1"
+
+
+def tuning() -> bool:
+    """BITALLOC_TRITON_TUNE=0 takes each kernel's first configuration (tests: fewer compilations)."""
+    return os.environ.get("BITALLOC_TRITON_TUNE", "1") != "0" and not interpreting()
 
 
 def available() -> str | None:
@@ -96,8 +100,8 @@ def quant_matmul(x: torch.Tensor, qweight, scales, zeros, bits: int, group_size:
     key = (kind, bits, group, zeros is not None, qweight.shape, _bucket(x.shape[0]), x.dtype)
     config = _tuned.get(key)
     if config is None:
-        config = configs[0] if interpreting() else _tune(kind, configs, x, qweight, scales, zeros, bits, group,
-                                                         in_features)
+        config = _tune(kind, configs, x, qweight, scales, zeros, bits, group, in_features) if tuning() \
+            else configs[0]
         _tuned[key] = config
     return _launch(kind, config, x, qweight, scales, zeros, bits, group, in_features)
 

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import triton
 import triton.language as tl
+from triton.language.extra import libdevice
 
 MAGIC = 0x4B000000  # bits of float32 2**23: OR-ing a small integer into the mantissa gives 2**23 + code
 MAGIC_FLOAT = 8388608.0
@@ -173,7 +174,7 @@ def quantize_rows(x_ptr, keep_ptr, q_ptr, scale_ptr, rowsum_ptr, K, stride_x, QM
         if HAS_KEEP:
             x = x * tl.load(keep_ptr + k, mask=k < K, other=0.0)
         ratio = (x / scale).to(x_ptr.dtype.element_ty).to(tl.float32)
-        q = tl.minimum(tl.maximum(tl.extra.cuda.libdevice.rint(ratio), -QMAX - 1.0), QMAX * 1.0).to(tl.int32)
+        q = tl.minimum(tl.maximum(libdevice.rint(ratio), -QMAX - 1.0), QMAX * 1.0).to(tl.int32)
         tl.store(q_ptr + row * K + k, q.to(tl.int8), mask=k < K)
         total += q
     tl.store(scale_ptr + row, scale)

@@ -1,0 +1,21 @@
+#!/usr/bin/env bash
+# Every GPU figure of docs/RESULTS.md (issue 8), in one go on the device machine:
+#   bash inference/run_gpu.sh OUT_DIR [check|full]
+# check: GPU tests, the 8192x8192 kernels, the Llama-2-7B decode.  full: every shape, layer and decode benchmark.
+set -uo pipefail
+out=${1:?output directory}; phase=${2:-full}
+mkdir -p "$out"
+export PYTHONUNBUFFERED=1 PYTHONPATH=$PWD
+if [ -f "$out/../triton_cache.tgz" ]; then mkdir -p ~/.triton && tar xzf "$out/../triton_cache.tgz" -C ~/.triton; fi
+python -c "import torch, triton, transformers; print(torch.__version__, triton.__version__, transformers.__version__, torch.cuda.get_device_name())"
+nvidia-smi --query-gpu=name,clocks.sm,clocks.mem,power.draw,temperature.gpu --format=csv
+if [ "$phase" = check ]; then
+  python -m pytest -q -p no:cacheprovider tests/test_kernels_gpu.py 2>&1 | tee "$out/pytest_gpu.txt"
+  python inference/kernels.py --models llama-2-70b --layers q/o_proj --out "$out/kernels_8192" 2>&1 | tail -45
+  python inference/decode.py --config llama-2-7b --mix mixed4 --out "$out/decode_llama2_7b" 2>&1 | tail -8
+else
+  python inference/kernels.py --out "$out/kernels_h100" 2>&1 | tail -5
+  python inference/layers.py --out "$out/layers_h100" 2>&1 | tail -30
+  python inference/decode.py --config llama-2-7b --mix mixed4 --out "$out/decode_llama2_7b" 2>&1 | tail -8
+fi
+tar czf "$out/triton_cache.tgz" -C ~/.triton cache 2>/dev/null
