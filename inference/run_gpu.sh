@@ -6,7 +6,8 @@ set -uo pipefail
 out=${1:?output directory}; phase=${2:-full}
 mkdir -p "$out"
 export PYTHONUNBUFFERED=1 PYTHONPATH=$PWD
-if [ -f "$out/../triton_cache.tgz" ]; then mkdir -p ~/.triton && tar xzf "$out/../triton_cache.tgz" -C ~/.triton; fi
+# compiled kernels of an earlier session, if carried along (saves compile time)
+if [ -f triton_cache.tgz ]; then mkdir -p ~/.triton && tar xzf triton_cache.tgz -C ~/.triton; fi
 python -c "import torch, triton, transformers; print(torch.__version__, triton.__version__, transformers.__version__, torch.cuda.get_device_name())"
 nvidia-smi --query-gpu=name,clocks.sm,clocks.mem,power.draw,temperature.gpu --format=csv
 if [ "$phase" = check ]; then
