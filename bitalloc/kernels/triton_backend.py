@@ -72,8 +72,10 @@ def _launch(kind: str, config: tuple, x, qweight, scales, zeros, bits: int, grou
     if kind == GEMV:
         block_n, block_k, split, warps = config
         grid = (triton_cdiv(n, block_n), split, m)
+        block_w = block_k * bits // 32
+        even = n % block_n == 0 and kw % (block_w * split) == 0 and in_features == kw * 32 // bits
         tk.gemv_words[grid](x, qweight, scales, zeros_arg, out, n, in_features, kw, ng, x.stride(0), out.stride(0),
-                            BLOCK_N=block_n, BLOCK_W=block_k * bits // 32, SPLIT_K=split, num_warps=warps, **common)
+                            BLOCK_N=block_n, BLOCK_W=block_w, SPLIT_K=split, EVEN=even, num_warps=warps, **common)
     else:
         block_m, block_n, block_k, split, warps, stages = config
         grid = (triton_cdiv(m, block_m) * triton_cdiv(n, block_n), split)

@@ -7,8 +7,8 @@ repacked, so the GPU holds exactly the bytes the cost model counts.
 - `gemv_words`: batch 1 (one program per block of rows and slice of K: split-K
   with float32 atomics).  For 2, 4 and 8 bits each word holds 32/bits whole
   codes, unpacked in registers as a [rows, words, codes-per-word] tile; a tile
-  lies inside one group, so the group's scale and zero are applied once per row
-  and tile: s * (sum q*x - z * sum x).
+  lies inside one group, so the group's scale and zero are loaded once per row
+  and tile; partial sums stay per code position and are reduced once at the end.
 - `matmul_codes`: every other case (3 bits at batch 1, and batches > 1): codes
   gathered per column from the word(s) holding them, dequantized to the
   activation dtype and multiplied on the tensor cores with `tl.dot`.
@@ -22,20 +22,15 @@ import triton
 import triton.language as tl
 from triton.language.extra import libdevice
 
-MAGIC = 0x4B000000  # bits of float32 2**23: OR-ing a small integer into the mantissa gives 2**23 + code
-MAGIC_FLOAT = 8388608.0
-
-
-@triton.jit
-def _code_floats(codes):
-    """uint32 codes (< 2**23) -> float32 values, exactly."""
-    return (codes | MAGIC).to(tl.float32, bitcast=True) - MAGIC_FLOAT
+MAGIC = tl.constexpr(0x4B000000)  # bits of float32 2**23: OR-ing a small integer into the mantissa gives 2**23 + code
+MAGIC_FLOAT = tl.constexpr(8388608.0)
 
 
 @triton.jit
 def gemv_words(x_ptr, qw_ptr, s_ptr, z_ptr, out_ptr, N, K, KW, NG, stride_xm, stride_om,
                BITS: tl.constexpr, GROUP: tl.constexpr, HAS_ZEROS: tl.constexpr, BLOCK_N: tl.constexpr,
-               BLOCK_W: tl.constexpr, SPLIT_K: tl.constexpr):
+               BLOCK_W: tl.constexpr, SPLIT_K: tl.constexpr, EVEN: tl.constexpr):
+    """EVEN: N, KW and K are multiples of the block sizes, so loads need no masks (and vectorize)."""
     PER_WORD: tl.constexpr = 32 // BITS
     BLOCK_K: tl.constexpr = BLOCK_W * PER_WORD
     MASK: tl.constexpr = (1 << BITS) - 1
@@ -51,38 +46,43 @@ def gemv_words(x_ptr, qw_ptr, s_ptr, z_ptr, out_ptr, N, K, KW, NG, stride_xm, st
     per_split = tl.cdiv(tiles, SPLIT_K)
     first = pid_k * per_split
     last = tl.minimum(first + per_split, tiles)
-    acc = tl.zeros([BLOCK_N], dtype=tl.float32)
+    # one partial sum per code position, reduced once at the end: the loop body is
+    # element-wise (shift, mask|exponent, subtract, multiply, fma), with no shuffles
+    acc = tl.zeros([BLOCK_N, BLOCK_W, PER_WORD], dtype=tl.float32)
     for tile in range(first, last):
         word = tile * BLOCK_W + w_in_tile
-        words = tl.load(qw_ptr + rows[:, None] * KW + word[None, :],
-                        mask=row_ok[:, None] & (word[None, :] < KW), other=0)
-        codes = (words.to(tl.uint32, bitcast=True)[:, :, None] >> shifts) & MASK
-        q = _code_floats(codes)
         k = word[:, None] * PER_WORD + code_in_word[None, :]
-        x = tl.load(x_ptr + m * stride_xm + k, mask=k < K, other=0.0).to(tl.float32)
-        if GROUP % BLOCK_K == 0:  # the tile lies in one group: scale and zero once per row
+        if EVEN:
+            words = tl.load(qw_ptr + rows[:, None] * KW + word[None, :])
+            x = tl.load(x_ptr + m * stride_xm + k).to(tl.float32)
+        else:
+            words = tl.load(qw_ptr + rows[:, None] * KW + word[None, :],
+                            mask=row_ok[:, None] & (word[None, :] < KW), other=0)
+            x = tl.load(x_ptr + m * stride_xm + k, mask=k < K, other=0.0).to(tl.float32)
+        codes = (words.to(tl.uint32, bitcast=True)[:, :, None] >> shifts) & MASK
+        if GROUP % BLOCK_K == 0:  # the tile lies in one group: one scale and zero per row
             group = (tile * BLOCK_K) // GROUP
-            s = tl.load(s_ptr + rows * NG + group, mask=row_ok, other=0.0).to(tl.float32)
+            s = tl.load(s_ptr + rows * NG + group, mask=row_ok | EVEN, other=0.0).to(tl.float32)[:, None, None]
             if HAS_ZEROS:
-                z = tl.load(z_ptr + rows * NG + group, mask=row_ok, other=0.0).to(tl.float32)
+                z = tl.load(z_ptr + rows * NG + group, mask=row_ok | EVEN, other=0.0).to(tl.float32)[:, None, None]
             else:
                 z = (1 << (BITS - 1)) * 1.0
-            dot = tl.sum(tl.sum(q * x[None, :, :], axis=2), axis=1)
-            acc += s * (dot - z * tl.sum(tl.sum(x, axis=1), axis=0))
         else:  # groups narrower than the tile (or not aligned to it): per-element group index
-            group = (k // GROUP)[None, :, :]
-            where = rows[:, None, None] * NG + group
+            where = rows[:, None, None] * NG + (k // GROUP)[None, :, :]
             ok = row_ok[:, None, None] & (k < K)[None, :, :]
             s = tl.load(s_ptr + where, mask=ok, other=0.0).to(tl.float32)
             if HAS_ZEROS:
                 z = tl.load(z_ptr + where, mask=ok, other=0.0).to(tl.float32)
             else:
                 z = (1 << (BITS - 1)) * 1.0
-            acc += tl.sum(tl.sum((q - z) * s * x[None, :, :], axis=2), axis=1)
+        # (2**23 + q) - (2**23 + z) = q - z exactly
+        q = (codes | MAGIC).to(tl.float32, bitcast=True) - (z + MAGIC_FLOAT)
+        acc += q * (s * x[None, :, :])
+    total = tl.sum(tl.sum(acc, axis=2), axis=1)
     if SPLIT_K == 1:
-        tl.store(out_ptr + m * stride_om + rows, acc.to(out_ptr.dtype.element_ty), mask=row_ok)
+        tl.store(out_ptr + m * stride_om + rows, total.to(out_ptr.dtype.element_ty), mask=row_ok)
     else:
-        tl.atomic_add(out_ptr + m * stride_om + rows, acc, mask=row_ok)
+        tl.atomic_add(out_ptr + m * stride_om + rows, total, mask=row_ok)
 
 
 @triton.jit
@@ -128,7 +128,7 @@ def matmul_codes(x_ptr, qw_ptr, s_ptr, z_ptr, out_ptr, M, N, K, KW, NG, stride_x
         k = tile * BLOCK_K + rk
         a = tl.load(x_ptr + rm[:, None] * stride_xm + k[None, :], mask=(rm[:, None] < M) & (k[None, :] < K),
                     other=0.0)
-        q = _code_floats(_gather_codes(row_base, k[:, None], KW, BITS))
+        codes = _gather_codes(row_base, k[:, None], KW, BITS)
         if GROUP % BLOCK_K == 0:
             where = rn_safe[None, :] * NG + (tile * BLOCK_K) // GROUP
         else:
@@ -138,7 +138,7 @@ def matmul_codes(x_ptr, qw_ptr, s_ptr, z_ptr, out_ptr, M, N, K, KW, NG, stride_x
             z = tl.load(z_ptr + where).to(tl.float32)
         else:
             z = (1 << (BITS - 1)) * 1.0
-        w = ((q - z) * s).to(a.dtype)
+        w = (((codes | MAGIC).to(tl.float32, bitcast=True) - (z + MAGIC_FLOAT)) * s).to(a.dtype)
         acc += tl.dot(a, w)
     out = out_ptr + rm[:, None] * stride_om + rn[None, :]
     ok = (rm[:, None] < M) & (rn[None, :] < N)
