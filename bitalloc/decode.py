@@ -21,7 +21,7 @@ class DecodeResult:
     new_tokens: int
     prefill_seconds: float
     step_seconds: list[float]
-    tokens: list[int]
+    tokens: list[int]  # every generated token: the prefill's, the warm-up steps' and the timed steps'
 
     @property
     def tokens_per_second(self) -> float:
@@ -93,12 +93,13 @@ def decode(model, prompt: torch.Tensor, new_tokens: int, warmup: int = 3, graphs
     step = _Step(model, cache, device)
     position = prompt.shape[1]
     token = logits.argmax(-1)
+    tokens, times = [int(token)], []
     for _ in range(warmup):  # tunes kernels and fills allocator pools before capture
         token = step(token, position).argmax(-1)
+        tokens.append(int(token))
         position += 1
     if graphs and device.type == "cuda":
         step.capture()
-    tokens, times = [], []
     for _ in range(new_tokens):
         _sync(device)
         start = time.perf_counter()

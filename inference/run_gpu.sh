@@ -13,10 +13,12 @@ nvidia-smi --query-gpu=name,clocks.sm,clocks.mem,power.draw,temperature.gpu --fo
 if [ "$phase" = check ]; then
   python -m pytest -q -p no:cacheprovider tests/test_kernels_gpu.py 2>&1 | tee "$out/pytest_gpu.txt"
   python inference/kernels.py --models llama-2-70b --layers q/o_proj --out "$out/kernels_8192" 2>&1 | tail -45
+  python inference/int8_layouts.py --out "$out/int8_layouts.txt" 2>&1 | tail -14
   python inference/decode.py --config llama-2-7b --mix mixed4 --out "$out/decode_llama2_7b" 2>&1 | tail -8
 else
   python inference/kernels.py --out "$out/kernels_h100" 2>&1 | tail -5
   python inference/layers.py --out "$out/layers_h100" 2>&1 | tail -30
+  python inference/int8_layouts.py --out "$out/int8_layouts.txt" 2>&1 | tail -14
   python inference/decode.py --config llama-2-7b --mix mixed4 --out "$out/decode_llama2_7b" 2>&1 | tail -8
 fi
 tar czf "$out/triton_cache.tgz" -C ~/.triton cache 2>/dev/null

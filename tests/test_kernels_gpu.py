@@ -57,7 +57,9 @@ def test_integer_backends_match_reference_on_cuda(backend, option):
     check(*layers(option, backend, outliers=3 if backend == "mixed-outlier" else 0), backend, 1e-2)
 
 
-def test_graph_decoding_gives_the_eager_tokens():
+def test_graph_decoding_follows_the_full_forward():
+    """Each token decoded by graph replay on the static cache is the full (uncached) forward's argmax,
+    up to float16 near-ties (cuBLAS may pick other algorithms inside a graph)."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
     from bitalloc.benchmarks import pack_in_place
@@ -70,6 +72,9 @@ def test_graph_decoding_gives_the_eager_tokens():
     model = LlamaForCausalLM(config).cuda().half().eval()
     pack_in_place(model, {n: parse("rtn:int4:g64:asym") for n in linear_layers(model)}, "triton", progress=False)
     prompt = torch.randint(0, 512, (1, 12), device="cuda")
-    eager = decode(model, prompt, 16, graphs=False).tokens
-    graphed = decode(model, prompt, 16, graphs=True).tokens
-    assert graphed == eager
+    tokens = decode(model, prompt, 16, graphs=True).tokens
+    sequence = torch.cat([prompt, torch.tensor([tokens], device="cuda")], dim=1)
+    with torch.no_grad():
+        logits = model(input_ids=sequence).logits[0, prompt.shape[1] - 1:-1].float()
+    chosen = logits.gather(1, torch.tensor(tokens, device="cuda")[:, None])[:, 0]
+    assert (logits.max(1).values - chosen).max() < 0.05 * logits.abs().max()

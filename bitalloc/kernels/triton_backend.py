@@ -24,9 +24,10 @@ BITS = (2, 3, 4, 8)
 ONE_GROUP = 1 << 30  # group size for per-channel scales: every column falls in group 0
 GEMV = "gemv"
 MATMUL = "matmul"
-# (BLOCK_N, BLOCK_K in codes, SPLIT_K, num_warps)
-GEMV_CONFIGS = [(64, 128, 1, 4), (32, 128, 1, 4), (128, 128, 1, 8), (32, 256, 1, 4), (64, 128, 4, 4),
-                (128, 64, 2, 8)]
+GEMV_ROWS = 4  # batches up to this size may run as one GEMV per row (the tuner decides)
+# (BLOCK_N, BLOCK_C chunks of 32 codes, SPLIT_K, num_warps)
+GEMV_CONFIGS = [(64, 4, 1, 4), (128, 4, 1, 4), (32, 8, 1, 4), (128, 2, 1, 4), (256, 2, 1, 8), (64, 4, 2, 4),
+                (64, 4, 4, 4), (128, 4, 2, 8)]
 # (BLOCK_M, BLOCK_N, BLOCK_K, SPLIT_K, num_warps, num_stages) per batch bucket
 MATMUL_CONFIGS = {
     "small": [(16, 64, 128, 1, 4, 3), (16, 128, 64, 1, 4, 3), (16, 64, 128, 4, 4, 3), (16, 32, 128, 2, 4, 3)],
@@ -70,12 +71,13 @@ def _launch(kind: str, config: tuple, x, qweight, scales, zeros, bits: int, grou
     zeros_arg = zeros if zeros is not None else scales
     common = dict(BITS=bits, GROUP=group, HAS_ZEROS=zeros is not None)
     if kind == GEMV:
-        block_n, block_k, split, warps = config
+        block_n, block_c, split, warps = config
+        chunks = kw // bits
+        xt = by_code_position(x, chunks)
+        even = n % block_n == 0 and chunks % (block_c * split) == 0
         grid = (triton_cdiv(n, block_n), split, m)
-        block_w = block_k * bits // 32
-        even = n % block_n == 0 and kw % (block_w * split) == 0 and in_features == kw * 32 // bits
-        tk.gemv_words[grid](x, qweight, scales, zeros_arg, out, n, in_features, kw, ng, x.stride(0), out.stride(0),
-                            BLOCK_N=block_n, BLOCK_W=block_w, SPLIT_K=split, EVEN=even, num_warps=warps, **common)
+        tk.gemv_chunks[grid](xt, qweight, scales, zeros_arg, out, n, chunks, kw, ng, out.stride(0), BLOCK_N=block_n,
+                             BLOCK_C=block_c, SPLIT_K=split, EVEN=even, num_warps=warps, **common)
     else:
         block_m, block_n, block_k, split, warps, stages = config
         grid = (triton_cdiv(m, block_m) * triton_cdiv(n, block_n), split)
@@ -85,40 +87,54 @@ def _launch(kind: str, config: tuple, x, qweight, scales, zeros, bits: int, grou
     return out.to(x.dtype) if split > 1 else out
 
 
+def by_code_position(x: torch.Tensor, chunks: int) -> torch.Tensor:
+    """x [M, K] -> [M, 32, chunks] with [m, j, c] = x[m, 32 c + j] (zero padded to 32 * chunks)."""
+    width = chunks * 32
+    if x.shape[1] != width:
+        x = torch.nn.functional.pad(x, (0, width - x.shape[1]))
+    return x.view(x.shape[0], chunks, 32).transpose(1, 2).contiguous()
+
+
 def triton_cdiv(a: int, b: int) -> int:
     return -(-a // b)
 
 
-def candidates(m: int, bits: int, group: int) -> tuple[str, list[tuple]]:
-    if m == 1 and 32 % bits == 0:
-        return GEMV, list(GEMV_CONFIGS)
-    return MATMUL, list(MATMUL_CONFIGS[_bucket(m)])
+def candidates(m: int, group: int) -> list[tuple[str, tuple]]:
+    """(kernel, launch parameters) worth trying for a batch of m rows."""
+    configs = []
+    if m <= GEMV_ROWS and group % 32 == 0:
+        configs += [(GEMV, c) for c in GEMV_CONFIGS]
+    if m > 1 or not configs:
+        configs += [(MATMUL, c) for c in MATMUL_CONFIGS[_bucket(m)]]
+    return configs
 
 
 def quant_matmul(x: torch.Tensor, qweight, scales, zeros, bits: int, group_size: int, in_features: int):
     """x [M, K] (contiguous) @ dequantized(qweight)^T -> [M, N] in x's dtype."""
     group = group_size if 0 < group_size < in_features else ONE_GROUP
-    kind, configs = candidates(x.shape[0], bits, group)
-    key = (kind, bits, group, zeros is not None, qweight.shape, _bucket(x.shape[0]), x.dtype)
-    config = _tuned.get(key)
-    if config is None:
-        config = _tune(kind, configs, x, qweight, scales, zeros, bits, group, in_features) if tuning() \
-            else configs[0]
-        _tuned[key] = config
-    return _launch(kind, config, x, qweight, scales, zeros, bits, group, in_features)
+    configs = candidates(x.shape[0], group)
+    key = (bits, group, zeros is not None, qweight.shape, x.shape[0] if x.shape[0] <= GEMV_ROWS else
+           _bucket(x.shape[0]), x.dtype)
+    choice = _tuned.get(key)
+    if choice is None:
+        choice = _tune(configs, x, qweight, scales, zeros, bits, group, in_features) if tuning() else configs[0]
+        _tuned[key] = choice
+    return _launch(*choice, x, qweight, scales, zeros, bits, group, in_features)
 
 
-def _tune(kind, configs, x, qweight, scales, zeros, bits, group, in_features) -> tuple:
+def _tune(configs, x, qweight, scales, zeros, bits, group, in_features) -> tuple:
     timings = {}
-    for config in configs:
+    for kind, config in configs:
         try:
-            timings[config] = time_cuda(lambda: _launch(kind, config, x, qweight, scales, zeros, bits, group,
-                                                        in_features), reps=10, warmup=2)
-        except Exception as err:  # a config the compiler rejects (resources): skip it
-            log.debug("triton config %s failed: %s", config, err)
+            timings[(kind, config)] = time_cuda(lambda: _launch(kind, config, x, qweight, scales, zeros, bits, group,
+                                                                in_features), reps=10, warmup=2)
+        except Exception as err:  # a configuration the compiler rejects (resources): skip it
+            log.warning("triton %s %s failed: %s", kind, config, str(err).splitlines()[0][:200])
+    if not timings:
+        raise RuntimeError(f"no Triton configuration compiled for bits={bits} group={group} {tuple(qweight.shape)}")
     best = min(timings, key=timings.get)
-    log.debug("tuned %s bits=%d group=%d %s x %s: %s (%.1f us)", kind, bits, group, tuple(x.shape),
-              tuple(qweight.shape), best, timings[best] * 1e6)
+    log.debug("tuned bits=%d group=%d %s x %s: %s (%.1f us)", bits, group, tuple(x.shape), tuple(qweight.shape),
+              best, timings[best] * 1e6)
     return best
 
 

@@ -4,14 +4,15 @@ The weight stays as stored (`layout.py`): codes as a little-endian bit stream of
 int32 words along each row, float16 scales and zeros per group.  Nothing is
 repacked, so the GPU holds exactly the bytes the cost model counts.
 
-- `gemv_words`: batch 1 (one program per block of rows and slice of K: split-K
-  with float32 atomics).  For 2, 4 and 8 bits each word holds 32/bits whole
-  codes, unpacked in registers as a [rows, words, codes-per-word] tile; a tile
-  lies inside one group, so the group's scale and zero are loaded once per row
-  and tile; partial sums stay per code position and are reduced once at the end.
-- `matmul_codes`: every other case (3 bits at batch 1, and batches > 1): codes
-  gathered per column from the word(s) holding them, dequantized to the
-  activation dtype and multiplied on the tensor cores with `tl.dot`.
+- `gemv_chunks`: a few rows of activations (one program per block of rows and
+  slice of K: split-K with float32 atomics).  Rows are cut in chunks of 32
+  codes (`bits` words); each code position of a chunk is a compile-time word
+  and shift, so unpacking is a constant shift and mask, and the activations
+  come pre-arranged by code position (a [32, chunks] copy of x) so that one
+  small load serves every row a thread holds.
+- `matmul_codes`: larger batches (and group sizes that are not multiples of
+  32): codes gathered from the word(s) holding them along K, dequantized to
+  the activation dtype and multiplied on the tensor cores with `tl.dot`.
 
 Codes become floats with the exponent trick (code | 0x4B000000 is the float
 2**23 + code), which costs two integer ops instead of a slow int->float convert.
@@ -27,58 +28,89 @@ MAGIC_FLOAT = tl.constexpr(8388608.0)
 
 
 @triton.jit
-def gemv_words(x_ptr, qw_ptr, s_ptr, z_ptr, out_ptr, N, K, KW, NG, stride_xm, stride_om,
-               BITS: tl.constexpr, GROUP: tl.constexpr, HAS_ZEROS: tl.constexpr, BLOCK_N: tl.constexpr,
-               BLOCK_W: tl.constexpr, SPLIT_K: tl.constexpr, EVEN: tl.constexpr):
-    """EVEN: N, KW and K are multiples of the block sizes, so loads need no masks (and vectorize)."""
+def _add_code(part, code, zb, xt_ptr, J: tl.constexpr, C, chunk, chunk_ok, EVEN: tl.constexpr):
+    """part += (q - z) * x for code position J of every chunk: (2**23 + q) - (2**23 + z) is exact."""
+    if EVEN:
+        x = tl.load(xt_ptr + J * C + chunk)
+    else:
+        x = tl.load(xt_ptr + J * C + chunk, mask=chunk_ok, other=0.0)
+    q = (code | MAGIC).to(tl.float32, bitcast=True) - zb
+    return part + q * x.to(tl.float32)[None, :]
+
+
+@triton.jit
+def _load_word(base, i: tl.constexpr, ok, EVEN: tl.constexpr):
+    if EVEN:
+        return tl.load(base + i).to(tl.uint32, bitcast=True)
+    return tl.load(base + i, mask=ok, other=0).to(tl.uint32, bitcast=True)
+
+
+@triton.jit
+def gemv_chunks(xt_ptr, qw_ptr, s_ptr, z_ptr, out_ptr, N, C, KW, NG, stride_om,
+                BITS: tl.constexpr, GROUP: tl.constexpr, HAS_ZEROS: tl.constexpr, BLOCK_N: tl.constexpr,
+                BLOCK_C: tl.constexpr, SPLIT_K: tl.constexpr, EVEN: tl.constexpr):
+    """One row of activations against [rows, chunks of 32 codes]; xt[j, c] = x[32 c + j] (zero padded).
+
+    Every code position j of a chunk is a compile-time (word, shift) pair, so
+    unpacking is a constant shift and mask, and x for position j of the tile's
+    chunks is one small load shared by all the rows a thread holds.  GROUP is a
+    multiple of 32 (a chunk lies in one group).  EVEN: no masks needed.
+    """
     PER_WORD: tl.constexpr = 32 // BITS
-    BLOCK_K: tl.constexpr = BLOCK_W * PER_WORD
     MASK: tl.constexpr = (1 << BITS) - 1
     pid_n = tl.program_id(0)
     pid_k = tl.program_id(1)
     m = tl.program_id(2)
+    xt_ptr += m * 32 * C
     rows = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     row_ok = rows < N
-    w_in_tile = tl.arange(0, BLOCK_W)
-    code_in_word = tl.arange(0, PER_WORD)
-    shifts = (code_in_word * BITS).to(tl.uint32)[None, None, :]
-    tiles = tl.cdiv(KW, BLOCK_W)
+    tiles = tl.cdiv(C, BLOCK_C)
     per_split = tl.cdiv(tiles, SPLIT_K)
     first = pid_k * per_split
     last = tl.minimum(first + per_split, tiles)
-    # one partial sum per code position, reduced once at the end: the loop body is
-    # element-wise (shift, mask|exponent, subtract, multiply, fma), with no shuffles
-    acc = tl.zeros([BLOCK_N, BLOCK_W, PER_WORD], dtype=tl.float32)
+    acc = tl.zeros([BLOCK_N, BLOCK_C], dtype=tl.float32)
     for tile in range(first, last):
-        word = tile * BLOCK_W + w_in_tile
-        k = word[:, None] * PER_WORD + code_in_word[None, :]
+        chunk = tile * BLOCK_C + tl.arange(0, BLOCK_C)
+        chunk_ok = chunk < C
+        ok = row_ok[:, None] & chunk_ok[None, :]
+        base = qw_ptr + rows[:, None] * KW + (chunk * BITS)[None, :]
+        where = rows[:, None] * NG + ((chunk * 32) // GROUP)[None, :]
         if EVEN:
-            words = tl.load(qw_ptr + rows[:, None] * KW + word[None, :])
-            x = tl.load(x_ptr + m * stride_xm + k).to(tl.float32)
+            s = tl.load(s_ptr + where).to(tl.float32)
         else:
-            words = tl.load(qw_ptr + rows[:, None] * KW + word[None, :],
-                            mask=row_ok[:, None] & (word[None, :] < KW), other=0)
-            x = tl.load(x_ptr + m * stride_xm + k, mask=k < K, other=0.0).to(tl.float32)
-        codes = (words.to(tl.uint32, bitcast=True)[:, :, None] >> shifts) & MASK
-        if GROUP % BLOCK_K == 0:  # the tile lies in one group: one scale and zero per row
-            group = (tile * BLOCK_K) // GROUP
-            s = tl.load(s_ptr + rows * NG + group, mask=row_ok | EVEN, other=0.0).to(tl.float32)[:, None, None]
-            if HAS_ZEROS:
-                z = tl.load(z_ptr + rows * NG + group, mask=row_ok | EVEN, other=0.0).to(tl.float32)[:, None, None]
-            else:
-                z = (1 << (BITS - 1)) * 1.0
-        else:  # groups narrower than the tile (or not aligned to it): per-element group index
-            where = rows[:, None, None] * NG + (k // GROUP)[None, :, :]
-            ok = row_ok[:, None, None] & (k < K)[None, :, :]
             s = tl.load(s_ptr + where, mask=ok, other=0.0).to(tl.float32)
-            if HAS_ZEROS:
-                z = tl.load(z_ptr + where, mask=ok, other=0.0).to(tl.float32)
+        if HAS_ZEROS:
+            if EVEN:
+                zb = tl.load(z_ptr + where).to(tl.float32) + MAGIC_FLOAT
             else:
-                z = (1 << (BITS - 1)) * 1.0
-        # (2**23 + q) - (2**23 + z) = q - z exactly
-        q = (codes | MAGIC).to(tl.float32, bitcast=True) - (z + MAGIC_FLOAT)
-        acc += q * (s * x[None, :, :])
-    total = tl.sum(tl.sum(acc, axis=2), axis=1)
+                zb = tl.load(z_ptr + where, mask=ok, other=0.0).to(tl.float32) + MAGIC_FLOAT
+        else:
+            zb = (1 << (BITS - 1)) * 1.0 + MAGIC_FLOAT
+        part = tl.zeros([BLOCK_N, BLOCK_C], dtype=tl.float32)
+        if BITS == 3:  # 32 codes in 3 words; codes 10 and 21 straddle two words
+            w0 = _load_word(base, 0, ok, EVEN)
+            w1 = _load_word(base, 1, ok, EVEN)
+            w2 = _load_word(base, 2, ok, EVEN)
+            for j in tl.static_range(32):
+                if j < 10:
+                    code = (w0 >> (3 * j)) & 7
+                elif j == 10:
+                    code = ((w0 >> 30) | (w1 << 2)) & 7
+                elif j < 21:
+                    code = (w1 >> (3 * j - 32)) & 7
+                elif j == 21:
+                    code = ((w1 >> 31) | (w2 << 1)) & 7
+                else:
+                    code = (w2 >> (3 * j - 64)) & 7
+                part = _add_code(part, code, zb, xt_ptr, j, C, chunk, chunk_ok, EVEN)
+        else:
+            for i in tl.static_range(BITS):
+                word = _load_word(base, i, ok, EVEN)
+                for p in tl.static_range(PER_WORD):
+                    part = _add_code(part, (word >> (p * BITS)) & MASK, zb, xt_ptr, i * PER_WORD + p, C, chunk,
+                                     chunk_ok, EVEN)
+        acc += s * part
+    total = tl.sum(acc, axis=1)
     if SPLIT_K == 1:
         tl.store(out_ptr + m * stride_om + rows, total.to(out_ptr.dtype.element_ty), mask=row_ok)
     else:
@@ -118,7 +150,7 @@ def matmul_codes(x_ptr, qw_ptr, s_ptr, z_ptr, out_ptr, M, N, K, KW, NG, stride_x
     rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     rk = tl.arange(0, BLOCK_K)
     rn_safe = tl.where(rn < N, rn, 0)
-    row_base = qw_ptr + rn_safe[None, :] * KW
+    row_base = qw_ptr + rn_safe[:, None] * KW
     tiles = tl.cdiv(K, BLOCK_K)
     per_split = tl.cdiv(tiles, SPLIT_K)
     first = pid_k * per_split
@@ -128,18 +160,18 @@ def matmul_codes(x_ptr, qw_ptr, s_ptr, z_ptr, out_ptr, M, N, K, KW, NG, stride_x
         k = tile * BLOCK_K + rk
         a = tl.load(x_ptr + rm[:, None] * stride_xm + k[None, :], mask=(rm[:, None] < M) & (k[None, :] < K),
                     other=0.0)
-        codes = _gather_codes(row_base, k[:, None], KW, BITS)
+        codes = _gather_codes(row_base, k[None, :], KW, BITS)  # [BLOCK_N, BLOCK_K], K contiguous
         if GROUP % BLOCK_K == 0:
-            where = rn_safe[None, :] * NG + (tile * BLOCK_K) // GROUP
+            where = rn_safe[:, None] * NG + (tile * BLOCK_K) // GROUP
         else:
-            where = rn_safe[None, :] * NG + tl.minimum(k // GROUP, NG - 1)[:, None]
+            where = rn_safe[:, None] * NG + tl.minimum(k // GROUP, NG - 1)[None, :]
         s = tl.load(s_ptr + where).to(tl.float32)
         if HAS_ZEROS:
             z = tl.load(z_ptr + where).to(tl.float32)
         else:
             z = (1 << (BITS - 1)) * 1.0
         w = (((codes | MAGIC).to(tl.float32, bitcast=True) - (z + MAGIC_FLOAT)) * s).to(a.dtype)
-        acc += tl.dot(a, w)
+        acc += tl.dot(a, tl.trans(w))
     out = out_ptr + rm[:, None] * stride_om + rn[None, :]
     ok = (rm[:, None] < M) & (rn[None, :] < N)
     if SPLIT_K == 1:
