@@ -15,6 +15,7 @@ if [ "$phase" = check ]; then
   python inference/kernels.py --models llama-2-70b --layers q/o_proj --out "$out/kernels_8192" 2>&1 | tail -45
   python inference/int8_layouts.py --out "$out/int8_layouts.txt" 2>&1 | tail -14
   python inference/decode.py --config llama-2-7b --mix mixed4 --out "$out/decode_llama2_7b" 2>&1 | tail -8
+  rm -f "$out"/*.png "$out"/*_latency.csv "$out"/*_plan.json "$out"/*.csv  # at most 8 files come back
 else
   python inference/kernels.py --out "$out/kernels_h100" 2>&1 | tail -5
   python inference/layers.py --out "$out/layers_h100" 2>&1 | tail -30
