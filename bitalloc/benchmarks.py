@@ -1,10 +1,11 @@
 """Kernel and layer benchmarks: packed layers against the dense baseline, with roofline figures.
 
 A row is one (device, backend, option, layer shape, batch) timing.  On CUDA the
-baseline is the float16 layer (cuBLAS); on the CPU it is float32.  Each GPU call
-starts with a cold L2 cache (`kernels/timing.py`); each CPU call reads a
-different copy of the weights, enough copies that they do not fit the last-level
-cache, since in a model every layer's weights are read once per token.
+baseline is the float16 layer (cuBLAS); on the CPU it is float32.  Every call
+reads a different copy of the weights, enough copies that they do not fit the
+last-level cache (L2 on the GPU), since in a model every layer's weights are
+read once per token.  On CUDA the calls are replayed from one CUDA graph, so
+launch overhead stays out, as in graph-captured decoding.
 
 Achieved bandwidth counts the bytes the layer must read at least once: the
 stored weight tensors (codes, scales, zeros; `layout.py`) plus activations in
@@ -24,7 +25,7 @@ from tqdm.auto import tqdm
 
 from . import atomic
 from .kernels.quant_linear import QuantLinear
-from .kernels.timing import time_cpu, time_cuda
+from .kernels.timing import time_cpu, time_cuda, time_cuda_graph
 from .quant import parse, quantize
 
 log = logging.getLogger(__name__)
@@ -87,8 +88,8 @@ def weight_bytes(layer: nn.Module) -> int:
     return layer.weight.numel() * layer.weight.element_size()
 
 
-def copies_beyond_cache(layer: nn.Module, cache_bytes: int = CPU_CACHE_BYTES) -> list[nn.Module]:
-    """Enough copies of a CPU layer that cycling through them reads from memory, not cache."""
+def copies_beyond_cache(layer: nn.Module, cache_bytes: int) -> list[nn.Module]:
+    """Enough copies of a layer that cycling through them reads from memory, not cache."""
     count = max(2, math.ceil(4 * cache_bytes / weight_bytes(layer)))
     layers = [layer]
     for _ in range(count - 1):
@@ -106,8 +107,11 @@ def time_layer(layer: nn.Module, batch: int, device) -> float:
     in_features = layer.in_features
     x = torch.randn(batch, in_features, device=device, dtype=dtype)
     if device.type == "cuda":
-        return time_cuda(lambda: layer(x))
-    layers = copies_beyond_cache(layer)
+        layers = copies_beyond_cache(layer, torch.cuda.get_device_properties(device).L2_cache_size)
+        seconds = time_cuda_graph([lambda layer=layer: layer(x) for layer in layers])
+        del layers
+        return seconds
+    layers = copies_beyond_cache(layer, CPU_CACHE_BYTES)
     turn = iter(range(1 << 62))
     return time_cpu(lambda: layers[next(turn) % len(layers)](x), reps=max(20, 2 * len(layers)))
 

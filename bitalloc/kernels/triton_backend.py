@@ -1,7 +1,9 @@
 """`triton`: weight-only integer layers (2, 3, 4, 8 bits; A16) through this repo's Triton kernels.
 
-The kernels read the stored tensors in place (`triton_kernels.py`).  Launch
-parameters are tuned per (kernel, bits, group, shape, batch bucket) the first
+The kernels read the stored tensors in place (`triton_kernels.py`).  Batches
+of up to GEMV_ROWS rows run the GEMV; larger ones dequantize into a temporary
+float16 weight and call cuBLAS (the tuner also tries that for small batches).
+Launch parameters are tuned per (kernel, bits, group, shape, batch bucket) the first
 time a shape is seen, by timing every candidate with a cold L2 cache, split-K's
 zeroing and cast included, and kept for the process.  Outlier columns (fp16)
 are added by a small dense correction: x[:, idx] @ (W_outlier - W_codes[:, idx])^T.
@@ -23,17 +25,13 @@ log = logging.getLogger(__name__)
 BITS = (2, 3, 4, 8)
 ONE_GROUP = 1 << 30  # group size for per-channel scales: every column falls in group 0
 GEMV = "gemv"
-MATMUL = "matmul"
+DEQUANT = "dequantize+cublas"
 GEMV_ROWS = 4  # batches up to this size may run as one GEMV per row (the tuner decides)
-# (BLOCK_N, BLOCK_C chunks of 32 codes, SPLIT_K, num_warps)
-GEMV_CONFIGS = [(64, 4, 1, 4), (128, 4, 1, 4), (32, 8, 1, 4), (128, 2, 1, 4), (256, 2, 1, 8), (64, 4, 2, 4),
-                (64, 4, 4, 4), (128, 4, 2, 8)]
-# (BLOCK_M, BLOCK_N, BLOCK_K, SPLIT_K, num_warps, num_stages) per batch bucket
-MATMUL_CONFIGS = {
-    "small": [(16, 64, 128, 1, 4, 3), (16, 128, 64, 1, 4, 3), (16, 64, 128, 4, 4, 3), (16, 32, 128, 2, 4, 3)],
-    "medium": [(32, 64, 128, 1, 4, 3), (64, 64, 64, 1, 4, 3), (64, 128, 64, 1, 8, 3)],
-    "large": [(128, 128, 64, 1, 8, 3), (64, 128, 64, 1, 4, 3), (128, 256, 64, 1, 8, 3)],
-}
+# (BLOCK_N, BLOCK_C chunks of 32 codes, SPLIT_K, num_warps): many programs with short K loops,
+# since each program's loop is bound by memory latency
+GEMV_CONFIGS = [(32, 8, 8, 4), (32, 16, 4, 4), (16, 16, 8, 4), (64, 8, 4, 4), (32, 8, 16, 4), (16, 8, 16, 2),
+                (64, 16, 2, 8), (128, 4, 1, 4)]
+DEQUANT_TILE = (32, 256)  # (BLOCK_N, BLOCK_K) of the dequantization pass
 _tuned: dict[tuple, tuple] = {}
 
 
@@ -57,33 +55,28 @@ def available() -> str | None:
     return None
 
 
-def _bucket(m: int) -> str:
-    return "small" if m <= 16 else "medium" if m <= 64 else "large"
-
-
 def _launch(kind: str, config: tuple, x, qweight, scales, zeros, bits: int, group: int, in_features: int):
     from . import triton_kernels as tk
 
     m, n, kw, ng = x.shape[0], qweight.shape[0], qweight.shape[1], scales.shape[1]
-    split = config[2] if kind == GEMV else config[3]
-    out = torch.zeros(m, n, device=x.device, dtype=torch.float32) if split > 1 else \
-        torch.empty(m, n, device=x.device, dtype=x.dtype)
     zeros_arg = zeros if zeros is not None else scales
     common = dict(BITS=bits, GROUP=group, HAS_ZEROS=zeros is not None)
-    if kind == GEMV:
-        block_n, block_c, split, warps = config
-        chunks = kw // bits
-        xt = by_code_position(x, chunks)
-        even = n % block_n == 0 and chunks % (block_c * split) == 0
-        grid = (triton_cdiv(n, block_n), split, m)
-        tk.gemv_chunks[grid](xt, qweight, scales, zeros_arg, out, n, chunks, kw, ng, out.stride(0), BLOCK_N=block_n,
-                             BLOCK_C=block_c, SPLIT_K=split, EVEN=even, num_warps=warps, **common)
-    else:
-        block_m, block_n, block_k, split, warps, stages = config
-        grid = (triton_cdiv(m, block_m) * triton_cdiv(n, block_n), split)
-        tk.matmul_codes[grid](x, qweight, scales, zeros_arg, out, m, n, in_features, kw, ng, x.stride(0),
-                              out.stride(0), BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, SPLIT_K=split,
-                              GROUP_M=8, num_warps=warps, num_stages=stages, **common)
+    if kind == DEQUANT:
+        block_n, block_k = config
+        weight = torch.empty(n, in_features, device=x.device, dtype=x.dtype)
+        grid = (triton_cdiv(n, block_n), triton_cdiv(in_features, block_k))
+        tk.dequantize_codes[grid](qweight, scales, zeros_arg, weight, n, in_features, kw, ng, BLOCK_N=block_n,
+                                  BLOCK_K=block_k, num_warps=4, **common)
+        return x @ weight.T
+    block_n, block_c, split, warps = config
+    out = torch.zeros(m, n, device=x.device, dtype=torch.float32) if split > 1 else \
+        torch.empty(m, n, device=x.device, dtype=x.dtype)
+    chunks = kw // bits
+    xt = by_code_position(x, chunks)
+    even = n % block_n == 0 and chunks % (block_c * split) == 0
+    grid = (triton_cdiv(n, block_n), split, m)
+    tk.gemv_chunks[grid](xt, qweight, scales, zeros_arg, out, n, chunks, kw, ng, out.stride(0), BLOCK_N=block_n,
+                         BLOCK_C=block_c, SPLIT_K=split, EVEN=even, num_warps=warps, **common)
     return out.to(x.dtype) if split > 1 else out
 
 
@@ -104,17 +97,14 @@ def candidates(m: int, group: int) -> list[tuple[str, tuple]]:
     configs = []
     if m <= GEMV_ROWS and group % 32 == 0:
         configs += [(GEMV, c) for c in GEMV_CONFIGS]
-    if m > 1 or not configs:
-        configs += [(MATMUL, c) for c in MATMUL_CONFIGS[_bucket(m)]]
-    return configs
+    return configs + [(DEQUANT, DEQUANT_TILE)]
 
 
 def quant_matmul(x: torch.Tensor, qweight, scales, zeros, bits: int, group_size: int, in_features: int):
     """x [M, K] (contiguous) @ dequantized(qweight)^T -> [M, N] in x's dtype."""
     group = group_size if 0 < group_size < in_features else ONE_GROUP
     configs = candidates(x.shape[0], group)
-    key = (bits, group, zeros is not None, qweight.shape, x.shape[0] if x.shape[0] <= GEMV_ROWS else
-           _bucket(x.shape[0]), x.dtype)
+    key = (bits, group, zeros is not None, qweight.shape, min(x.shape[0], GEMV_ROWS + 1), x.dtype)
     choice = _tuned.get(key)
     if choice is None:
         choice = _tune(configs, x, qweight, scales, zeros, bits, group, in_features) if tuning() else configs[0]

@@ -10,9 +10,12 @@ repacked, so the GPU holds exactly the bytes the cost model counts.
   and shift, so unpacking is a constant shift and mask, and the activations
   come pre-arranged by code position (a [32, chunks] copy of x) so that one
   small load serves every row a thread holds.
-- `matmul_codes`: larger batches (and group sizes that are not multiples of
-  32): codes gathered from the word(s) holding them along K, dequantized to
-  the activation dtype and multiplied on the tensor cores with `tl.dot`.
+- `dequantize_codes`: larger batches (and group sizes that are not multiples
+  of 32): the weight is dequantized to the activation dtype by one fully
+  parallel pass (codes gathered from the word(s) holding them) into a
+  temporary, which cuBLAS multiplies.  A fused dequantize-and-dot kernel
+  (tl.dot over gathered codes) was measured slower on the H100: its K loop
+  was latency-bound with one program per SM.
 
 Codes become floats with the exponent trick (code | 0x4B000000 is the float
 2**23 + code), which costs two integer ops instead of a slow int->float convert.
@@ -118,66 +121,36 @@ def gemv_chunks(xt_ptr, qw_ptr, s_ptr, z_ptr, out_ptr, N, C, KW, NG, stride_om,
 
 
 @triton.jit
-def _gather_codes(row_base, k, KW, BITS: tl.constexpr):
+def _gather_codes(row_base, k, KW, ok, BITS: tl.constexpr):
     """Codes at columns `k` of rows starting at word pointers `row_base` (broadcast together)."""
     MASK: tl.constexpr = (1 << BITS) - 1
     bit = k * BITS
     word = bit >> 5
     offset = (bit & 31).to(tl.uint32)
-    lo = tl.load(row_base + word).to(tl.uint32, bitcast=True)
+    lo = tl.load(row_base + word, mask=ok, other=0).to(tl.uint32, bitcast=True)
     codes = lo >> offset
     if 32 % BITS != 0:  # a code may straddle two words
-        hi = tl.load(row_base + word + 1, mask=word + 1 < KW, other=0).to(tl.uint32, bitcast=True)
+        hi = tl.load(row_base + word + 1, mask=ok & (word + 1 < KW), other=0).to(tl.uint32, bitcast=True)
         codes = codes | ((hi << 1) << (31 - offset))
     return codes & MASK
 
 
 @triton.jit
-def matmul_codes(x_ptr, qw_ptr, s_ptr, z_ptr, out_ptr, M, N, K, KW, NG, stride_xm, stride_om,
-                 BITS: tl.constexpr, GROUP: tl.constexpr, HAS_ZEROS: tl.constexpr, BLOCK_M: tl.constexpr,
-                 BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SPLIT_K: tl.constexpr, GROUP_M: tl.constexpr):
-    pid = tl.program_id(0)
-    pid_k = tl.program_id(1)
-    grid_m = tl.cdiv(M, BLOCK_M)
-    grid_n = tl.cdiv(N, BLOCK_N)
-    # row-block swizzle: neighbouring programs share weight tiles in L2
-    width = GROUP_M * grid_n
-    first_m = (pid // width) * GROUP_M
-    size_m = tl.minimum(grid_m - first_m, GROUP_M)
-    pid_m = first_m + (pid % width) % size_m
-    pid_n = (pid % width) // size_m
-    rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    rk = tl.arange(0, BLOCK_K)
-    rn_safe = tl.where(rn < N, rn, 0)
-    row_base = qw_ptr + rn_safe[:, None] * KW
-    tiles = tl.cdiv(K, BLOCK_K)
-    per_split = tl.cdiv(tiles, SPLIT_K)
-    first = pid_k * per_split
-    last = tl.minimum(first + per_split, tiles)
-    acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
-    for tile in range(first, last):
-        k = tile * BLOCK_K + rk
-        a = tl.load(x_ptr + rm[:, None] * stride_xm + k[None, :], mask=(rm[:, None] < M) & (k[None, :] < K),
-                    other=0.0)
-        codes = _gather_codes(row_base, k[None, :], KW, BITS)  # [BLOCK_N, BLOCK_K], K contiguous
-        if GROUP % BLOCK_K == 0:
-            where = rn_safe[:, None] * NG + (tile * BLOCK_K) // GROUP
-        else:
-            where = rn_safe[:, None] * NG + tl.minimum(k // GROUP, NG - 1)[None, :]
-        s = tl.load(s_ptr + where).to(tl.float32)
-        if HAS_ZEROS:
-            z = tl.load(z_ptr + where).to(tl.float32)
-        else:
-            z = (1 << (BITS - 1)) * 1.0
-        w = (((codes | MAGIC).to(tl.float32, bitcast=True) - (z + MAGIC_FLOAT)) * s).to(a.dtype)
-        acc += tl.dot(a, tl.trans(w))
-    out = out_ptr + rm[:, None] * stride_om + rn[None, :]
-    ok = (rm[:, None] < M) & (rn[None, :] < N)
-    if SPLIT_K == 1:
-        tl.store(out, acc.to(out_ptr.dtype.element_ty), mask=ok)
+def dequantize_codes(qw_ptr, s_ptr, z_ptr, w_ptr, N, K, KW, NG, BITS: tl.constexpr, GROUP: tl.constexpr,
+                     HAS_ZEROS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    """w[n, k] = (q - z) * s in w's dtype: one [BLOCK_N, BLOCK_K] tile per program, no loop."""
+    rn = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    k = tl.program_id(1) * BLOCK_K + tl.arange(0, BLOCK_K)
+    ok = (rn[:, None] < N) & (k[None, :] < K)
+    codes = _gather_codes(qw_ptr + rn[:, None] * KW, k[None, :], KW, ok, BITS)
+    where = rn[:, None] * NG + tl.minimum(k // GROUP, NG - 1)[None, :]
+    s = tl.load(s_ptr + where, mask=ok, other=0.0).to(tl.float32)
+    if HAS_ZEROS:
+        z = tl.load(z_ptr + where, mask=ok, other=0.0).to(tl.float32)
     else:
-        tl.atomic_add(out, acc, mask=ok)
+        z = (1 << (BITS - 1)) * 1.0
+    w = ((codes | MAGIC).to(tl.float32, bitcast=True) - (z + MAGIC_FLOAT)) * s
+    tl.store(w_ptr + rn[:, None] * K + k[None, :], w.to(w_ptr.dtype.element_ty), mask=ok)
 
 
 @triton.jit
