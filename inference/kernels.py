@@ -60,13 +60,17 @@ def main(argv=None):
         note = (f"roofline: {bandwidth / 1e12:.2f} TB/s ({'spec' if spec else 'measured copy'}); "
                 f"measured device copy {copy_bw / 1e12:.2f} TB/s")
     logging.info(note)
-    rows = kernel_rows(device, backends, shapes, [int(b) for b in args.batches.split(",")], bandwidth)
     out.parent.mkdir(parents=True, exist_ok=True)
-    write_csv(rows, out.with_suffix(".csv"))
-    write_latency_table(rows, out.parent / f"{out.name}_latency.csv")
-    text = f"{rows[0]['device']}, torch {torch.__version__}; {note}\n" + summary(rows)
-    atomic.write_text(out.with_suffix(".txt"), text)
-    plot_speedups(rows, out.with_suffix(".png"), f"{rows[0]['device']}: speed-up over the dense layer")
+    rows = []
+    for model, layers in shapes.items():  # outputs rewritten after every shape: a cut-off run keeps its rows
+        for name, shape in layers.items():
+            rows += kernel_rows(device, backends, {model: {name: shape}}, [int(b) for b in args.batches.split(",")],
+                                bandwidth, progress=False)
+            write_csv(rows, out.with_suffix(".csv"))
+            write_latency_table(rows, out.parent / f"{out.name}_latency.csv")
+            text = f"{rows[0]['device']}, torch {torch.__version__}; {note}\n" + summary(rows)
+            atomic.write_text(out.with_suffix(".txt"), text)
+            plot_speedups(rows, out.with_suffix(".png"), f"{rows[0]['device']}: speed-up over the dense layer")
     print(text)
     return 0
 
