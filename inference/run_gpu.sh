@@ -18,7 +18,7 @@ if [ "$phase" = check ]; then
   rm -f "$out"/*.png "$out"/*_latency.csv "$out"/*_plan.json "$out"/*.csv  # at most 8 files come back
 else
   timeout 90 python -m pytest -q -p no:cacheprovider tests/test_kernels_gpu.py 2>&1 | tee "$out/pytest_gpu.txt" | tail -3
-  timeout 170 python inference/kernels.py --layers "q/k/v/o_proj,gate/up_proj,down_proj,q/o_proj" \
+  timeout 150 python inference/kernels.py --layers "q/k/v/o_proj,gate/up_proj,down_proj,q/o_proj" \
     --batches 1,4,16,64,256 --out "$out/kernels_h100" 2>&1 | grep -E "roofline| 1 |256 " | grep -v down_proj.*28672
   timeout 80 python inference/decode.py --config llama-2-7b --mix mixed4 --out "$out/decode_llama2_7b" 2>&1 | tail -4
   timeout 50 python inference/layers.py --mixes mixed4,int4,w8a8 --out "$out/layers_h100" 2>&1 | tail -14
