@@ -88,9 +88,13 @@ def weight_bytes(layer: nn.Module) -> int:
     return layer.weight.numel() * layer.weight.element_size()
 
 
+MAX_COPIES = 64
+
+
 def copies_beyond_cache(layer: nn.Module, cache_bytes: int) -> list[nn.Module]:
-    """Enough copies of a layer that cycling through them reads from memory, not cache."""
-    count = max(2, math.ceil(4 * cache_bytes / weight_bytes(layer)))
+    """Enough copies of a layer that cycling through them reads from memory, not cache
+    (at most MAX_COPIES: layers under cache_bytes / 16 are timed partly from cache)."""
+    count = min(MAX_COPIES, max(2, math.ceil(4 * cache_bytes / weight_bytes(layer))))
     layers = [layer]
     for _ in range(count - 1):
         twin = copy.deepcopy(layer)
