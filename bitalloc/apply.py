@@ -1,21 +1,29 @@
-"""python -m bitalloc.apply --plan plan.json: quantize a model as a plan says, pack it, evaluate it.
+"""python -m bitalloc.apply --plan plan.json: quantize a model as a plan says, pack it, evaluate it, save it.
 
 The plan is validated before the model is loaded; layers, tie groups, budget and
 model fingerprint are checked against the model before any work.  Evaluation
 defaults to the protocol the plan's search used, so the PPL printed here
-reproduces the one search printed.
+reproduces the one search printed.  `--backend` picks the kernels (`auto`: the
+fastest exact one per layer for the device); `--save DIR` writes the packed
+model (`bitalloc.load(DIR)` reloads it).  The report gives the model's real
+bytes and the peak memory of the run.
 """
 from __future__ import annotations
 
 import argparse
+import collections
 import logging
+import resource
 import sys
+
+import torch
 
 from . import atomic
 from .cli_args import (add_data_args, add_model_args, calibration, check_positive, evaluator, resolve_device)
 from .cost import average_bits, layer_shapes
 from .errors import cli_entry
-from .kernels.backends import BACKENDS, get_backend
+from .kernels.backends import AUTO, BACKENDS, check_backend_name
+from .kernels.quant_linear import QuantLinear
 from .models import load_model
 from .plan import Plan
 from .preflight import check_fits
@@ -31,7 +39,11 @@ def build_parser() -> argparse.ArgumentParser:
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     parser.add_argument("--plan", required=True, help="plan.json written by search")
-    parser.add_argument("--backend", default="reference", help=f"GEMM backend ({', '.join(sorted(BACKENDS))})")
+    parser.add_argument("--backend", default="reference",
+                        help=f"GEMM backend: {AUTO} (fastest exact kernel per layer) or one of "
+                             f"{', '.join(sorted(BACKENDS))}; layers a backend cannot compute run on reference")
+    parser.add_argument("--save", default=None, metavar="DIR",
+                        help="save the packed model here (safetensors + config; reload with bitalloc.load(DIR))")
     parser.add_argument("--no-eval", action="store_true", help="quantize and report sizes only")
     parser.add_argument("--json", default=None, help="write the measured results to this JSON file")
     parser.add_argument("--quiet", action="store_true", help="no progress bars")
@@ -58,7 +70,7 @@ def protocol_defaults(args, plan: Plan) -> None:
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     plan = Plan.load(args.plan)
-    get_backend(args.backend)
+    check_backend_name(args.backend)
     protocol_defaults(args, plan)
     check_positive(args)
     device = resolve_device(args.device)
@@ -82,13 +94,41 @@ def main(argv=None) -> int:
                            base["ppl"] if base else None))
     print(render(rows))
     print(f"stored bytes of the quantized linears: {real_bytes} (plan predicted {plan.predicted.get('bytes', '-')})")
+    memory = memory_report(loaded.model, device)
+    print("model tensors: {model_bytes} bytes; peak process memory {peak_rss_bytes} bytes".format(**memory)
+          + (f"; peak CUDA memory {memory['peak_cuda_bytes']} bytes" if "peak_cuda_bytes" in memory else ""))
+    kernels = kernel_counts(loaded.model)
+    print("kernels: " + ", ".join(f"{count} x {name}" for name, count in kernels.items()))
+    saved = None
+    if args.save:
+        from .saving import save
+
+        saved = save(loaded, args.save, plan=args.plan)["bytes"]
+        print(f"saved to {args.save}: {saved['total']} tensor bytes ({saved['linears']} in the packed layers)")
     if args.json:
         atomic.write_json(args.json, {
             "plan": args.plan, "model": loaded.spec, "fingerprint": loaded.fingerprint, "backend": args.backend,
             "bytes": real_bytes, "avg_bits": bits, "unquantized": base, "quantized": measured,
-            "evaluation": evaluation.protocol if evaluation else None,
+            "evaluation": evaluation.protocol if evaluation else None, "memory": memory, "kernels": kernels,
+            "saved": saved,
         })
     return 0
+
+
+def memory_report(model, device) -> dict:
+    """Real bytes of the model's tensors (parameters and stored buffers) and the run's peak memory."""
+    tensors = {id(t): t for t in list(model.parameters()) + list(model.buffers())}
+    report = {"model_bytes": sum(t.numel() * t.element_size() for t in tensors.values()),
+              "peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024}
+    if device.type == "cuda":
+        report["peak_cuda_bytes"] = torch.cuda.max_memory_allocated(device)
+    return report
+
+
+def kernel_counts(model) -> dict[str, int]:
+    """How many layers each kernel computes (a backend's fallbacks to reference are listed apart)."""
+    counts = collections.Counter(m.kernel or m.backend for m in model.modules() if isinstance(m, QuantLinear))
+    return dict(sorted(counts.items()))
 
 
 if __name__ == "__main__":

@@ -1,9 +1,15 @@
 """Registry of compute backends for QuantLinear.
 
 A backend is an object with `prepare(layer)` (build whatever it computes from:
-cached dequantized weights, library-specific packs) and `forward(layer, x)`.
+cached dequantized weights, library-specific packs; kept on the layer in
+`layer.kernel_state`, never saved) and `forward(layer, x)`.  A backend that
+cannot compute a layer exactly as stored (a format or group size its kernel
+lacks) runs that layer through `reference` instead, and says so in
+`layer.kernel`, so one plan can mix whatever the kernels support.
+
 `reference` dequantizes and multiplies: the ground truth every other backend is
-tested against.
+tested against.  The other backends live in their own modules and register
+themselves on import (`kernels/__init__.py` imports them).
 """
 from __future__ import annotations
 
@@ -14,11 +20,14 @@ from ..errors import BitallocError
 from ..quant.activation import fake_quantize_tokens
 
 BACKENDS: dict[str, object] = {}
+AUTO = "auto"
 
 
 def register_backend(name: str):
     def decorate(cls):
-        BACKENDS[name] = cls()
+        instance = cls()
+        instance.name = name
+        BACKENDS[name] = instance
         return cls
 
     return decorate
@@ -28,14 +37,31 @@ def get_backend(name: str):
     try:
         return BACKENDS[name]
     except KeyError:
-        raise BitallocError(f"unknown backend '{name}' (known: {', '.join(sorted(BACKENDS))})") from None
+        known = ", ".join(sorted(BACKENDS) + [AUTO])
+        raise BitallocError(f"unknown backend '{name}' (known: {known})") from None
+
+
+def check_backend_name(name: str) -> None:
+    if name != AUTO:
+        get_backend(name)
+
+
+def auto_backend(layer, device: torch.device) -> str:
+    """The fastest backend that computes this layer exactly on `device`."""
+    opt = layer.option
+    if not opt.quantized:
+        return "reference"
+    if device.type != "cuda":
+        return "cpu"
+    if opt.act_bits < 16:
+        return "mixed-outlier" if getattr(layer, "outlier_idx", None) is not None else "int8"
+    return "triton"
 
 
 def prepare_input(layer, x: torch.Tensor) -> torch.Tensor:
     """Input-side transforms every backend applies identically: x / act_scale, then activation
     quantization of every channel except the float16 outlier channels."""
-    if getattr(layer, "act_scale", None) is not None:
-        x = x / layer.act_scale.to(x.dtype)
+    x = divide_act_scale(layer, x)
     if layer.option.act_bits >= 16:
         return x
     idx = getattr(layer, "outlier_idx", None)
@@ -47,15 +73,53 @@ def prepare_input(layer, x: torch.Tensor) -> torch.Tensor:
     return fake_quantize_tokens(rest, layer.option.act_bits, layer.option.act_fmt).index_copy(-1, idx, kept)
 
 
+def divide_act_scale(layer, x: torch.Tensor) -> torch.Tensor:
+    if getattr(layer, "act_scale", None) is not None:
+        x = x / layer.act_scale.to(x.dtype)
+    return x
+
+
+def add_bias(layer, out: torch.Tensor) -> torch.Tensor:
+    return out if layer.bias is None else out + layer.bias.to(out.dtype)
+
+
+class Fallback:
+    """Mixin: run layers this backend's kernels cannot compute through `reference`."""
+
+    def unsupported(self, layer) -> str | None:
+        """Why this backend cannot compute `layer` exactly (None when it can)."""
+        raise NotImplementedError
+
+    def prepare(self, layer) -> None:
+        reason = self.unsupported(layer)
+        if reason is not None:
+            BACKENDS["reference"].prepare(layer)
+            layer.kernel = f"reference ({self.name}: {reason})"
+            return
+        layer.kernel_state = self.build(layer)
+        layer.kernel = self.name
+
+    def forward(self, layer, x: torch.Tensor) -> torch.Tensor:
+        if layer.kernel_state is None:
+            if layer.kernel is None:
+                self.prepare(layer)
+            if layer.kernel_state is None:
+                return BACKENDS["reference"].forward(layer, x)
+        return self.run(layer, layer.kernel_state, x)
+
+
 @register_backend("reference")
 class ReferenceBackend:
     """Dequantize once (cached on the layer, not saved), then a dense matmul in the input's dtype."""
 
     def prepare(self, layer) -> None:
         layer._dense = layer.dequantize_codes()
+        layer.kernel = layer.kernel or "reference"
 
     def forward(self, layer, x: torch.Tensor) -> torch.Tensor:
         if getattr(layer, "_dense", None) is None:
             self.prepare(layer)
+        if layer._dense.dtype != x.dtype or layer._dense.device != x.device:
+            layer._dense = layer._dense.to(x.device, x.dtype)  # one copy, in the dtype the model runs in
         bias = layer.bias.to(x.dtype) if layer.bias is not None else None
-        return F.linear(prepare_input(layer, x), layer._dense.to(x.dtype), bias)
+        return F.linear(prepare_input(layer, x), layer._dense, bias)

@@ -7,7 +7,7 @@ from torch import nn
 from ..quant.option import Option, parse
 from ..quant.qweight import QuantizedWeight
 from . import layout, packing
-from .backends import get_backend
+from .backends import AUTO, auto_backend, get_backend
 
 
 class QuantLinear(nn.Module):
@@ -24,7 +24,19 @@ class QuantLinear(nn.Module):
         for name in ("bias", "act_scale", "zeros", "outlier_idx", "outlier_weight"):
             if name not in self._buffers:
                 setattr(self, name, None)
+        self.reset_kernel()
+
+    def reset_kernel(self) -> None:
+        """Drop what a backend built from the stored tensors (rebuilt on the next forward)."""
         self._dense = None
+        self.kernel_state = None
+        self.kernel = None  # what actually computes this layer, e.g. "triton" or "reference (cpu: nf4)"
+
+    def _apply(self, fn, *args, **kwargs):
+        # moving or casting the stored tensors invalidates whatever was built from them
+        result = super()._apply(fn, *args, **kwargs)
+        self.reset_kernel()
+        return result
 
     @classmethod
     def from_weight(cls, qw: QuantizedWeight | None, bias: torch.Tensor | None, backend: str = "reference",
@@ -70,12 +82,19 @@ class QuantLinear(nn.Module):
         return w
 
     def set_backend(self, name: str) -> None:
+        """Select the backend ("auto": the fastest exact one for this layer's device) and prepare it."""
+        if name == AUTO:
+            name = auto_backend(self, self.qweight.device if self.option.quantized else self.weight.device)
+        backend = get_backend(name)
         self.backend = name
-        self._dense = None
-        get_backend(name).prepare(self)
+        self.reset_kernel()
+        backend.prepare(self)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.backend == AUTO:
+            self.set_backend(AUTO)
         return get_backend(self.backend).forward(self, x)
 
     def extra_repr(self) -> str:
-        return f"{self.in_features}->{self.out_features}, option={self.option}, backend={self.backend}"
+        return (f"{self.in_features}->{self.out_features}, option={self.option}, backend={self.backend}, "
+                f"kernel={self.kernel}")

@@ -1,0 +1,163 @@
+"""`triton`: weight-only integer layers (2, 3, 4, 8 bits; A16) through this repo's Triton kernels.
+
+The kernels read the stored tensors in place (`triton_kernels.py`).  Batches
+of up to GEMV_ROWS rows run the GEMV; larger ones dequantize into a temporary
+float16 weight and call cuBLAS (the tuner also tries that for small batches).
+Launch parameters are tuned per (kernel, bits, group, shape, batch bucket) the first
+time a shape is seen, by timing every candidate with a cold L2 cache, split-K's
+zeroing and cast included, and kept for the process.  Outlier columns (fp16)
+are added by a small dense correction: x[:, idx] @ (W_outlier - W_codes[:, idx])^T.
+With TRITON_INTERPRET=1 the kernels run on CPU tensors (slowly), which the CPU
+tests use to check the kernels' logic.
+"""
+from __future__ import annotations
+
+import logging
+import os
+
+import torch
+
+from .backends import Fallback, add_bias, divide_act_scale, register_backend
+from .timing import time_cuda
+
+log = logging.getLogger(__name__)
+
+BITS = (2, 3, 4, 8)
+ONE_GROUP = 1 << 30  # group size for per-channel scales: every column falls in group 0
+GEMV = "gemv"
+DEQUANT = "dequantize+cublas"
+GEMV_ROWS = 4  # batches up to this size may run as one GEMV per row (the tuner decides)
+# (BLOCK_N, BLOCK_C chunks of 32 codes, SPLIT_K, num_warps): many programs with short K loops,
+# since each program's loop is bound by memory latency
+GEMV_CONFIGS = [(32, 8, 8, 4), (32, 16, 4, 4), (16, 16, 8, 4), (64, 8, 4, 4), (32, 8, 16, 4), (16, 8, 16, 2),
+                (64, 16, 2, 8), (128, 4, 1, 4)]
+DEQUANT_TILE = (32, 256)  # (BLOCK_N, BLOCK_K) of the dequantization pass
+_tuned: dict[tuple, tuple] = {}
+
+
+def interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET") == "1"
+
+
+def tuning() -> bool:
+    """BITALLOC_TRITON_TUNE=0 takes each kernel's first configuration (tests: fewer compilations)."""
+    return os.environ.get("BITALLOC_TRITON_TUNE", "1") != "0" and not interpreting()
+
+
+def available() -> str | None:
+    """None when the kernels can run here, else why not."""
+    try:
+        import triton  # noqa: F401
+    except ImportError:
+        return "triton is not installed"
+    if not torch.cuda.is_available() and not interpreting():
+        return "needs a CUDA device (or TRITON_INTERPRET=1)"
+    return None
+
+
+def _launch(kind: str, config: tuple, x, qweight, scales, zeros, bits: int, group: int, in_features: int):
+    from . import triton_kernels as tk
+
+    m, n, kw, ng = x.shape[0], qweight.shape[0], qweight.shape[1], scales.shape[1]
+    zeros_arg = zeros if zeros is not None else scales
+    common = dict(BITS=bits, GROUP=group, HAS_ZEROS=zeros is not None)
+    if kind == DEQUANT:
+        block_n, block_k = config
+        weight = torch.empty(n, in_features, device=x.device, dtype=x.dtype)
+        grid = (triton_cdiv(n, block_n), triton_cdiv(in_features, block_k))
+        tk.dequantize_codes[grid](qweight, scales, zeros_arg, weight, n, in_features, kw, ng, BLOCK_N=block_n,
+                                  BLOCK_K=block_k, num_warps=4, **common)
+        return x @ weight.T
+    block_n, block_c, split, warps = config
+    out = torch.zeros(m, n, device=x.device, dtype=torch.float32) if split > 1 else \
+        torch.empty(m, n, device=x.device, dtype=x.dtype)
+    chunks = kw // bits
+    xt = by_code_position(x, chunks)
+    even = n % block_n == 0 and chunks % (block_c * split) == 0
+    grid = (triton_cdiv(n, block_n), split, m)
+    tk.gemv_chunks[grid](xt, qweight, scales, zeros_arg, out, n, chunks, kw, ng, out.stride(0), BLOCK_N=block_n,
+                         BLOCK_C=block_c, SPLIT_K=split, EVEN=even, num_warps=warps, **common)
+    return out.to(x.dtype) if split > 1 else out
+
+
+def by_code_position(x: torch.Tensor, chunks: int) -> torch.Tensor:
+    """x [M, K] -> [M, 32, chunks] with [m, j, c] = x[m, 32 c + j] (zero padded to 32 * chunks)."""
+    width = chunks * 32
+    if x.shape[1] != width:
+        x = torch.nn.functional.pad(x, (0, width - x.shape[1]))
+    return x.view(x.shape[0], chunks, 32).transpose(1, 2).contiguous()
+
+
+def triton_cdiv(a: int, b: int) -> int:
+    return -(-a // b)
+
+
+def candidates(m: int, group: int) -> list[tuple[str, tuple]]:
+    """(kernel, launch parameters) worth trying for a batch of m rows."""
+    configs = []
+    if m <= GEMV_ROWS and group % 32 == 0:
+        configs += [(GEMV, c) for c in GEMV_CONFIGS]
+    return configs + [(DEQUANT, DEQUANT_TILE)]
+
+
+def quant_matmul(x: torch.Tensor, qweight, scales, zeros, bits: int, group_size: int, in_features: int):
+    """x [M, K] (contiguous) @ dequantized(qweight)^T -> [M, N] in x's dtype."""
+    group = group_size if 0 < group_size < in_features else ONE_GROUP
+    configs = candidates(x.shape[0], group)
+    key = (bits, group, zeros is not None, qweight.shape, min(x.shape[0], GEMV_ROWS + 1), x.dtype)
+    choice = _tuned.get(key)
+    if choice is None:
+        choice = _tune(configs, x, qweight, scales, zeros, bits, group, in_features) if tuning() else configs[0]
+        _tuned[key] = choice
+    return _launch(*choice, x, qweight, scales, zeros, bits, group, in_features)
+
+
+def _tune(configs, x, qweight, scales, zeros, bits, group, in_features) -> tuple:
+    timings = {}
+    for kind, config in configs:
+        try:
+            timings[(kind, config)] = time_cuda(lambda: _launch(kind, config, x, qweight, scales, zeros, bits, group,
+                                                                in_features), reps=10, warmup=2)
+        except Exception as err:  # a configuration the compiler rejects (resources): skip it
+            log.warning("triton %s %s failed: %s", kind, config, str(err).splitlines()[0][:200])
+    if not timings:
+        raise RuntimeError(f"no Triton configuration compiled for bits={bits} group={group} {tuple(qweight.shape)}")
+    best = min(timings, key=timings.get)
+    log.debug("tuned bits=%d group=%d %s x %s: %s (%.1f us)", bits, group, tuple(x.shape), tuple(qweight.shape),
+              best, timings[best] * 1e6)
+    return best
+
+
+@register_backend("triton")
+class TritonBackend(Fallback):
+    def unsupported(self, layer) -> str | None:
+        opt = layer.option
+        if not opt.quantized:
+            return "unquantized layer"
+        if opt.fmt != "int" or opt.bits not in BITS:
+            return f"kernels cover int{'/int'.join(map(str, BITS))}, not {opt.format_name}"
+        if opt.act_bits < 16:
+            return "activation quantization (use int8 or mixed-outlier)"
+        return available()
+
+    def build(self, layer) -> dict:
+        correction = None
+        if layer.outlier_idx is not None:
+            idx = layer.outlier_idx.long()
+            stored = layer.quantized_weight()
+            stored.outlier_idx = None
+            codes_part = stored.dequantize_codes()[:, idx.cpu()].to(layer.outlier_weight.device)
+            correction = (idx, (layer.outlier_weight.float() - codes_part))
+        return {"correction": correction}
+
+    def run(self, layer, state: dict, x: torch.Tensor) -> torch.Tensor:
+        x = divide_act_scale(layer, x)
+        shape = x.shape
+        flat = x.reshape(-1, shape[-1]).contiguous()
+        opt = layer.option
+        out = quant_matmul(flat, layer.qweight, layer.scales, layer.zeros, opt.bits, opt.group_size,
+                           layer.in_features)
+        if state["correction"] is not None:
+            idx, weight = state["correction"]
+            out = out + flat[:, idx] @ weight.to(flat.dtype).T
+        return add_bias(layer, out.reshape(*shape[:-1], layer.out_features))

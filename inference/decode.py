@@ -1,0 +1,127 @@
+"""End-to-end decoding: tokens/s and per-token latency of a packed model against float16, same harness.
+
+    python inference/decode.py --config llama-2-7b --mix mixed4 --out results/decode_h100
+    python inference/decode.py --saved runs/smollm2/packed --out results/decode_saved
+
+A model built from a config gets random float16 weights on the GPU and is
+packed in place by a mix of options (bitalloc.benchmarks.MIXES); a saved model
+(`apply --save`) is reloaded.  The baseline is the same model with dense
+float16 weights.  Decoding is greedy with a static KV cache, each step a CUDA
+graph replay (bitalloc.decode).  Writes <out>.json, <out>.txt, <out>.png and
+the plan of a built model as <out>_plan.json.
+"""
+import argparse
+import logging
+import sys
+from pathlib import Path
+
+import torch
+
+from bitalloc import atomic
+from bitalloc.benchmarks import LLAMA_CONFIGS, MIXES, mix_assignment, pack_in_place, random_llama
+from bitalloc.cost import average_bits, layer_shapes
+from bitalloc.decode import decode
+from bitalloc.errors import BitallocError, cli_entry
+from bitalloc.plan import Plan
+
+
+def parse_args(argv):
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0],
+                                     formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
+    source = parser.add_mutually_exclusive_group(required=True)
+    source.add_argument("--config", choices=sorted(LLAMA_CONFIGS), help="build this shape with random weights")
+    source.add_argument("--saved", help="a directory written by python -m bitalloc.apply --save")
+    parser.add_argument("--mix", default="mixed4", choices=sorted(MIXES), help="options for a built model")
+    parser.add_argument("--layers", type=int, default=None, help="fewer decoder blocks (quick checks)")
+    parser.add_argument("--backend", default="auto", help="backend of the packed layers")
+    parser.add_argument("--prompt", type=int, default=32, help="prompt tokens")
+    parser.add_argument("--new-tokens", type=int, default=128)
+    parser.add_argument("--no-graphs", action="store_true", help="eager decode steps (no CUDA graphs)")
+    parser.add_argument("--out", default="results/decode")
+    return parser.parse_args(argv)
+
+
+def memory() -> int:
+    return torch.cuda.max_memory_allocated() if torch.cuda.is_available() else 0
+
+
+@cli_entry
+def main(argv=None):
+    args = parse_args(argv)
+    if not torch.cuda.is_available():
+        raise BitallocError("the decode benchmark needs a CUDA GPU")
+    device = torch.device("cuda")
+    out = Path(args.out)
+    torch.manual_seed(0)
+    graphs = not args.no_graphs
+    if args.config:
+        model = random_llama(args.config, device, args.layers)
+        assignment = mix_assignment(model, args.mix)
+        shapes = layer_shapes(model)
+        bits = average_bits(shapes, assignment)
+        plan = Plan(model=f"{args.config} (random weights)", layers={k: str(v) for k, v in assignment.items()},
+                    predicted={"avg_bits": bits})
+    else:
+        import bitalloc
+
+        model = bitalloc.load(args.saved, device, backend="reference").model.half()
+        plan, bits = None, None
+    prompt = torch.randint(0, model.config.vocab_size, (1, args.prompt), device=device)
+    torch.cuda.reset_peak_memory_stats()
+    if args.config:
+        dense = decode(model, prompt, args.new_tokens, graphs=graphs)
+        dense_memory = memory()
+        pack_in_place(model, assignment, args.backend)
+    else:
+        for layer in model.modules():  # dense float16 weights through cuBLAS: the baseline
+            if hasattr(layer, "kernel_state"):
+                layer.set_backend("reference")
+        dense = decode(model, prompt, args.new_tokens, graphs=graphs)
+        dense_memory = memory()
+        for layer in model.modules():
+            if hasattr(layer, "kernel_state"):
+                layer.set_backend(args.backend)
+    torch.cuda.empty_cache()
+    torch.cuda.reset_peak_memory_stats()
+    packed = decode(model, prompt, args.new_tokens, graphs=graphs)
+    kernels = sorted({getattr(m, "kernel", None) for m in model.modules() if hasattr(m, "kernel_state")})
+    result = {"model": args.config or args.saved, "mix": args.mix if args.config else None, "avg_bits": bits,
+              "device": torch.cuda.get_device_name(device), "torch": torch.__version__, "cuda_graphs": graphs,
+              "dense_fp16": dense.as_dict() | {"peak_cuda_bytes": dense_memory},
+              "packed": packed.as_dict() | {"peak_cuda_bytes": memory(), "kernels": kernels},
+              "speedup": packed.tokens_per_second / dense.tokens_per_second}
+    out.parent.mkdir(parents=True, exist_ok=True)
+    atomic.write_json(out.with_suffix(".json"), result)
+    if plan is not None:
+        plan.save(out.parent / f"{out.name}_plan.json")
+    text = (f"{result['device']}: {result['model']} mix={result['mix']} avg_bits={bits}\n"
+            f"fp16   {dense.tokens_per_second:8.1f} tok/s  p50 {dense.latency_ms['p50']:.3f} ms\n"
+            f"packed {packed.tokens_per_second:8.1f} tok/s  p50 {packed.latency_ms['p50']:.3f} ms  "
+            f"speed-up {result['speedup']:.2f}x  kernels {kernels}\n")
+    atomic.write_text(out.with_suffix(".txt"), text)
+    plot(result, out.with_suffix(".png"))
+    print(text)
+    return 0
+
+
+def plot(result: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(5, 3.2))
+    names = ["fp16", f"packed ({result['mix'] or 'saved'})"]
+    values = [result["dense_fp16"]["tokens_per_second"], result["packed"]["tokens_per_second"]]
+    ax.bar(names, values, color=["gray", "tab:blue"])
+    ax.set_ylabel("tokens/s (batch 1)")
+    ax.set_title(f"{result['model']}: {result['speedup']:.2f}x", fontsize=9)
+    fig.tight_layout()
+    with atomic.atomic_path(path) as tmp:
+        fig.savefig(tmp, format="png", dpi=110)
+    plt.close(fig)
+
+
+if __name__ == "__main__":
+    logging.basicConfig(level=logging.INFO)
+    sys.exit(main())

@@ -1,0 +1,79 @@
+"""Kernel benchmark: every backend and bit width against the dense layer, Llama-2-7B/70B layer shapes.
+
+    python inference/kernels.py --device cuda --out results/kernels_h100
+    python inference/kernels.py --device cpu --models llama-2-7b --layers q/k/v/o_proj --batches 1,4,16
+
+Writes <out>.csv (every timing, GB/s, % of the memory roofline, speed-up),
+<out>.txt (the same as a table), <out>_latency.csv (the cost model's latency
+table, bitalloc.cost) and <out>.png (speed-up against batch per shape).
+"""
+import argparse
+import json
+import logging
+import sys
+from pathlib import Path
+
+import torch
+
+from bitalloc import atomic
+from bitalloc.benchmarks import (BATCHES, LAYER_SHAPES, kernel_rows, measure_bandwidth, plot_speedups, summary,
+                                 write_csv, write_latency_table)
+from bitalloc.errors import cli_entry
+
+GPU_BACKENDS = {
+    "triton": [f"rtn:int{b}:g128:asym" for b in (2, 3, 4, 8)],
+    "int8": ["rtn:int8:pc:sym:a8"],
+    "mixed-outlier": ["rtn:int8:pc:sym:a8:outliers=128", "rtn:int4:pc:sym:a4:outliers=128"],
+}
+CPU_BACKENDS = {"cpu": ["rtn:int8:pc:sym", "rtn:int4:g128:asym", "rtn:int4:g32:asym"]}
+SPEC_BANDWIDTH = {"NVIDIA H100 80GB HBM3": 3.35e12}
+
+
+def parse_args(argv):
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0],
+                                     formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--out", default=None, help="output path prefix (default results/kernels_<device>)")
+    parser.add_argument("--models", default=",".join(LAYER_SHAPES), help="which shape sets")
+    parser.add_argument("--layers", default=None, help="only these layer names (comma separated)")
+    parser.add_argument("--batches", default=",".join(map(str, BATCHES)))
+    parser.add_argument("--backends", default=None,
+                        help='JSON {"backend": [options]} (default: every GPU or CPU backend and bit width)')
+    return parser.parse_args(argv)
+
+
+@cli_entry
+def main(argv=None):
+    args = parse_args(argv)
+    device = torch.device(args.device)
+    out = Path(args.out or f"results/kernels_{device.type}")
+    shapes = {m: dict(LAYER_SHAPES[m]) for m in args.models.split(",")}
+    if args.layers:
+        keep = set(args.layers.split(","))
+        shapes = {m: {n: s for n, s in layers.items() if n in keep} for m, layers in shapes.items()}
+    backends = json.loads(args.backends) if args.backends else GPU_BACKENDS if device.type == "cuda" else CPU_BACKENDS
+    bandwidth, note = None, "no roofline on the CPU"
+    if device.type == "cuda":
+        copy_bw = measure_bandwidth(device)
+        spec = SPEC_BANDWIDTH.get(torch.cuda.get_device_name(device))
+        bandwidth = spec or copy_bw
+        note = (f"roofline: {bandwidth / 1e12:.2f} TB/s ({'spec' if spec else 'measured copy'}); "
+                f"measured device copy {copy_bw / 1e12:.2f} TB/s")
+    logging.info(note)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    rows = []
+    for model, layers in shapes.items():  # outputs rewritten after every shape: a cut-off run keeps its rows
+        for name, shape in layers.items():
+            rows += kernel_rows(device, backends, {model: {name: shape}}, [int(b) for b in args.batches.split(",")],
+                                bandwidth, progress=False)
+            write_csv(rows, out.with_suffix(".csv"))
+            write_latency_table(rows, out.parent / f"{out.name}_latency.csv")
+            text = f"{rows[0]['device']}, torch {torch.__version__}; {note}\n" + summary(rows)
+            atomic.write_text(out.with_suffix(".txt"), text)
+            plot_speedups(rows, out.with_suffix(".png"), f"{rows[0]['device']}: speed-up over the dense layer")
+    print(text)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

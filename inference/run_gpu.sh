@@ -1,0 +1,27 @@
+#!/usr/bin/env bash
+# Every GPU figure of docs/RESULTS.md (issue 8), in one go on the device machine:
+#   bash inference/run_gpu.sh OUT_DIR [check|full]
+# check: GPU tests, the 8192x8192 kernels, the Llama-2-7B decode.  full: every shape, layer and decode benchmark.
+set -uo pipefail
+out=${1:?output directory}; phase=${2:-full}
+mkdir -p "$out"
+export PYTHONUNBUFFERED=1 PYTHONPATH=$PWD
+# compiled kernels of an earlier session, if carried along (saves compile time)
+if [ -f triton_cache.tgz ]; then mkdir -p ~/.triton && tar xzf triton_cache.tgz -C ~/.triton; fi
+python -c "import torch, triton, transformers; print(torch.__version__, triton.__version__, transformers.__version__, torch.cuda.get_device_name())"
+nvidia-smi --query-gpu=name,clocks.sm,clocks.mem,power.draw,temperature.gpu --format=csv
+if [ "$phase" = check ]; then
+  python -m pytest -q -p no:cacheprovider tests/test_kernels_gpu.py 2>&1 | tee "$out/pytest_gpu.txt"
+  python inference/kernels.py --models llama-2-70b --layers q/o_proj --out "$out/kernels_8192" 2>&1 | tail -45
+  python inference/int8_layouts.py --out "$out/int8_layouts.txt" 2>&1 | tail -14
+  python inference/decode.py --config llama-2-7b --mix mixed4 --out "$out/decode_llama2_7b" 2>&1 | tail -8
+  rm -f "$out"/*.png "$out"/*_latency.csv "$out"/*_plan.json "$out"/*.csv  # at most 8 files come back
+else
+  timeout 90 python -m pytest -q -p no:cacheprovider tests/test_kernels_gpu.py 2>&1 | tee "$out/pytest_gpu.txt" | tail -3
+  timeout 150 python inference/kernels.py --layers "q/k/v/o_proj,gate/up_proj,down_proj,q/o_proj" \
+    --batches 1,4,16,64,256 --out "$out/kernels_h100" 2>&1 | grep -E "roofline| 1 |256 " | grep -v down_proj.*28672
+  timeout 80 python inference/decode.py --config llama-2-7b --mix mixed4 --out "$out/decode_llama2_7b" 2>&1 | tail -4
+  timeout 50 python inference/layers.py --mixes mixed4,int4,w8a8 --out "$out/layers_h100" 2>&1 | tail -14
+  rm -f "$out"/*_plan.json "$out"/decode_llama2_7b.png "$out"/decode_llama2_7b.txt  # at most 8 files come back
+fi
+[ "$phase" = check ] && tar czf "$out/triton_cache.tgz" -C ~/.triton cache 2>/dev/null; true

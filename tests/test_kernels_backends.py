@@ -1,0 +1,140 @@
+"""Every backend computes what `reference` computes, for every bit width, group size and batch size."""
+import importlib.util
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from bitalloc.kernels import approx as approx_module
+from bitalloc.kernels.backends import auto_backend
+from bitalloc.kernels.quant_linear import QuantLinear
+from bitalloc.quant import parse, quantize
+
+IN_FEATURES = 200  # with g64 the last group is ragged (8 columns); rows pad to 224 codes
+OUT_FEATURES = 48
+BATCHES = (1, 5, 33)
+WEIGHT_ONLY = [f"rtn:int{b}:{g}:{s}" for b in (2, 3, 4, 8) for g in ("g32", "g64", "pc") for s in ("sym", "asym")]
+# bfloat16 activations, scales and outputs (cpu), float32 elsewhere
+TOLERANCE = {"cpu": 1e-2, "int8": 1e-5, "mixed-outlier": 1e-5, "triton": 1e-5, "approx": 1e-6}
+
+
+def make_layer(option: str, backend: str, outliers: int = 0, bias: bool = True, seed: int = 0):
+    generator = torch.Generator().manual_seed(seed)
+    weight = torch.randn(OUT_FEATURES, IN_FEATURES, generator=generator)
+    qw = quantize(weight, parse(option))
+    if outliers:
+        qw.outlier_idx = torch.tensor([3, 64, 130, 199][:outliers])
+        qw.outlier_weight = torch.randn(OUT_FEATURES, outliers, generator=generator).half().float()
+        qw.option = parse(f"{option}:outliers={outliers}")
+    b = torch.randn(OUT_FEATURES, generator=generator) if bias else None
+    reference = QuantLinear.from_weight(qw, b)
+    layer = QuantLinear.from_weight(qw, b)
+    layer.set_backend(backend)
+    return reference, layer
+
+
+def inputs(batch: int, seed: int = 1) -> torch.Tensor:
+    x = torch.randn(batch, IN_FEATURES, generator=torch.Generator().manual_seed(seed))
+    x[:, 64] *= 20  # an outlier channel
+    return x
+
+
+def relative_error(out, ref) -> float:
+    return float((out.float() - ref.float()).norm() / ref.float().norm())
+
+
+@pytest.mark.parametrize("option", WEIGHT_ONLY)
+def test_cpu_matches_reference(option):
+    reference, layer = make_layer(option, "cpu")
+    packed = parse(option).bits <= 4 or option.endswith(("pc:sym", "pc:asym"))
+    assert (layer.kernel == "cpu") == packed, layer.kernel
+    for batch in BATCHES:
+        x = inputs(batch)
+        assert relative_error(layer(x), reference(x)) < TOLERANCE["cpu"]
+
+
+@pytest.mark.parametrize("backend", ["int8", "mixed-outlier"])
+@pytest.mark.parametrize("option", ["rtn:int8:pc:sym:a8", "rtn:int8:pc:asym:a8", "rtn:int4:pc:sym:a8",
+                                    "rtn:int4:pc:asym:a4", "rtn:int2:pc:asym:a8"])
+def test_integer_activation_backends_match_reference(backend, option):
+    outliers = 2 if backend == "mixed-outlier" else 0
+    reference, layer = make_layer(option, backend, outliers=outliers)
+    assert layer.kernel == backend
+    for batch in BATCHES:
+        x = inputs(batch)
+        assert relative_error(layer(x), reference(x)) < TOLERANCE[backend]
+
+
+def test_layers_a_backend_cannot_compute_run_on_reference_and_say_so():
+    cases = [("cpu", "rtn:nf4:g64", 0), ("cpu", "rtn:int8:g64:sym", 0), ("int8", "rtn:int8:g64:sym:a8", 0),
+             ("int8", "rtn:int8:pc:sym:a8", 2), ("mixed-outlier", "rtn:int4:g64:asym", 0),
+             ("triton", "rtn:fp4:g32", 0)]
+    for backend, option, outliers in cases:
+        reference, layer = make_layer(option, backend, outliers=outliers)
+        assert layer.kernel.startswith(f"reference ({backend}: "), (backend, option, layer.kernel)
+        x = inputs(3)
+        assert torch.equal(layer(x), reference(x))
+
+
+def test_auto_picks_the_kernel_for_the_device():
+    _, w4 = make_layer("rtn:int4:g64:asym", "reference")
+    _, w8a8 = make_layer("rtn:int8:pc:sym:a8", "reference")
+    _, mixq = make_layer("rtn:int8:pc:sym:a8", "reference", outliers=2)
+    cpu, cuda = torch.device("cpu"), torch.device("cuda")
+    assert [auto_backend(layer, cpu) for layer in (w4, w8a8, mixq)] == ["cpu"] * 3
+    assert [auto_backend(layer, cuda) for layer in (w4, w8a8, mixq)] == ["triton", "int8", "mixed-outlier"]
+    w4.set_backend("auto")
+    assert w4.backend == "cpu" and w4.kernel == "cpu"
+
+
+def test_approx_backend_feeds_the_simulation_the_effective_weight(monkeypatch):
+    calls = []
+
+    def exact(x, weight):
+        calls.append(weight.shape)
+        return x @ weight.T
+
+    monkeypatch.setattr(approx_module, "simulation", lambda: exact)
+    reference, layer = make_layer("rtn:int4:g64:asym:a8", "approx", outliers=1)
+    assert layer.kernel == "approx"
+    x = inputs(5)
+    assert relative_error(layer(x), reference(x)) < TOLERANCE["approx"]
+    assert calls == [(OUT_FEATURES, IN_FEATURES)]
+
+
+def test_moving_a_layer_rebuilds_its_kernel():
+    reference, layer = make_layer("rtn:int4:g64:asym", "cpu")
+    assert layer.kernel_state is not None
+    layer.to(torch.float32)
+    assert layer.kernel is None and layer.kernel_state is None
+    x = inputs(2)
+    assert relative_error(layer(x), reference(x)) < TOLERANCE["cpu"] and layer.kernel == "cpu"
+
+
+TRITON_CHECK = """
+import sys, torch
+sys.path.insert(0, {tests!r})
+from test_kernels_backends import WEIGHT_ONLY, BATCHES, inputs, make_layer, relative_error
+worst = 0.0
+for option in WEIGHT_ONLY + ["rtn:int4:g100:asym", "rtn:int2:g128:sym"]:
+    reference, layer = make_layer(option, "triton", outliers=1 if "g100" in option else 0)
+    assert layer.kernel == "triton", (option, layer.kernel)
+    for batch in BATCHES:
+        x = inputs(batch)
+        worst = max(worst, relative_error(layer(x), reference(x)))
+print(worst)
+"""
+
+
+@pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="triton is not installed")
+def test_triton_kernels_match_reference_in_the_interpreter():
+    """The Triton kernels' logic, run by Triton's CPU interpreter (the GPU run is test_kernels_gpu.py)."""
+    tests = str(Path(__file__).parent)
+    env = dict(os.environ, TRITON_INTERPRET="1", PYTHONPATH=os.pathsep.join(sys.path))
+    done = subprocess.run([sys.executable, "-c", TRITON_CHECK.format(tests=tests)], env=env, capture_output=True,
+                          text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert float(done.stdout.strip().splitlines()[-1]) < TOLERANCE["triton"]

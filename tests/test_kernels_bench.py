@@ -1,0 +1,26 @@
+"""The benchmark library on the CPU with a tiny shape: rows, the cost model's latency table, plots."""
+import csv
+
+from bitalloc.benchmarks import kernel_rows, plot_speedups, summary, write_csv, write_latency_table
+
+LATENCY_COLUMNS = ["backend", "batch", "out_features", "in_features", "option", "latency_ms"]
+
+
+def test_kernel_rows_feed_the_latency_table(tmp_path):
+    backends = {"cpu": ["rtn:int4:g64:asym"], "reference": ["rtn:int3:g64:sym"]}
+    rows = kernel_rows("cpu", backends, {"tiny": {"proj": (64, 256)}}, batches=(1, 3), progress=False)
+    assert [(r["backend"], r["batch"]) for r in rows] == [(b, n) for b in ("dense", "cpu", "reference")
+                                                          for n in (1, 3)]
+    assert all(r["seconds"] > 0 and r["weight_bytes"] > 0 for r in rows)
+    assert rows[2]["weight_bytes"] == 64 * (8 * 4 * 4 + 4 * 2 * 2)  # 8 chunks x 4 words, 4 scales + 4 zeros
+    write_latency_table(rows, tmp_path / "latency.csv")
+    with open(tmp_path / "latency.csv") as handle:
+        table = list(csv.DictReader(handle))
+    assert list(table[0])[:6] == LATENCY_COLUMNS
+    keys = {(t["backend"], t["option"], t["batch"]) for t in table}
+    assert ("cpu", "fp16", "1") in keys and ("reference", "fp16", "3") in keys  # dense rows serve fp16 layers
+    assert ("cpu", "rtn:int4:g64:asym", "3") in keys
+    write_csv(rows, tmp_path / "rows.csv")
+    plot_speedups(rows, tmp_path / "speedups.png", "tiny")
+    assert (tmp_path / "speedups.png").stat().st_size > 0
+    assert "rtn:int3:g64:sym" in summary(rows)

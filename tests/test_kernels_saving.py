@@ -1,0 +1,71 @@
+"""Apply, save and reload: the packed model round-trips exactly and weighs what the cost model says."""
+import json
+
+import pytest
+import torch
+
+import bitalloc
+from bitalloc import apply
+from bitalloc.cost import assignment_bytes, layer_shapes, other_bytes
+from bitalloc.errors import BitallocError
+from bitalloc.models import from_module, linear_layers
+from bitalloc.quant import parse
+from bitalloc.quantize_model import quantize_model, stored_bytes
+from bitalloc.saving import save
+from conftest import run_cli, tiny_llama
+
+MIX = ["rtn:int4:g32:asym", "rtn:int3:g64:sym", "rtn:int8:pc:sym", "rtn:int2:g32:asym", "rtn:nf4:g64", "fp16",
+       "rtn:int8:pc:asym:a8"]
+
+
+@pytest.fixture
+def packed():
+    loaded = from_module(tiny_llama(seed=5))
+    names = list(linear_layers(loaded.model))
+    assignment = {name: parse(MIX[i % len(MIX)]) for i, name in enumerate(names)}
+    shapes, other = layer_shapes(loaded.model), other_bytes(loaded.model, dtype=torch.float32)
+    quantize_model(loaded, assignment, backend="cpu", progress=False)
+    return loaded, assignment, (shapes, other)
+
+
+def test_saved_model_reloads_with_identical_logits_and_predicted_bytes(packed, tmp_path):
+    loaded, assignment, (shapes, other) = packed
+    ids = torch.randint(0, 320, (2, 24), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        before = loaded.model(input_ids=ids).logits
+    meta = save(loaded, tmp_path / "saved")
+    reloaded = bitalloc.load(tmp_path / "saved")
+    with torch.no_grad():
+        after = reloaded.model(input_ids=ids).logits
+    assert torch.equal(before, after)
+    predicted = assignment_bytes(shapes, assignment)
+    assert meta["bytes"]["linears"] == predicted == stored_bytes(reloaded.model)
+    assert meta["bytes"]["other"] == other
+    kernels = {m.kernel for m in reloaded.model.modules() if hasattr(m, "kernel_state")}
+    assert "cpu" in kernels and any(k.startswith("reference (cpu:") for k in kernels)
+
+
+def test_reload_can_switch_backend_and_rejects_a_foreign_directory(packed, tmp_path):
+    loaded, _, _ = packed
+    save(loaded, tmp_path / "saved")
+    reloaded = bitalloc.load(tmp_path / "saved", backend="reference")
+    assert all(m.backend == "reference" for m in reloaded.model.modules() if hasattr(m, "kernel_state"))
+    with pytest.raises(BitallocError, match="not a saved bitalloc model"):
+        bitalloc.load(tmp_path)
+
+
+def test_apply_saves_a_model_that_loads(cli_env, tiny_dir, capsys):
+    layers = {f"model.layers.{i}.mlp.{p}": "rtn:int4:g32:asym" for i in range(2) for p in ("up_proj", "gate_proj")}
+    plan = {"format": "bitalloc-plan", "version": 1, "model": str(tiny_dir), "layers": layers}
+    (cli_env / "plan.json").write_text(json.dumps(plan))
+    argv = ["--plan", "plan.json", "--backend", "auto", "--no-eval", "--save", "out", "--json", "applied.json",
+            "--quiet"]
+    code, out, err = run_cli(apply.main, argv, capsys)
+    assert code == 0, err
+    applied = json.loads((cli_env / "applied.json").read_text())
+    assert applied["kernels"] == {"cpu": 4, "reference": 10}  # fp16 layers stay dense
+    assert applied["saved"]["linears"] == applied["bytes"] and applied["memory"]["peak_rss_bytes"] > 0
+    assert "peak process memory" in out
+    reloaded = bitalloc.load(cli_env / "out")
+    assert reloaded.tokenizer is not None
+    assert sum(1 for m in reloaded.model.modules() if getattr(m, "kernel", None) == "cpu") == 4
