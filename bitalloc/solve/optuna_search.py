@@ -251,7 +251,7 @@ def solve_optuna(problem: Problem, measure: Measure | None = None, starts: list[
 
     known: dict[tuple, float] = {}
     start_time = time.perf_counter()
-    done_before = len(study.get_trials(deepcopy=False))
+    done_before = sum(t.state.is_finished() for t in study.get_trials(deepcopy=False))
     try:
         study.optimize(objective, n_trials=n_trials, timeout=timeout, gc_after_trial=False,
                        callbacks=[propose] if refit else None)
@@ -261,7 +261,7 @@ def solve_optuna(problem: Problem, measure: Measure | None = None, starts: list[
     return _best(problem, study, {
         "solver": "optuna", "sampler": sampler, "study": study_name, "storage": shown_url(url),
         "free_units": len(free), "repair": repair, "refit": refit, "space_size": float(np.prod([len(c) for c in space], dtype=float)),
-        "worker_trials": len(study.get_trials(deepcopy=False)) - done_before, "seconds": round(seconds, 2),
+        "worker_trials": sum(t.state.is_finished() for t in study.get_trials(deepcopy=False)) - done_before, "seconds": round(seconds, 2),
     })
 
 
