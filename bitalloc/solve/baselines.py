@@ -141,43 +141,56 @@ def solve_greedy(problem: Problem) -> tuple[np.ndarray, dict]:
 
 
 def solve_annealing(problem: Problem, steps: int | None = None, seed: int = 0) -> tuple[np.ndarray, dict]:
-    """Metropolis moves on the summed objective within every budget; keeps the best plan seen."""
+    """Metropolis moves on the summed objective within every budget; keeps the best plan seen.
+
+    A move steps one unit one rung up or down its ladder of options (cheapest
+    first), or one unit up and another down, which is how a plan moves along a
+    full budget.  It starts from the best uniform plan that fits (else the
+    cheapest) and cools geometrically from the typical size of one rung.
+    """
     problem.check_limits()
     start = time.perf_counter()
     rng = random.Random(seed)
     units, options = problem.loss.shape
     steps = steps or 300 * units
-    objective = problem.objective.tolist()
+    ladder = np.argsort(problem.costs[_trade_kind(problem)], axis=1, kind="stable")
+    rows = np.arange(units)[:, None]
+    objective = problem.objective[rows, ladder].tolist()
     kinds = list(problem.limits)
-    costs = [problem.costs[k].tolist() for k in kinds]
+    costs = [problem.costs[k][rows, ladder].tolist() for k in kinds]
     limits = [problem.limits[k] for k in kinds]
-    choice = [int(c) for c in np.argmin(problem.costs[_trade_kind(problem)], axis=1)]
-    used = [sum(cost[u][choice[u]] for u in range(units)) for cost in costs]
+    try:
+        uniform, _ = solve_uniform(problem)
+        level = [int(np.nonzero(ladder[u] == uniform[u])[0][0]) for u in range(units)]
+    except BitallocError:
+        level = [0] * units
+    used = [sum(cost[u][level[u]] for u in range(units)) for cost in costs]
     if any(x > limit for x, limit in zip(used, limits)):
         raise BitallocError("annealing: the cheapest plan does not fit every budget; use the ILP")
-    current = sum(objective[u][choice[u]] for u in range(units))
-    best, best_choice = current, list(choice)
-    spread = np.abs(np.diff(np.sort(problem.objective, axis=1), axis=1))
-    t0 = float(np.median(spread[spread > 0])) if (spread > 0).any() else 1.0
+    current = sum(objective[u][level[u]] for u in range(units))
+    best, best_level = current, list(level)
+    rung = np.abs(np.diff(problem.objective[rows, ladder], axis=1))
+    temperature = float(np.median(rung[rung > 0])) if (rung > 0).any() else 1.0
     cooling = (1e-4) ** (1.0 / steps)
-    temperature = t0
     accepted = 0
     for _ in range(steps):
-        moves = [(rng.randrange(units), rng.randrange(options))]
-        if rng.random() < 0.5:
-            moves.append((rng.randrange(units), rng.randrange(options)))
-        if len(moves) == 2 and moves[0][0] == moves[1][0]:
-            moves.pop()
-        delta = sum(objective[u][o] - objective[u][choice[u]] for u, o in moves)
-        new_used = [x + sum(cost[u][o] - cost[u][choice[u]] for u, o in moves) for x, cost in zip(used, costs)]
         temperature *= cooling
+        moves = [(rng.randrange(units), rng.choice((-1, 1)))]
+        if rng.random() < 0.5:
+            moves.append((rng.randrange(units), -moves[0][1]))
+        targets = [(u, level[u] + d) for u, d in moves]
+        if any(not 0 <= t < options for _, t in targets) or len({u for u, _ in targets}) < len(targets):
+            continue
+        delta = sum(objective[u][t] - objective[u][level[u]] for u, t in targets)
+        new_used = [x + sum(cost[u][t] - cost[u][level[u]] for u, t in targets) for x, cost in zip(used, costs)]
         if any(x > limit for x, limit in zip(new_used, limits)):
             continue
         if delta <= 0 or rng.random() < math.exp(-delta / temperature):
-            for u, o in moves:
-                choice[u] = o
+            for u, t in targets:
+                level[u] = t
             used, current = new_used, current + delta
             accepted += 1
             if current < best:
-                best, best_choice = current, list(choice)
-    return np.array(best_choice), _report("annealing", start, steps=steps, accepted=accepted, seed=seed)
+                best, best_level = current, list(level)
+    choice = ladder[np.arange(units), best_level]
+    return choice, _report("annealing", start, steps=steps, accepted=accepted, seed=seed)

@@ -14,7 +14,7 @@ layers so a trial costs one forward pass), and the best feasible trial wins.
 - Budgets: every limit is an Optuna constraint (`trial.set_constraint`, value
   <= 0 is feasible); an infeasible trial is not measured.
 - Samplers: `tpe` (single objective, pruning on partial windows through the
-  `report(value, step)` callback) and `nsga2` (objectives: loss and size, so the
+  `report(value, step)` callback; queued plans always run to the end) and `nsga2` (objectives: loss and size, so the
   study also holds a measured front).
 - Storage: in memory, a SQLite file, or any RDB URL (PostgreSQL, MySQL): several
   processes or machines given the same storage and study name share one study.
@@ -194,7 +194,7 @@ def solve_optuna(problem: Problem, measure: Measure | None = None, starts: list[
             storage=open_storage(url), study_name=study_name, load_if_exists=True, directions=directions,
             sampler=_sampler(sampler, seed if seed is not None else int.from_bytes(os.urandom(4), "little"),
                              len(starts)),
-            pruner=optuna.pruners.MedianPruner(n_startup_trials=max(3, len(starts) // 2), n_warmup_steps=1)
+            pruner=optuna.pruners.MedianPruner(n_startup_trials=max(3, len(starts) // 2))
             if prune and sampler == "tpe" else optuna.pruners.NopPruner(),
         )
     except ValueError as err:
@@ -226,8 +226,10 @@ def solve_optuna(problem: Problem, measure: Measure | None = None, starts: list[
             loss = known[key]
             trial.set_user_attr("repeat", True)
         else:
+            queued = "start" in trial.user_attrs or "refit" in trial.user_attrs  # never pruned
+
             def report(value: float, step: int) -> None:
-                if len(directions) == 1 and prune:
+                if len(directions) == 1 and prune and not queued:
                     trial.report(value, step)
                     if trial.should_prune():
                         raise optuna.TrialPruned()
