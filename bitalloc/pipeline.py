@@ -184,11 +184,15 @@ def write_report(path: Path, text: str, results: dict, reports: dict, front: dic
     from scipy.stats import spearmanr
 
     lines = ["# bitalloc search report", "", "```", text, "```", "", "## Predicted vs measured", "",
-             "| variant | predicted loss | measured KL mean | measured PPL |", "|---|---|---|---|"]
+             "| variant | predicted loss | measured KL mean | measured PPL | dPPL / dPPL(uniform) |",
+             "|---|---|---|---|---|"]
     quantized = {k: v for k, v in results.items() if "predicted_loss" in v}
+    base = results["unquantized"]["measured"]["ppl"]
+    uniform = next((v["measured"]["ppl"] - base for k, v in quantized.items() if k.startswith("uniform ")), None)
     for name, entry in quantized.items():
+        ratio = "-" if not uniform else f"{(entry['measured']['ppl'] - base) / uniform:.3f}"
         lines.append(f"| {name} | {entry['predicted_loss']:.4g} | {entry['measured']['kl']['mean']:.4f} "
-                     f"| {entry['measured']['ppl']:.3f} |")
+                     f"| {entry['measured']['ppl']:.3f} | {ratio} |")
     if len(quantized) >= 3:
         rho = spearmanr([v["predicted_loss"] for v in quantized.values()],
                         [v["measured"]["kl"]["mean"] for v in quantized.values()]).statistic
