@@ -1,11 +1,12 @@
 """The allocations users compare against, on the same Problem as the ILP so tables compare like with like.
 
 - uniform:   one option for every layer, the best that fits.
-- rules:     a llama.cpp-style mix (Q3_K_M / Q4_K_M spirit): attention value and
-             MLP down projections get one option more, two more in the first and
-             last eighth of the blocks and every third block between; the mix is
-             then fitted to the budget by demoting other layers, middle blocks first.
-             It reads layer names and positions only, never the table.
+- rules:     a llama.cpp-style mix (Q3_K_M / Q4_K_M spirit): attention value
+             projections get one option more everywhere, MLP down projections one
+             more in the first and last eighth of the blocks and every third block
+             between; the mix is then fitted to the budget by demoting other
+             layers, middle blocks first.  It reads names and positions only,
+             never the table.
 - greedy:    from the cheapest plan, repeatedly take the upgrade with the largest
              drop in predicted loss per extra byte that still fits.
 - annealing: simulated annealing on the summed error (EXL2-style), single and
@@ -61,14 +62,15 @@ def more_bits_block(index: int, blocks: int) -> bool:
 
 
 def rule_levels(problem: Problem) -> tuple[np.ndarray, list[int]]:
-    """Option-index ladder per unit (cheapest first) and each unit's rule bump (0, 1 or 2)."""
+    """Option-index ladder per unit (cheapest first) and each unit's rule bump (0 or 1)."""
     ladder = np.argsort(problem.costs[_trade_kind(problem)], axis=1, kind="stable")
     indices = [_block_of(unit[0]) for unit in problem.units]
     blocks = max((i for i in indices if i is not None), default=0) + 1
     bumps = []
     for unit, index in zip(problem.units, indices):
-        favoured = any(pattern.search(layer) for layer in unit for pattern in ROLES.values())
-        bumps.append(0 if not favoured else 2 if index is not None and more_bits_block(index, blocks) else 1)
+        value = any(ROLES["attn_v"].search(layer) for layer in unit)
+        down = any(ROLES["ffn_down"].search(layer) for layer in unit)
+        bumps.append(int(value or (down and index is not None and more_bits_block(index, blocks))))
     return ladder, bumps
 
 
@@ -77,9 +79,11 @@ def solve_rules(problem: Problem) -> tuple[np.ndarray, dict]:
     start = time.perf_counter()
     ladder, bumps = rule_levels(problem)
     base_choice, _ = solve_uniform(problem)
-    top = len(problem.options) - 1
-    base = int(np.nonzero(ladder[0] == base_choice[0])[0][0])
-    level = np.array([min(base + b, top) for b in bumps])
+    bits = np.array([o.bits for o in problem.options])[ladder]
+    level = np.array([int(np.nonzero(ladder[u] == base_choice[u])[0][0]) for u in range(len(bumps))])
+    for u in np.nonzero(bumps)[0]:  # the cheapest option with more bits than the base
+        higher = np.nonzero(bits[u] > bits[u, level[u]])[0]
+        level[u] = higher[0] if len(higher) else level[u]
     # demote un-favoured units one level at a time, middle blocks first, until the budget holds
     indices = [_block_of(u[0]) or 0 for u in problem.units]
     middle = (max(indices) + min(indices)) / 2
