@@ -119,3 +119,17 @@ def test_bank_measures_what_apply_deploys(tokenizer):
     deployed = evaluate(model, windows, reference, False, 2, progress=False)["kl"]["mean"]
     restore(model, originals)
     assert measured == pytest.approx(deployed, rel=1e-4)
+
+
+def test_refit_recovers_group_factors_the_table_missed():
+    from bitalloc.solve.refit import fit_weights, unit_groups
+
+    problem, starts, _ = make_problem()
+    groups = unit_groups(problem)
+    assert len(set(groups)) == 4 * 3  # units q/k/v, o, gate/up, down x three thirds of the depth
+    truth = np.random.default_rng(5).uniform(0.5, 3.0, groups.max() + 1)
+    rng = np.random.default_rng(6)
+    plans = [rng.integers(0, len(problem.options), len(problem.units)) for _ in range(60)]
+    rows = np.arange(len(problem.units))
+    measured = [float((problem.objective[rows, p] * truth[groups]).sum()) for p in plans]
+    assert np.allclose(fit_weights(problem, groups, plans, measured, prior=1e-9), truth, rtol=1e-3)
