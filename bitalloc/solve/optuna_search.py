@@ -12,7 +12,11 @@ layers so a trial costs one forward pass), and the best feasible trial wins.
   is uncertain instead of the whole, mostly hopeless, product space.
 - Warm start: those plans are enqueued first (once per study, however many workers).
 - Budgets: every limit is an Optuna constraint (`trial.set_constraint`, value
-  <= 0 is feasible); an infeasible trial is not measured.
+  <= 0 is feasible); an infeasible trial is not measured.  With `repair`, a
+  sampled plan is first moved onto the budget by the prediction (`project`);
+  queued plans (warm starts, re-fitted proposals) are measured as given.
+- Proposals: after each trial, the ILP on the table re-weighted by all
+  measurements so far (`refit`) queues its plan, unless already measured.
 - Samplers: `tpe` (single objective, pruning on partial windows through the
   `report(value, step)` callback; queued plans always run to the end) and `nsga2` (objectives: loss and size, so the
   study also holds a measured front).
@@ -208,7 +212,8 @@ def solve_optuna(problem: Problem, measure: Measure | None = None, starts: list[
         choice = base.copy()
         for u in free:
             choice[u] = option_index[trial.suggest_categorical(names[u], [labels[o] for o in space[u]])]
-        if repair:
+        queued = "start" in trial.user_attrs or "refit" in trial.user_attrs  # measured as given, never pruned
+        if repair and not queued:
             projected = project(problem, choice)
             choice = choice if projected is None else projected
         trial.set_user_attr("plan", [int(o) for o in choice])
@@ -226,8 +231,6 @@ def solve_optuna(problem: Problem, measure: Measure | None = None, starts: list[
             loss = known[key]
             trial.set_user_attr("repeat", True)
         else:
-            queued = "start" in trial.user_attrs or "refit" in trial.user_attrs  # never pruned
-
             def report(value: float, step: int) -> None:
                 if len(directions) == 1 and prune and not queued:
                     trial.report(value, step)
