@@ -18,8 +18,10 @@ def rows(run: Path) -> list[str]:
     base = variants["unquantized"]["measured"]["ppl"]
     uniform = next((v["measured"]["ppl"] - base for k, v in variants.items() if k.startswith("uniform ")), None)
     budget = data["budget"].get("spec", data["budget"].get("kind"))
+    order = ["unquantized", "uniform", "rules", "greedy", "annealing", "pareto", "ilp", "optuna"]
+    rank = lambda name: next((i for i, key in enumerate(order) if key in name), len(order))
     lines = []
-    for name, entry in variants.items():
+    for name, entry in sorted(variants.items(), key=lambda item: rank(item[0])):
         measured = entry["measured"]
         if name == "unquantized":
             lines.append(f"| {budget} | unquantized | - | - | - | {measured['ppl']:.2f} | - | 0 | - |")
