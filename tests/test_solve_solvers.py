@@ -48,6 +48,7 @@ def test_every_solver_fits_the_budget_and_the_ilp_is_never_beaten(seed):
         budget = parse_budget(f"{bits:.3f}", shapes)
         problem.limits = {"bytes": budget.limit}
         results = {name: SOLVERS[name](problem)[0] for name in TABLE_SOLVERS}
+        results["milp"] = solve_ilp(problem, method="milp")[0]
         for name, choice in results.items():
             assignment = problem.assignment(choice)
             assert assignment_bytes(shapes, assignment) <= budget.limit, name
@@ -55,7 +56,8 @@ def test_every_solver_fits_the_budget_and_the_ilp_is_never_beaten(seed):
                 assert len({str(assignment[layer]) for layer in group}) == 1, name
         best = problem.total("objective", results["ilp"])
         for name, choice in results.items():
-            assert best <= problem.total("objective", choice) * (1 + 1e-6), name
+            assert best <= problem.total("objective", choice) * (1 + 1e-9), name
+        assert problem.total("objective", results["milp"]) == pytest.approx(best, rel=1e-6)
         assert problem.total("objective", results["pareto"]) == pytest.approx(best, rel=1e-6)
 
 
@@ -142,9 +144,12 @@ def test_ilp_reports_gap_time_and_limit():
     shapes, ties, table = random_model(rng)
     problem = build_problem(table, shapes, OPTIONS, ties)
     problem.limits = {"bytes": parse_budget("3.2", shapes).limit}
-    _, report = solve_ilp(problem, time_limit=5.0)
-    assert report["optimal"] and 0 <= report["gap"] <= 1e-6 and report["time_limit"] == 5.0
-    assert report["seconds"] < 5.0 and report["fixed_to_zero"] > 0
+    exact, report = solve_ilp(problem)
+    assert report["method"] == "dp" and report["optimal"] and report["gap"] == 0 and report["fixed_to_zero"] > 0
+    branched, report = solve_ilp(problem, time_limit=5.0, method="milp")
+    assert report["method"] == "milp" and report["optimal"] and 0 <= report["gap"] <= 1e-6
+    assert report["time_limit"] == 5.0 and report["seconds"] < 5.0
+    assert problem.total("objective", exact) <= problem.total("objective", branched) * (1 + 1e-9)
     problem.limits = {"watts": 3.0}
     with pytest.raises(BitallocError, match="budget kind 'watts'"):
         solve_ilp(problem)

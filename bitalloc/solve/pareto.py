@@ -27,30 +27,49 @@ from .ilp import _one_each, solve_ilp
 from .problem import Problem
 
 
-class ExactFront:
-    """Every Pareto-optimal plan of (size, objective), with the choices to rebuild each."""
+class FrontTooLarge(BitallocError):
+    """More partial plans than the caller allowed: use the ILP instead."""
 
-    def __init__(self, problem: Problem, eps: float = 0.0):
+
+class ExactFront:
+    """Every Pareto-optimal plan of (size, objective), with the choices to rebuild each.
+
+    `allowed` ([units, options] booleans) restricts each unit's options and
+    `limit` drops partial plans that cannot fit it whatever the remaining units
+    choose: the exact solver of a reduced ILP (see ilp.solve_ilp).
+    """
+
+    def __init__(self, problem: Problem, eps: float = 0.0, allowed: np.ndarray | None = None,
+                 limit: float | None = None, max_plans: int | None = None):
         if set(problem.limits) - {problem.size_kind}:
             raise BitallocError(
                 f"the exact front trades one cost ({problem.size_kind}); with several budgets use the ILP front"
             )
         self.problem = problem
         cost, objective = problem.costs[problem.size_kind], problem.objective
+        allowed = np.ones(cost.shape, dtype=bool) if allowed is None else allowed
+        cheapest = np.where(allowed, cost, np.inf).min(axis=1)
+        after = np.concatenate([np.cumsum(cheapest[::-1])[::-1][1:], [0.0]])  # least cost of the units after u
         sizes, values = np.zeros(1), np.zeros(1)
         self.parents, self.picks = [], []
         for u in range(len(problem.units)):
-            options = len(problem.options)
-            size = (sizes[:, None] + cost[u][None]).ravel()
-            value = (values[:, None] + objective[u][None]).ravel()
+            options = np.nonzero(allowed[u])[0]
+            size = (sizes[:, None] + cost[u, options][None]).ravel()
+            value = (values[:, None] + objective[u, options][None]).ravel()
             order = np.lexsort((value, size))
             size, value = size[order], value[order]
             best_before = np.concatenate([[np.inf], np.minimum.accumulate(value)[:-1]])
             keep = value < best_before * (1 - eps) if eps else value < best_before
             keep[0] = True
+            if limit is not None:
+                keep &= size + after[u] <= limit
+            if max_plans is not None and keep.sum() > max_plans:
+                raise FrontTooLarge(f"more than {max_plans} partial plans")
             sizes, values = size[keep], value[keep]
-            self.parents.append((order[keep] // options).astype(np.int32))
-            self.picks.append((order[keep] % options).astype(np.int16))
+            self.parents.append((order[keep] // len(options)).astype(np.int32))
+            self.picks.append(options[order[keep] % len(options)].astype(np.int16))
+        if not len(sizes):
+            raise BitallocError(f"budget {problem.size_kind} <= {limit:.6g} is below the smallest possible plan")
         self.sizes, self.values = sizes, values
 
     def __len__(self) -> int:

@@ -46,7 +46,9 @@ class Problem:
 
     @property
     def size_kind(self) -> str:
-        """The cost the Pareto front and the greedy baseline trade against: bytes when present."""
+        """The cost a front trades against: the one limited kind, else bytes when present."""
+        if len(self.limits) == 1:
+            return next(iter(self.limits))
         return "bytes" if "bytes" in self.costs else next(iter(self.limits or self.costs))
 
     def assignment(self, choice) -> dict[str, Option]:
