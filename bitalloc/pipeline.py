@@ -278,11 +278,15 @@ def main(argv=None) -> int:
     base = evaluation.unquantized()
     results = {"unquantized": {"measured": base}}
     rows = [result_row("unquantized", None, 16.0, 0.0, base, base["ppl"])]
+    seen: dict[tuple, dict] = {}  # the same plan from two solvers is evaluated once
     for name, (_, picked) in variants.items():
-        originals = quantize_model(loaded, problem.assignment(picked), calib, "reference", device, args.batch_size,
-                                   progress)
-        measured = evaluation(f"eval {name}")
-        restore(loaded.model, originals)
+        key = tuple(int(o) for o in picked)
+        if key not in seen:
+            originals = quantize_model(loaded, problem.assignment(picked), calib, "reference", device,
+                                       args.batch_size, progress)
+            seen[key] = evaluation(f"eval {name}")
+            restore(loaded.model, originals)
+        measured = seen[key]
         size = problem.costs["bytes"][np.arange(len(picked)), picked].sum() if "bytes" in problem.costs else None
         entry = {"bytes": int(size) if size is not None else None, "predicted_loss": problem.total("loss", picked),
                  "avg_bits": 8 * size / numel if size is not None else None, "measured": measured,
