@@ -122,10 +122,11 @@ def parse_budget(text: str, shapes: list[LayerShape], latency: LatencyLookup | N
 
 def add_budget_args(parser) -> None:
     """--budget and the latency table it may be counted in (search.sh)."""
-    parser.add_argument("--budget", default="rtn:int4:g64:asym",
+    parser.add_argument("--budget", action="append", default=None,
                         help="average bits (4.5), bytes (60MB), BOPs per token (12GBOPs), latency (3ms, needs "
                              "--latency-table), or an option whose uniform cost is the budget "
-                             "(rtn:int4:g64:asym, ...@bops, ...@latency); grammar in bitalloc/budget.py")
+                             "(rtn:int4:g64:asym, ...@bops, ...@latency); grammar in bitalloc/budget.py. Repeat "
+                             "to combine budgets of different kinds (default rtn:int4:g64:asym)")
     parser.add_argument("--latency-table", default=None,
                         help="CSV of measured layer latencies (schema in bitalloc/cost.py) for latency budgets")
     parser.add_argument("--latency-backend", default=None,
@@ -134,8 +135,32 @@ def add_budget_args(parser) -> None:
                         help="token rows per layer call whose rows of the latency table count")
 
 
-def budget_from_args(args, shapes: list[LayerShape]) -> Budget:
+def budgets_from_args(args, shapes: list[LayerShape]) -> list[Budget]:
+    """Every --budget given (the default when none); the tightest of one kind is the one that binds."""
     latency = None
     if args.latency_table:
         latency = LatencyTable.load(args.latency_table).lookup(args.latency_backend, args.latency_batch)
-    return parse_budget(args.budget, shapes, latency)
+    return [parse_budget(spec, shapes, latency) for spec in args.budget or ["rtn:int4:g64:asym"]]
+
+
+def combined_limits(budgets: list[Budget]) -> dict[str, float]:
+    limits: dict[str, float] = {}
+    for budget in budgets:
+        limits[budget.kind] = min(limits.get(budget.kind, budget.limit), budget.limit)
+    return limits
+
+
+def combined_cost_fns(budgets: list[Budget]) -> dict[str, CostFn]:
+    fns: dict[str, CostFn] = {}
+    for budget in budgets:
+        fns.update(budget.cost_fns())
+    return fns
+
+
+def combined_json(budgets: list[Budget]) -> dict:
+    """The plan's budget record: one budget as it is, several as their binding limits."""
+    if len(budgets) == 1:
+        return budgets[0].to_json()
+    limits = combined_limits(budgets)
+    return {"kind": "+".join(limits), "limit": next(iter(limits.values())), "limits": limits,
+            "spec": "+".join(b.spec for b in budgets)}

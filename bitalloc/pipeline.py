@@ -1,9 +1,12 @@
 """bash search.sh: profile -> solve -> plan.json -> apply -> evaluate, in one run directory.
 
-Prints one table: the unquantized model, uniform RTN at the budget's bytes and
-the searched mixed plan, with predicted loss and measured PPL / KL / top-1.
-The run directory holds plan.json, the sensitivity table (JSON + CSV),
-results.json, summary.txt, PNG figures and TensorBoard events.
+Prints one table: the unquantized model, the chosen solver's plan and every
+plan it is compared with (uniform, the llama.cpp-style rule mix, greedy,
+annealing, the ILP...), each with predicted loss and measured PPL / KL / top-1.
+The run directory holds plan.json, the sensitivity table (JSON + CSV), the
+predicted Pareto front (pareto.json + PNG), results.json, summary.txt, a short
+report.md (predicted vs measured), PNG figures and TensorBoard events; with
+--solver optuna also the Optuna study (optuna.db unless --storage says otherwise).
 """
 from __future__ import annotations
 
@@ -18,10 +21,11 @@ import numpy as np
 
 from . import atomic, tb
 from .blocks import capture_inputs, run_block
-from .budget import add_budget_args, budget_from_args
+from .budget import add_budget_args, budgets_from_args, combined_cost_fns, combined_json, combined_limits
 from .cli_args import (add_data_args, add_model_args, calibration, calibration_record, check_positive, evaluator,
                        resolve_device)
 from .cost import bits_per_weight, layer_shapes
+from .data import calibration_ids
 from .errors import BitallocError, cli_entry
 from .models import find_blocks, load_model, tie_groups
 from .paths import cache_root
@@ -31,7 +35,9 @@ from .profile import profile
 from .quant import check_option, parse
 from .quant.option import Option
 from .quantize_model import quantize_model, restore
-from .solve import SOLVERS, build_problem, get_solver
+from .solve import SOLVERS, TABLE_SOLVERS, WEIGHTINGS, build_problem, get_solver, pareto_front
+from .solve.optuna_search import SAMPLERS, search_space, warm_starts
+from .solve.pareto import FRONTS
 from .summary import render, result_row
 
 log = logging.getLogger(__name__)
@@ -50,11 +56,37 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--method", default=None,
                         help="replace the quantization method of every option in the space (e.g. gptq)")
     parser.add_argument("--solver", default="ilp", help=f"allocation solver ({', '.join(sorted(SOLVERS))})")
+    parser.add_argument("--compare", default="uniform",
+                        help="other solvers whose plans are evaluated beside it, comma-separated, 'all' "
+                             f"({', '.join(TABLE_SOLVERS)}) or 'none'")
+    parser.add_argument("--weighting", default="sum", choices=sorted(WEIGHTINGS),
+                        help="how table errors enter the objective: sum (as measured), params (times the "
+                             "layer's share of weights), sqrt (relative RMS)")
+    parser.add_argument("--time-limit", type=float, default=60.0, help="ILP time limit in seconds")
+    parser.add_argument("--front", default="exact", choices=sorted(FRONTS),
+                        help="Pareto front method: exact (Pareto DP, one budget kind) or ilp (sweep)")
+    parser.add_argument("--front-points", type=int, default=50, help="budgets sampled on the Pareto front")
     parser.add_argument("--tie", choices=("none", "fused"), default="none",
                         help="fused: layers reading the same input (q/k/v, gate/up) share one option")
     parser.add_argument("--out", default=None, help="run directory (default runs/<model>-<budget>)")
     parser.add_argument("--force", action="store_true", help="re-measure sensitivities even if cached")
     parser.add_argument("--quiet", action="store_true", help="no progress bars")
+    group = parser.add_argument_group("optuna (--solver optuna): refine the ILP plan by measured KL")
+    group.add_argument("--sampler", default="tpe", choices=SAMPLERS,
+                       help="tpe (single objective, pruning) or nsga2 (loss and size, a measured front)")
+    group.add_argument("--n-trials", type=int, default=60, help="trials this worker runs")
+    group.add_argument("--timeout", type=float, default=None, help="stop this worker's trials after N seconds")
+    group.add_argument("--storage", default=None,
+                       help="Optuna storage: an RDB URL (postgresql://..., sqlite:///...) or a file path "
+                            "(SQLite); default <run dir>/optuna.db. Workers given the same storage share the study")
+    group.add_argument("--study", default=None, help="study name (default: derived from table, budget and space)")
+    group.add_argument("--span", type=float, default=0.1,
+                       help="search options used by predicted-front plans within this fraction of the budget")
+    group.add_argument("--held-windows", type=int, default=8,
+                       help="held calibration windows (another seed than profiling) each trial is measured on")
+    group.add_argument("--held-seqlen", type=int, default=512, help="tokens per held window")
+    group.add_argument("--no-refit", action="store_true",
+                       help="do not enqueue plans of the ILP re-fitted to the measurements so far")
     add_model_args(parser)
     add_data_args(parser, seqlen=512, windows=32)
     return parser
@@ -92,24 +124,104 @@ def detect_ties(loaded, calib_ids) -> list[list[str]]:
 
 
 def default_out(args) -> Path:
-    slug = re.sub(r"[^A-Za-z0-9_.-]+", "_", f"{Path(args.model).stem}-{args.budget}").strip("_")
+    slug = re.sub(r"[^A-Za-z0-9_.-]+", "_", f"{Path(args.model).stem}-{'+'.join(args.budget)}").strip("_")
     return Path("runs") / slug
+
+
+def compared_solvers(args) -> list[str]:
+    spec = args.compare.strip()
+    names = [] if spec == "none" else list(TABLE_SOLVERS) if spec == "all" else [s.strip() for s in spec.split(",")]
+    for name in names:
+        get_solver(name)
+    if args.solver == "optuna" and "ilp" not in names:
+        names.append("ilp")  # its warm start, measured beside it
+    return [n for n in dict.fromkeys(names) if n not in (args.solver, "optuna")]
+
+
+def variant_name(solver: str, problem, choice) -> str:
+    if solver == "uniform":
+        return f"uniform {problem.options[int(choice[0])]}"
+    return f"mixed ({solver})"
+
+
+def run_optuna(args, loaded, problem, device, progress: bool, run_dir: Path):
+    """The Optuna refinement: a bank of pre-quantized layers, held windows, the study."""
+    from .solve.measure import HeldKL, LayerBank, bank_measure
+
+    starts = warm_starts(problem, args.span)
+    space = search_space(problem, starts)
+    wanted = {layer: [problem.options[o] for o in options] for unit, options in zip(problem.units, space)
+              for layer in unit}
+    held_ids = calibration_ids(loaded.tokenizer, args.calib, args.held_windows, args.held_seqlen, args.seed + 1,
+                               args.data_dir)
+    loaded.model.to(device)
+    held = HeldKL(loaded, held_ids, cache_root(args.cache_dir), chunk=args.batch_size, batch_size=args.batch_size,
+                  device=device)
+    bank = LayerBank(loaded, wanted, calibration(args, loaded), args.batch_size, device, progress)
+    try:
+        return get_solver("optuna")(
+            problem, bank_measure(problem, bank, held), starts, args.sampler, args.n_trials, args.timeout,
+            args.storage or str(run_dir / "optuna.db"), args.study, args.seed, refit=not args.no_refit,
+        )
+    finally:
+        bank.restore()
+
+
+def write_report(path: Path, text: str, results: dict, reports: dict, front: dict) -> None:
+    """report.md: the table, predicted vs measured, and what each solver reported."""
+    from scipy.stats import spearmanr
+
+    lines = ["# bitalloc search report", "", "```", text, "```", "", "## Predicted vs measured", "",
+             "| variant | predicted loss | measured KL mean | measured PPL | dPPL / dPPL(uniform) |",
+             "|---|---|---|---|---|"]
+    quantized = {k: v for k, v in results.items() if "predicted_loss" in v}
+    base = results["unquantized"]["measured"]["ppl"]
+    uniform = next((v["measured"]["ppl"] - base for k, v in quantized.items() if k.startswith("uniform ")), None)
+    for name, entry in quantized.items():
+        ratio = "-" if not uniform else f"{(entry['measured']['ppl'] - base) / uniform:.3f}"
+        lines.append(f"| {name} | {entry['predicted_loss']:.4g} | {entry['measured']['kl']['mean']:.4f} "
+                     f"| {entry['measured']['ppl']:.3f} | {ratio} |")
+    if len(quantized) >= 3:
+        rho = spearmanr([v["predicted_loss"] for v in quantized.values()],
+                        [v["measured"]["kl"]["mean"] for v in quantized.values()]).statistic
+        lines += ["", f"Spearman rank correlation of predicted loss and measured KL over these plans: {rho:.3f}"]
+    lines += ["", "## Solvers", ""]
+    for name, report in reports.items():
+        shown = {k: v for k, v in report.items() if k not in ("measured_trials", "status")}
+        lines.append(f"- **{name}**: " + ", ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}"
+                                                   for k, v in shown.items()))
+    optuna = reports.get("optuna")
+    if optuna:
+        lines += ["", "## Optuna", "",
+                  f"Held-window KL of the ILP plan (the first warm start): {optuna['start_measured']:.4f}; "
+                  f"best trial #{optuna['best_trial']}: {optuna['best_measured']:.4f} "
+                  f"(predicted {optuna['start_predicted']:.4g} -> {optuna['best_predicted']:.4g}); "
+                  f"rank correlation of predicted and measured over {len(optuna['measured_trials'])} trials: "
+                  f"{optuna['spearman_predicted_measured'] if optuna['spearman_predicted_measured'] is None else round(optuna['spearman_predicted_measured'], 3)}."]
+    lines += ["", f"Pareto front: {len(front['points'])} plans by the {front['method']} method in "
+                  f"{front['seconds']} s (pareto.json, pareto.png)."]
+    atomic.write_text(path, "\n".join(lines) + "\n")
 
 
 @cli_entry
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
+    args.budget = args.budget or ["rtn:int4:g64:asym"]
     check_positive(args)
     started = time.time()
     device = resolve_device(args.device)
     options = load_space(args.space, args.space_dir, args.method)
-    solver = get_solver(args.solver)
+    get_solver(args.solver)
+    others = compared_solvers(args)
     check_fits(args.model, device)
     loaded = load_model(args.model)
     shapes = layer_shapes(loaded.model)
     by_name = {s.name: s for s in shapes}
-    budget = budget_from_args(args, shapes)
-    budget.check_reachable(shapes, options)
+    numel = sum(s.numel for s in shapes)
+    budgets = budgets_from_args(args, shapes)
+    for budget in budgets:
+        budget.check_reachable(shapes, options)
+    limits = combined_limits(budgets)
     run_dir = Path(args.out) if args.out else default_out(args)
     progress = not args.quiet
     evaluation = evaluator(args, loaded, device, progress)
@@ -119,66 +231,81 @@ def main(argv=None) -> int:
     table = profile(loaded, calib, options, cache_root(args.cache_dir) / "profile", args.batch_size, device,
                     args.force, progress)
     table.save(run_dir / "sensitivity.json")
+    problem = build_problem(table, shapes, options, ties, combined_cost_fns(budgets), args.weighting)
+    problem.limits = limits
+    front = pareto_front(problem, args.front if set(limits) == {"bytes"} else "ilp", args.front_points)
 
-    problem = build_problem(table, shapes, options, ties, cost_fns=budget.cost_fns())
-    problem.limits = {budget.kind: budget.limit}
-    choice, report = solver(problem)
+    choices, reports = {}, {}
+    for name in others + [args.solver]:
+        if name == "optuna":
+            choices[name], reports[name] = run_optuna(args, loaded, problem, device, progress, run_dir)
+        elif name == "ilp":
+            choices[name], reports[name] = SOLVERS["ilp"](problem, args.time_limit)
+        else:
+            choices[name], reports[name] = SOLVERS[name](problem)
+    choice = choices[args.solver]
     mixed = problem.assignment(choice)
+    totals = problem.totals(choice)
     plan = Plan(
         model=loaded.spec, fingerprint=loaded.fingerprint, layers={k: str(v) for k, v in mixed.items()},
-        tie_groups=ties, budget=budget.to_json(), calibration=calibration_record(args),
-        solver={k: v for k, v in report.items() if k != "seconds"},  # wall time would make plans differ per run
-        evaluation=evaluation.protocol,
-        predicted={budget.kind: problem.total(budget.kind, choice),  # "bytes" below stays an int
-                   "bytes": int(problem.total("bytes", choice)), "loss": problem.total("loss", choice),
-                   "avg_bits": 8 * problem.total("bytes", choice) / sum(s.numel for s in shapes)},
+        tie_groups=ties, budget=combined_json(budgets),
+        solver={k: v for k, v in reports[args.solver].items() if k != "measured_trials"},
+        calibration=calibration_record(args), evaluation=evaluation.protocol,
+        predicted={"bytes": int(totals["bytes"]) if "bytes" in totals else None, "loss": totals["loss"],
+                   "objective": totals["objective"], "weighting": args.weighting,
+                   "avg_bits": 8 * problem.total("bytes", choice) / numel if "bytes" in problem.costs else None,
+                   **{k: v for k, v in totals.items() if k not in ("bytes", "loss", "objective")}},
     )
     plan.save(run_dir / "plan.json")
 
-    uniform_option = budget.uniform or max(
-        (o for o in options if o.quantized and problem.total(budget.kind, [options.index(o)] * len(problem.units))
-         <= budget.limit),
-        key=lambda o: problem.total(budget.kind, [options.index(o)] * len(problem.units)), default=None,
-    )
-    variants = {}
-    if uniform_option is not None and uniform_option in options:
-        variants[f"uniform {uniform_option}"] = {s.name: uniform_option for s in shapes}
-    variants[f"mixed ({args.solver})"] = mixed
-
+    variants = {variant_name(name, problem, choices[name]): (name, choices[name]) for name in others + [args.solver]}
     loaded.model.to(device)
     base = evaluation.unquantized()
     results = {"unquantized": {"measured": base}}
     rows = [result_row("unquantized", None, 16.0, 0.0, base, base["ppl"])]
-    for name, assignment in variants.items():
-        originals = quantize_model(loaded, assignment, calib, "reference", device, args.batch_size, progress)
-        measured = evaluation(f"eval {name}")
-        restore(loaded.model, originals)
-        picked = problem.choice_of(assignment)
-        entry = {budget.kind: problem.total(budget.kind, picked),  # "bytes" below stays an int
-                 "bytes": int(problem.total("bytes", picked)), "predicted_loss": problem.total("loss", picked),
-                 "avg_bits": 8 * problem.total("bytes", picked) / sum(s.numel for s in shapes), "measured": measured}
+    seen: dict[tuple, dict] = {}  # the same plan from two solvers is evaluated once
+    for name, (_, picked) in variants.items():
+        key = tuple(int(o) for o in picked)
+        if key not in seen:
+            originals = quantize_model(loaded, problem.assignment(picked), calib, "reference", device,
+                                       args.batch_size, progress)
+            seen[key] = evaluation(f"eval {name}")
+            restore(loaded.model, originals)
+        measured = seen[key]
+        size = problem.costs["bytes"][np.arange(len(picked)), picked].sum() if "bytes" in problem.costs else None
+        entry = {"bytes": int(size) if size is not None else None, "predicted_loss": problem.total("loss", picked),
+                 "avg_bits": 8 * size / numel if size is not None else None, "measured": measured,
+                 "solver": variants[name][0], **{k: problem.total(k, picked) for k in limits if k != "bytes"}}
         results[name] = entry
         rows.append(result_row(name, entry["bytes"], entry["avg_bits"], entry["predicted_loss"], measured,
                                base["ppl"]))
 
-    plan.measured = results[f"mixed ({args.solver})"]["measured"]
+    main_name = variant_name(args.solver, problem, choice)
+    plan.measured = results[main_name]["measured"]
     plan.save(run_dir / "plan.json")
+    front["variants"] = {name: {"size": problem.total(problem.size_kind, c), "loss": problem.total("loss", c)}
+                         for name, (_, c) in variants.items()}
+    front["budget"] = limits.get(problem.size_kind)
+    atomic.write_json(run_dir / "pareto.json", front)
     text = render(rows)
     elapsed = time.time() - started
     atomic.write_json(run_dir / "results.json", {
-        "model": loaded.spec, "fingerprint": loaded.fingerprint, "budget": budget.to_json(),
-        "options": [str(o) for o in options], "solver": report, "evaluation": evaluation.protocol,
-        "variants": results, "seconds": round(elapsed, 1),
+        "model": loaded.spec, "fingerprint": loaded.fingerprint, "budget": plan.budget,
+        "options": [str(o) for o in options], "solver": reports[args.solver], "solvers": reports,
+        "evaluation": evaluation.protocol, "variants": results, "seconds": round(elapsed, 1),
     })
     atomic.write_text(run_dir / "summary.txt", text + "\n")
-    tb.write_run(run_dir, table, variants, lambda layer, o: bits_per_weight(by_name[layer], o),
-                 {f"ppl/{k}": v["measured"]["ppl"] for k, v in results.items()})
-    print(f"\n{loaded.spec}: budget {args.budget} = {budget.describe()}; "
+    write_report(run_dir / "report.md", text, results, reports, front)
+    assignments = {name: problem.assignment(c) for name, (_, c) in variants.items()}
+    tb.write_run(run_dir, table, assignments, lambda layer, o: bits_per_weight(by_name[layer], o),
+                 {f"ppl/{k}": v["measured"]["ppl"] for k, v in results.items()}, front,
+                 reports.get("optuna", {}).get("measured_trials"))
+    print(f"\n{loaded.spec}: budget {'+'.join(args.budget)} = " + "; ".join(b.describe() for b in budgets) + "; "
           f"{evaluation.protocol['corpus']} PPL on {evaluation.protocol['windows']} windows of "
           f"{evaluation.protocol['seqlen']} tokens\n")
     print(text)
-    print(f"\nrun directory: {run_dir}  (plan.json, sensitivity.json/.csv, results.json, figures; "
-          f"tensorboard --logdir {run_dir})  [{elapsed / 60:.1f} min]")
+    print(f"\nrun directory: {run_dir}  (plan.json, pareto.json, report.md, sensitivity.json/.csv, results.json, "
+          f"figures; tensorboard --logdir {run_dir})  [{elapsed / 60:.1f} min]")
     return 0
 
 

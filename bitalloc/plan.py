@@ -140,12 +140,21 @@ class Plan:
                 f"plan was made for model weights {self.fingerprint}, but the loaded model is {fingerprint}"
             )
         assignment = self.assignment(names)
-        if self.budget and self.budget.get("kind") == "bytes" and "limit" in self.budget:
-            used, limit = assignment_bytes(shapes, assignment), self.budget["limit"]
+        limit = _bytes_limit(self.budget or {})
+        if limit is not None:
+            used = assignment_bytes(shapes, assignment)
             if used > limit:
                 raise BitallocError(f"plan uses {used} bytes, over its own budget of {limit:.0f} bytes "
                                     f"({quote(self.budget.get('spec', 'bytes'))})")
         return assignment
+
+
+def _bytes_limit(budget: dict) -> float | None:
+    """The bytes a plan promised to stay within: a bytes budget, or the bytes part of combined ones."""
+    limits = budget.get("limits")
+    if isinstance(limits, dict) and isinstance(limits.get("bytes"), (int, float)):
+        return limits["bytes"]
+    return budget["limit"] if budget.get("kind") == "bytes" and "limit" in budget else None
 
 
 def _kind(value) -> str:

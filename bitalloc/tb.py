@@ -65,17 +65,78 @@ def bits_figure(assignments: dict[str, dict[str, Option]], bits_of):
     return figure
 
 
+def pareto_figure(front: dict):
+    """The predicted front (size vs predicted loss), the sampled budgets, each variant and the budget."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    scale = 1e6 if front["kind"] == "bytes" else 1.0
+    unit = "MB" if front["kind"] == "bytes" else front["kind"]
+    figure, axis = plt.subplots(figsize=(7, 4.5))
+    if "curve" in front:
+        axis.step(np.array(front["curve"]["size"]) / scale, front["curve"]["objective"], where="post",
+                  color="0.6", lw=1, label=f"whole front ({front.get('plans_on_front', '')} plans)")
+    points = front["points"]
+    axis.plot([p["size"] / scale for p in points], [p["loss"] for p in points], "o", ms=3,
+              label=f"{len(points)} budgets ({front['method']})")
+    for name, point in front.get("variants", {}).items():
+        axis.plot(point["size"] / scale, point["loss"], "*", ms=10, label=name)
+    if front.get("budget"):
+        axis.axvline(front["budget"] / scale, color="k", ls="--", lw=0.8, label="budget")
+    axis.set_yscale("log")
+    axis.set_xlabel(f"{front['kind']} of the quantized linears ({unit})")
+    axis.set_ylabel("predicted loss (summed sensitivity)")
+    axis.set_title("Pareto front of the sensitivity table")
+    axis.legend(fontsize=7)
+    axis.grid(alpha=0.3, which="both")
+    return figure
+
+
+def trials_figure(trials: list[dict]):
+    """Optuna trials: measured loss by trial, and measured against predicted."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    figure, (left, right) = plt.subplots(1, 2, figsize=(11, 4))
+    numbers = [t["number"] for t in trials]
+    measured = [t["measured"] for t in trials]
+    left.plot(numbers, measured, ".", label="trial")
+    left.plot(numbers, np.minimum.accumulate(measured), "-", label="best so far")
+    left.set_xlabel("trial")
+    left.set_ylabel("measured KL (held windows)")
+    left.legend(fontsize=8)
+    right.plot([t["predicted"] for t in trials], measured, ".")
+    right.set_xlabel("predicted loss")
+    right.set_ylabel("measured KL (held windows)")
+    for axis in (left, right):
+        axis.grid(alpha=0.3)
+    figure.suptitle("Optuna refinement")
+    return figure
+
+
 def write_run(run_dir: Path, table: SensitivityTable, assignments: dict[str, dict[str, Option]], bits_of,
-              scalars: dict[str, float]) -> None:
-    """Heatmap, bits per layer and headline scalars into `run_dir` (events + PNG)."""
+              scalars: dict[str, float], front: dict | None = None, trials: list[dict] | None = None) -> None:
+    """Heatmap, bits per layer, the Pareto front, Optuna trials and headline scalars (events + PNG)."""
     import matplotlib.pyplot as plt
     from tensorboardX import SummaryWriter
 
+    figures = [("sensitivity_heatmap", lambda: heatmap_figure(table)),
+               ("bits_per_layer", lambda: bits_figure(assignments, bits_of))]
+    if front is not None:
+        figures.append(("pareto", lambda: pareto_figure(front)))
+    if trials:
+        figures.append(("optuna_trials", lambda: trials_figure(trials)))
     with atomic.atomic_files(run_dir) as events_dir:  # event files appear complete or not at all
         writer = SummaryWriter(logdir=str(events_dir))
         try:
-            for tag, make in (("sensitivity_heatmap", lambda: heatmap_figure(table)),
-                              ("bits_per_layer", lambda: bits_figure(assignments, bits_of))):
+            for trial in trials or []:
+                writer.add_scalar("optuna/measured", trial["measured"], trial["number"])
+                writer.add_scalar("optuna/predicted", trial["predicted"], trial["number"])
+            for tag, make in figures:
                 figure = make()
                 _save(figure, run_dir / f"{tag}.png")
                 writer.add_figure(tag, figure, close=True)
