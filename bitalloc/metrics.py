@@ -18,7 +18,7 @@ so that E[g g^T] is the Fisher information, whose quadratic form is twice the
 KL divergence (to second order).  Values of the Fisher metrics are predicted
 KL in nats per token:
 
-    layer       mean_t ||d[t]||^2 / ||x W^T [t]||^2     the layer's own relative error
+    layer_out   mean_t ||d[t]||^2 / ||x W^T [t]||^2     the layer's own relative error
     fisher      1/2 mean over windows w of (sum_t g[t] . d[t])^2, per token
     fisher_tok  1/2 sum_t (g[t] . d[t])^2, per token    (drops cross-position terms)
     wfisher     1/2 sum_ij F_ij dW_ij^2, F the diagonal Fisher of the weights
@@ -49,7 +49,7 @@ METRICS = {m.name: m for m in (
     Metric("rel", "block", False, "per-token relative error of the block output"),
     Metric("mse", "block", False, "global relative error of the block output"),
     Metric("kl", "block", False, "final-logit KL divergence, rest of the network run (subsampled windows)"),
-    Metric("layer", "linear", False, "per-token relative error of the layer's own output"),
+    Metric("layer_out", "linear", False, "per-token relative error of the layer's own output"),
     Metric("fisher", "linear", True, "Fisher-weighted layer output error per window (predicted KL)"),
     Metric("fisher_tok", "linear", True, "Fisher-weighted layer output error per token (predicted KL)"),
     Metric("wfisher", "linear", True, "diagonal weight-Fisher weighted weight error (predicted KL)"),
@@ -107,7 +107,7 @@ class LinearTerms:
 
 def combine(terms: list[LinearTerms], predicted_tokens: int) -> dict[str, float]:
     """Linear-pass metrics of a unit made of these layers' terms (see module docstring)."""
-    values = {"layer": sum(t.rel / max(t.tokens, 1) for t in terms)}
+    values = {"layer_out": sum(t.rel / max(t.tokens, 1) for t in terms)}
     if terms[0].window:
         window = sum(torch.cat(t.window, dim=1) for t in terms)
         token = sum(torch.cat(t.token, dim=1) for t in terms)

@@ -466,3 +466,67 @@ def _table(setup, loaded, calib_ids, units, kl_windows, fisher_samples, seed) ->
         "quantizers": {o.method: get_quantizer(o.method).version for o in setup.options if o.quantized},
     }
     return SensitivityTable(meta, rows)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from .cli_args import add_data_args, add_model_args
+
+    parser = argparse.ArgumentParser(prog="python -m bitalloc.profile", description=__doc__.split("\n\n")[0],
+                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser.add_argument("--space", default="rtn-g64", help="option space: preset name, file or comma-separated list")
+    parser.add_argument("--space-dir", default="search/spaces", help="where preset option spaces live")
+    parser.add_argument("--metrics", default=DEFAULT_METRIC,
+                        help=f"comma-separated; the first is each row's error ({', '.join(METRICS)})")
+    parser.add_argument("--granularity", choices=GRANULARITIES, default="linear",
+                        help="one candidate per linear, per tie group (q/k/v, gate/up) or per whole block")
+    parser.add_argument("--interaction", default=None, metavar="PLAN",
+                        help="plan.json: feed each block the outputs of the model quantized so far by this plan")
+    parser.add_argument("--lazy", action="store_true",
+                        help="read each block's weights from the safetensors shards only when needed")
+    parser.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), default=None,
+                        help="model dtype (default float32 on CPU, bfloat16 on CUDA)")
+    parser.add_argument("--kl-windows", type=int, default=2, help="calibration windows the kl metric carries")
+    parser.add_argument("--fisher-samples", type=int, default=1, help="label samples of the Fisher metrics")
+    parser.add_argument("--out", default="runs/profile", help="sensitivity.json/.csv and figures go here")
+    parser.add_argument("--force", action="store_true", help="measure again even what is cached")
+    parser.add_argument("--quiet", action="store_true", help="no progress bars")
+    add_model_args(parser)
+    add_data_args(parser)
+    return parser
+
+
+@cli_entry
+def main(argv=None) -> int:
+    from .cli_args import calibration, check_positive, resolve_device
+    from .models import load_model
+    from .paths import cache_root
+    from .pipeline import load_space
+    from .plan import Plan
+    from .profile_report import write_report
+    from .weights import load_lazy
+
+    args = build_parser().parse_args(argv)
+    check_positive(args)
+    device = resolve_device(args.device)
+    dtype = getattr(torch, args.dtype) if args.dtype else (torch.bfloat16 if device.type == "cuda" else torch.float32)
+    metrics = parse_metrics(args.metrics)
+    options = load_space(args.space, args.space_dir, None)
+    loaded, weights = load_lazy(args.model, dtype) if args.lazy else (load_model(args.model, dtype), None)
+    plan = None
+    if args.interaction:
+        plan = Plan.load(args.interaction).assignment([s.name for s in layer_shapes(loaded.model)])
+    calib = calibration(args, loaded)
+    table = profile(loaded, calib, options, cache_root(args.cache_dir) / "profile", args.batch_size, device,
+                    args.force, not args.quiet, metrics, args.granularity, plan, weights, args.kl_windows,
+                    args.fisher_samples, args.seed)
+    out = Path(args.out)
+    table.save(out / "sensitivity.json")
+    figures = write_report(out, table)
+    print(f"{len(table.rows)} rows ({len(table.layers)} layers x {len(options)} options), metrics "
+          f"{', '.join(metrics)}: {out / 'sensitivity.json'}, .csv, {len(figures)} figures "
+          f"(tensorboard --logdir {out})")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
