@@ -1,10 +1,13 @@
 """The quantized versions of one block's linears that the profiler tries, one per (layer, option).
 
 Each candidate is made once per block by the same `quantize` and `QuantLinear`
-that apply uses, and waits in host memory; `installed` swaps a unit's
-candidates into the block for one forward.  On an accelerator each candidate is
-moved there only for that forward and its dequantized weight dropped after, so
-candidates never hold more device memory than one unit's layers.
+that apply uses; `installed` swaps a unit's candidates into the block for one
+forward.  On the CPU each keeps its dequantized weight.  On an accelerator the
+packed candidates stay on the device while their block is measured (about one
+block's weights for four options of 2-8 bits) and a candidate's dequantized
+weight exists only during its own forward.  (Moving candidates to the host
+between uses made the transfers, not the arithmetic, the cost of profiling an
+8B model on an H100.)
 """
 from __future__ import annotations
 
@@ -30,7 +33,7 @@ class Candidates:
             weight = weight_matrix(module).detach().float()
             qw = quantize(weight, option, calibs.get(name), layer=full_name(name)) if option.quantized else None
             dense = None if option.quantized else weight.cpu()
-            layer = QuantLinear.from_weight(qw, getattr(module, "bias", None), dense=dense)
+            layer = QuantLinear.from_weight(qw, getattr(module, "bias", None), dense=dense).to(self.device)
             if self.on_host:
                 layer.set_backend("reference")
             self.layers[(name, option)] = layer
@@ -41,15 +44,13 @@ class Candidates:
     def items(self):
         return self.layers.items()
 
-    def _on_device(self, layer: QuantLinear) -> QuantLinear:
+    def _ready(self, layer: QuantLinear) -> QuantLinear:
         if not self.on_host:
-            layer.to(self.device)
             layer.set_backend("reference")
         return layer
 
-    def _back(self, layer: QuantLinear) -> None:
+    def _drop_dense(self, layer: QuantLinear) -> None:
         if not self.on_host:
-            layer.to("cpu")
             layer._dense = None
 
     @contextlib.contextmanager
@@ -58,20 +59,20 @@ class Candidates:
         originals = {}
         try:
             for name in unit:
-                originals[name] = replace_module(block, name, self._on_device(self.layers[(name, option)]))
+                originals[name] = replace_module(block, name, self._ready(self.layers[(name, option)]))
             yield
         finally:
             for name, original in originals.items():
                 replace_module(block, name, original)
-                self._back(self.layers[(name, option)])
+                self._drop_dense(self.layers[(name, option)])
 
     @torch.no_grad()
     def run(self, name: str, option: Option, x: torch.Tensor) -> torch.Tensor:
-        layer = self._on_device(self.layers[(name, option)])
+        layer = self._ready(self.layers[(name, option)])
         try:
             return layer(x)
         finally:
-            self._back(layer)
+            self._drop_dense(layer)
 
     @torch.no_grad()
     def weight_error(self, name: str, option: Option, weight: torch.Tensor) -> torch.Tensor:

@@ -102,6 +102,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--bits", default="3:5", help="average-bits range LOW:HIGH of the random plans")
     parser.add_argument("--plan-seed", type=int, default=0, help="seed of the random plans")
     parser.add_argument("--kl-windows", type=int, default=2, help="windows the kl metric carries to the logits")
+    parser.add_argument("--kl-stride", type=int, default=1, help="the kl metric scores every N-th position")
     parser.add_argument("--fisher-samples", type=int, default=1, help="label samples of the Fisher metrics")
     parser.add_argument("--profile-batch-size", type=int, default=4, help="windows per profiling batch")
     parser.add_argument("--out", default="runs/fidelity", help="where fidelity.json and fidelity.txt go")
@@ -136,7 +137,7 @@ def main(argv=None) -> int:
     calib = calibration(args, loaded)
     table = profile(loaded, calib, options, cache_root(args.cache_dir) / "profile", args.profile_batch_size, device,
                     progress=not args.quiet, metrics=metrics, kl_windows=args.kl_windows,
-                    fisher_samples=args.fisher_samples, seed=args.seed)
+                    fisher_samples=args.fisher_samples, seed=args.seed, kl_stride=args.kl_stride)
     evaluation = evaluator(args, loaded, device, not args.quiet)
     loaded.model.to(device)
     base = evaluation.unquantized()

@@ -69,14 +69,20 @@ def label_gradients(model, ids_batches, final: list[BlockBatch], device, as_tupl
     grads = [[] for _ in range(samples)]
     with _frozen(model):
         for ids, batch in zip(ids_batches, final):
-            hidden = batch.hidden.to(device).detach().requires_grad_(True)
-            logprobs = F.log_softmax(final_logits(model, ids, hidden, as_tuple)[:, :-1].float(), dim=-1)
-            probs = logprobs.detach().exp().flatten(0, 1)
+            per_window = [[] for _ in range(samples)]
+            for w in range(batch.hidden.shape[0]):  # one window at a time: logits are vocabulary-sized
+                hidden = batch.hidden[w : w + 1].to(device).detach().requires_grad_(True)
+                logits = final_logits(model, ids[w : w + 1], hidden, as_tuple)[:, :-1].float()
+                logprobs = F.log_softmax(logits, dim=-1).flatten(0, 1)
+                del logits
+                probs = logprobs.detach().exp()
+                for k in range(samples):
+                    labels = torch.multinomial(probs, 1, generator=generator)
+                    loss = -logprobs.gather(1, labels).sum()
+                    (grad,) = torch.autograd.grad(loss, hidden, retain_graph=k + 1 < samples)
+                    per_window[k].append(grad.detach().to("cpu"))
             for k in range(samples):
-                labels = torch.multinomial(probs, 1, generator=generator)
-                loss = -logprobs.flatten(0, 1).gather(1, labels).sum()
-                (grad,) = torch.autograd.grad(loss, hidden, retain_graph=k + 1 < samples)
-                grads[k].append(grad.detach().to("cpu"))
+                grads[k].append(torch.cat(per_window[k]))
     return grads
 
 

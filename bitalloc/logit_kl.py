@@ -4,7 +4,9 @@ A few calibration windows (the first `windows`) are carried from the block
 being measured through every later block, each later block loaded from its
 weight source in turn, then through the model's own final norm and head; the
 metric is KL(P_ref || P_candidate) of the next-token distributions, averaged
-over the predicted positions exactly as `evaluate` averages it.
+over the predicted positions as `evaluate` averages it.  With `stride` > 1 only
+every stride-th position goes through the head (the head of a large-vocabulary
+model costs as much as several blocks; every position still feeds the blocks).
 """
 from __future__ import annotations
 
@@ -20,8 +22,10 @@ def kl_per_token(reference: torch.Tensor, logprobs: torch.Tensor) -> float:
 
 
 class LogitKL:
-    def __init__(self, model, ids: torch.Tensor, stream: BlockBatch, blocks, weights, device, as_tuple: bool):
-        self.model, self.ids, self.kwargs = model, ids, stream.kwargs
+    def __init__(self, model, ids: torch.Tensor, stream: BlockBatch, blocks, weights, device, as_tuple: bool,
+                 stride: int = 1):
+        self.model, self.kwargs, self.stride = model, stream.kwargs, stride
+        self.ids = ids[:, :-1][:, ::stride]
         self.blocks, self.weights, self.device, self.as_tuple = blocks, weights, device, as_tuple
         self.reference = self._logprobs(self._carry(-1, [stream.hidden])[0])
 
@@ -36,7 +40,7 @@ class LogitKL:
 
     @torch.no_grad()
     def _logprobs(self, hidden: torch.Tensor) -> torch.Tensor:
-        logits = final_logits(self.model, self.ids, hidden, self.as_tuple)[:, :-1]
+        logits = final_logits(self.model, self.ids, hidden[:, :-1][:, :: self.stride], self.as_tuple)
         return F.log_softmax(logits.float(), dim=-1)
 
     def measure(self, index: int, outputs: list[torch.Tensor]) -> list[float]:

@@ -26,6 +26,7 @@ from .errors import BitallocError, cli_entry
 from .models import find_blocks, load_model, tie_groups
 from .paths import cache_root
 from .plan import Plan
+from .metrics import DEFAULT_METRIC, METRICS
 from .profile import profile
 from .quant import check_option, parse
 from .quant.option import Option
@@ -53,6 +54,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--tie", choices=("none", "fused"), default="none",
                         help="fused: layers reading the same input (q/k/v, gate/up) share one option")
     parser.add_argument("--out", default=None, help="run directory (default runs/<model>-<budget>)")
+    parser.add_argument("--metric", default=DEFAULT_METRIC, choices=sorted(METRICS),
+                        help="sensitivity metric the solver minimises (see python -m bitalloc.profile --help)")
     parser.add_argument("--force", action="store_true", help="re-measure sensitivities even if cached")
     parser.add_argument("--quiet", action="store_true", help="no progress bars")
     add_model_args(parser)
@@ -121,7 +124,7 @@ def main(argv=None) -> int:
     ties = detect_ties(loaded, calib) if args.tie == "fused" else []
 
     table = profile(loaded, calib, options, cache_root(args.cache_dir) / "profile", args.batch_size, device,
-                    args.force, progress)
+                    args.force, progress, metrics=[args.metric])
     table.save(run_dir / "sensitivity.json")
 
     problem = build_problem(table, shapes, options, ties)

@@ -66,10 +66,10 @@ def _version(option: Option) -> str:
     return get_quantizer(option.method).version if option.quantized else "fp16"
 
 
-def _settings(metric: str, kl_windows: int, fisher_samples: int, seed: int) -> str:
+def _settings(metric: str, kl_windows: int, fisher_samples: int, seed: int, kl_stride: int = 1) -> str:
     """What a metric's value depends on besides model, data and option (stored with the value)."""
     if metric == "kl":
-        return f"windows={kl_windows}"
+        return f"windows={kl_windows},stride={kl_stride}"
     if METRICS[metric].gradients:
         return f"samples={fisher_samples},seed={seed}"
     return ""
@@ -190,12 +190,12 @@ def measure_block(block, index: int, batches: list[BlockBatch], wanted: list[tup
 class _Setup:
     """Everything one profile call decided: names, units, cache, settings."""
 
-    def __init__(self, loaded, calib_ids, options, metrics, granularity, plan, kl_windows, fisher_samples, seed,
-                 cache_dir, batch_size):
+    def __init__(self, loaded, calib_ids, options, metrics, granularity, plan, kl_windows, kl_stride,
+                 fisher_samples, seed, cache_dir, batch_size):
         self.model = loaded.model
         self.prefix, self.blocks = find_blocks(self.model)
         self.options, self.metrics, self.granularity, self.plan = options, metrics, granularity, plan
-        self.settings = {m: _settings(m, kl_windows, fisher_samples, seed) for m in METRICS}
+        self.settings = {m: _settings(m, kl_windows, fisher_samples, seed, kl_stride) for m in METRICS}
         self.dtype = str(next(self.model.parameters()).dtype).removeprefix("torch.")
         self.calib_key = ids_hash(calib_ids)
         self.shapes = {s.name: s for s in layer_shapes(self.model)}
@@ -268,7 +268,7 @@ def _merge(setup: _Setup, index: int, valid: dict, new_values: dict, units_of: d
     return rows
 
 
-def _block_pass(setup, blocks_needed, units, valid, weights, calib_ids, device, progress, kl_windows):
+def _block_pass(setup, blocks_needed, units, valid, weights, calib_ids, device, progress, kl_windows, kl_stride):
     """Measure the block-kind metrics of every block in `blocks_needed` (a dict index -> wanted pairs)."""
     model, blocks, cache = setup.model, setup.blocks, setup.cache
     batches = capture_inputs(model, calib_ids, setup.batch_size, device)
@@ -278,7 +278,8 @@ def _block_pass(setup, blocks_needed, units, valid, weights, calib_ids, device, 
     needs_calib = {o.method for o in setup.options if o.quantized and get_quantizer(o.method).needs_calibration}
     kl = None
     if "kl" in setup.metrics:
-        kl = LogitKL(model, calib_ids[:kl_windows], batches[0].head(kl_windows), blocks, weights, device, as_tuple)
+        kl = LogitKL(model, calib_ids[:kl_windows], batches[0].head(kl_windows), blocks, weights, device, as_tuple,
+                     kl_stride)
     if device.type != "cpu" and kl is None:
         move_outside_blocks(model, "cpu")  # embeddings and head need no device memory while blocks are measured
     first, last = min(blocks_needed), max(blocks_needed)
@@ -395,7 +396,8 @@ def _linear_pass(setup, blocks_needed, units, valid, weights, calib_ids, device,
 def profile(loaded: LoadedModel, calib_ids: torch.Tensor, options: list[Option], cache_dir=None,
             batch_size: int = 4, device="cpu", force: bool = False, progress: bool = True,
             metrics=(DEFAULT_METRIC,), granularity: str = "linear", plan: dict[str, Option] | None = None,
-            weights=None, kl_windows: int = 2, fisher_samples: int = 1, seed: int = 0) -> SensitivityTable:
+            weights=None, kl_windows: int = 2, fisher_samples: int = 1, seed: int = 0,
+            kl_stride: int = 1) -> SensitivityTable:
     """Measure every (linear layer, option) pair; the first of `metrics` becomes each row's `error`.
 
     `plan` (layer -> Option) turns on interaction mode; `weights` is a block weight source
@@ -408,8 +410,8 @@ def profile(loaded: LoadedModel, calib_ids: torch.Tensor, options: list[Option],
         raise BitallocError("interaction mode (a plan's quantized inputs) measures the rel and mse metrics only")
     device = torch.device(device)
     weights = weights or InMemory()
-    setup = _Setup(loaded, calib_ids, options, metrics, granularity, plan, kl_windows, fisher_samples, seed,
-                   cache_dir, batch_size)
+    setup = _Setup(loaded, calib_ids, options, metrics, granularity, plan, kl_windows, kl_stride, fisher_samples,
+                   seed, cache_dir, batch_size)
     if plan:
         missing = [n for n in setup.shapes if n not in plan]
         if missing:
@@ -431,7 +433,7 @@ def profile(loaded: LoadedModel, calib_ids: torch.Tensor, options: list[Option],
                 needed[kind][index] = pairs
     started = time.perf_counter()
     if needed["block"]:
-        _block_pass(setup, needed["block"], units, valid, weights, calib_ids, device, progress, kl_windows)
+        _block_pass(setup, needed["block"], units, valid, weights, calib_ids, device, progress, kl_windows, kl_stride)
     if needed["linear"]:
         _linear_pass(setup, needed["linear"], units, valid, weights, calib_ids, device, progress, fisher_samples,
                      seed)
@@ -439,10 +441,10 @@ def profile(loaded: LoadedModel, calib_ids: torch.Tensor, options: list[Option],
         move_outside_blocks(setup.model, "cpu")
     log.info("profiled %d block(s) in %.1f s", len(set(needed["block"]) | set(needed["linear"])),
              time.perf_counter() - started)
-    return _table(setup, loaded, calib_ids, units, kl_windows, fisher_samples, seed)
+    return _table(setup, loaded, calib_ids, units, kl_windows, kl_stride, fisher_samples, seed)
 
 
-def _table(setup, loaded, calib_ids, units, kl_windows, fisher_samples, seed) -> SensitivityTable:
+def _table(setup, loaded, calib_ids, units, kl_windows, kl_stride, fisher_samples, seed) -> SensitivityTable:
     rows = []
     for index in range(len(setup.blocks)):
         stored = {(r["layer"], r["option"]): r["values"] for r in setup.cache.load_rows(index)}
@@ -462,7 +464,7 @@ def _table(setup, loaded, calib_ids, units, kl_windows, fisher_samples, seed) ->
         "calib_samples": int(calib_ids.shape[0]), "calib_seqlen": int(calib_ids.shape[1]),
         "metric": setup.metrics[0], "metrics": setup.metrics, "granularity": setup.granularity,
         "interaction": setup.plan_hash, "dtype": setup.dtype, "options": [str(o) for o in setup.options],
-        "settings": {"kl_windows": kl_windows, "fisher_samples": fisher_samples, "seed": seed},
+        "settings": {"kl_windows": kl_windows, "kl_stride": kl_stride, "fisher_samples": fisher_samples, "seed": seed},
         "quantizers": {o.method: get_quantizer(o.method).version for o in setup.options if o.quantized},
     }
     return SensitivityTable(meta, rows)
@@ -486,6 +488,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), default=None,
                         help="model dtype (default float32 on CPU, bfloat16 on CUDA)")
     parser.add_argument("--kl-windows", type=int, default=2, help="calibration windows the kl metric carries")
+    parser.add_argument("--kl-stride", type=int, default=1, help="the kl metric scores every N-th position")
     parser.add_argument("--fisher-samples", type=int, default=1, help="label samples of the Fisher metrics")
     parser.add_argument("--out", default="runs/profile", help="sensitivity.json/.csv and figures go here")
     parser.add_argument("--force", action="store_true", help="measure again even what is cached")
@@ -518,7 +521,7 @@ def main(argv=None) -> int:
     calib = calibration(args, loaded)
     table = profile(loaded, calib, options, cache_root(args.cache_dir) / "profile", args.batch_size, device,
                     args.force, not args.quiet, metrics, args.granularity, plan, weights, args.kl_windows,
-                    args.fisher_samples, args.seed)
+                    args.fisher_samples, args.seed, args.kl_stride)
     out = Path(args.out)
     table.save(out / "sensitivity.json")
     figures = write_report(out, table)

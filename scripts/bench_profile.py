@@ -143,7 +143,7 @@ def main() -> None:
             torch.cuda.reset_peak_memory_stats()
         _sync(device)
         start = time.perf_counter()
-        profile(loaded, ids, options, None, args.batch_size, device, metrics=metrics, weights=weights)
+        profile(loaded, ids, options, None, args.batch_size, device, progress=False, metrics=metrics, weights=weights)
         _sync(device)
         figures[f"profile_s[{group}]"] = round(time.perf_counter() - start, 1)
         if device.type == "cuda":
