@@ -104,24 +104,9 @@ def capture_inputs(model: nn.Module, ids: torch.Tensor, batch_size: int, device=
 
 def returns_tuple(block: nn.Module, batch: BlockBatch) -> bool:
     """Whether the block returns a tuple led by the hidden states (older GPT-2 style) or a tensor."""
+    probe = batch.head(1)
     with torch.no_grad():
-        return isinstance(block(batch.hidden[:1, :2], **_slice_batch(_cut_seq(batch.kwargs, batch.hidden.shape[1], 2),
-                                                                    batch.hidden.shape[0], 1)), (tuple, list))
-
-
-def _cut_seq(value, seqlen: int, keep: int):
-    """Arguments cut to the first `keep` positions (masks and position tables of a short probe)."""
-    if isinstance(value, torch.Tensor):
-        index = [slice(None)] * value.dim()
-        for dim, size in enumerate(value.shape):
-            if size == seqlen and dim > 0:
-                index[dim] = slice(0, keep)
-        return value[tuple(index)]
-    if isinstance(value, (tuple, list)):
-        return type(value)(_cut_seq(v, seqlen, keep) for v in value)
-    if isinstance(value, dict):
-        return {k: _cut_seq(v, seqlen, keep) for k, v in value.items()}
-    return value
+        return isinstance(block(probe.hidden, **probe.kwargs), (tuple, list))
 
 
 class _Inject(nn.Module):

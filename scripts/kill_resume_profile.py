@@ -59,9 +59,10 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--data-dir", default=None)
     parser.add_argument("--model", default="smollm2-135m")
+    parser.add_argument("--space", default="rtn-g64", help="option space (a smaller one makes the demo quicker)")
     parser.add_argument("--json", default=None)
     args = parser.parse_args()
-    common = ["--model", args.model, "--space", "rtn-g64"] + (["--data-dir", args.data_dir] if args.data_dir else [])
+    common = ["--model", args.model, "--space", args.space] + (["--data-dir", args.data_dir] if args.data_dir else [])
     root = Path(tempfile.mkdtemp(prefix="kill-resume-"))
     report = {}
     for name, sig, metric in (("SIGTERM", signal.SIGTERM, "rel"), ("SIGKILL", signal.SIGKILL, "fisher")):
