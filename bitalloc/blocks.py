@@ -5,6 +5,7 @@ stays where it is.  Used by the profiler and by calibrated quantization in apply
 """
 from __future__ import annotations
 
+import inspect
 from dataclasses import dataclass
 
 import torch
@@ -24,6 +25,25 @@ class BlockBatch:
 
     hidden: torch.Tensor
     kwargs: dict
+
+    def head(self, count: int) -> "BlockBatch":
+        """The first `count` windows (arguments with a leading batch dimension are cut alike)."""
+        rows = self.hidden.shape[0]
+        return BlockBatch(self.hidden[:count], _slice_batch(self.kwargs, rows, count))
+
+    @property
+    def tokens(self) -> int:
+        return self.hidden.shape[0] * self.hidden.shape[1]
+
+
+def _slice_batch(value, rows: int, count: int):
+    if isinstance(value, torch.Tensor):
+        return value[:count] if value.dim() > 0 and value.shape[0] == rows and rows > 1 else value
+    if isinstance(value, (tuple, list)):
+        return type(value)(_slice_batch(v, rows, count) for v in value)
+    if isinstance(value, dict):
+        return {k: _slice_batch(v, rows, count) for k, v in value.items()}
+    return value
 
 
 def _to(value, device):
@@ -56,12 +76,17 @@ def capture_inputs(model: nn.Module, ids: torch.Tensor, batch_size: int, device=
     _, blocks = find_blocks(model)
     captured: list[BlockBatch] = []
 
+    signature = inspect.signature(blocks[0].forward)
+    var_keyword = next((k for k, p in signature.parameters.items() if p.kind == p.VAR_KEYWORD), None)
+
     def hook(module, args, kwargs):
-        kwargs = dict(kwargs)
-        hidden = args[0] if args else kwargs.pop("hidden_states")
-        kwargs = {k: v for k, v in kwargs.items() if k not in ("cache", "past_key_values", "layer_past")}
-        kwargs["use_cache"] = False
-        captured.append(BlockBatch(hidden.detach(), kwargs))
+        bound = dict(signature.bind(*args, **kwargs).arguments)  # positional arguments (GPT-2's mask) by name
+        extra = bound.pop(var_keyword, {}) if var_keyword else {}
+        hidden = bound.pop(next(iter(bound)))
+        kept = {k: v for k, v in {**bound, **extra}.items() if k not in ("cache", "past_key_values", "layer_past")}
+        if var_keyword or "use_cache" in signature.parameters:
+            kept["use_cache"] = False
+        captured.append(BlockBatch(hidden.detach(), kept))
         raise _Stop
 
     move_outside_blocks(model, device)
@@ -75,6 +100,47 @@ def capture_inputs(model: nn.Module, ids: torch.Tensor, batch_size: int, device=
     finally:
         handle.remove()
     return captured
+
+
+def returns_tuple(block: nn.Module, batch: BlockBatch) -> bool:
+    """Whether the block returns a tuple led by the hidden states (older GPT-2 style) or a tensor."""
+    probe = batch.head(1)
+    with torch.no_grad():
+        return isinstance(block(probe.hidden, **probe.kwargs), (tuple, list))
+
+
+class _Inject(nn.Module):
+    """Stands in for a decoder block and hands on the given hidden states (or its input when none)."""
+
+    def __init__(self, original: nn.Module, hidden: torch.Tensor | None, as_tuple: bool):
+        super().__init__()
+        object.__setattr__(self, "_original", original)
+        self._hidden, self._as_tuple = hidden, as_tuple
+
+    def __getattr__(self, name):  # attributes the model's loop reads from its layers (attention_type...)
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            return getattr(object.__getattribute__(self, "_original"), name)
+
+    def forward(self, hidden_states, *args, **kwargs):
+        out = hidden_states if self._hidden is None else self._hidden
+        return (out,) if self._as_tuple else out
+
+
+def final_logits(model: nn.Module, ids: torch.Tensor, hidden: torch.Tensor, as_tuple: bool) -> torch.Tensor:
+    """Logits of the model when the last block outputs `hidden`: runs only what follows the blocks
+    (final norm, head, soft-capping...), through the model's own forward, for any architecture."""
+    prefix, blocks = find_blocks(model)
+    module_list = model.get_submodule(prefix)
+    originals = list(module_list)
+    try:
+        for i, block in enumerate(originals):
+            module_list[i] = _Inject(block, hidden if i == len(originals) - 1 else None, as_tuple)
+        return model(input_ids=ids.to(hidden.device), use_cache=False).logits
+    finally:
+        for i, block in enumerate(originals):
+            module_list[i] = block
 
 
 def run_block(block: nn.Module, batch: BlockBatch, device=None) -> torch.Tensor:

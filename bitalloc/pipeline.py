@@ -29,6 +29,7 @@ from .data import calibration_ids
 from .errors import BitallocError, cli_entry
 from .models import find_blocks, load_model, tie_groups
 from .paths import cache_root
+from .metrics import DEFAULT_METRIC, METRICS
 from .plan import Plan
 from .preflight import check_fits
 from .profile import profile
@@ -69,6 +70,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--tie", choices=("none", "fused"), default="none",
                         help="fused: layers reading the same input (q/k/v, gate/up) share one option")
     parser.add_argument("--out", default=None, help="run directory (default runs/<model>-<budget>)")
+    parser.add_argument("--metric", default=DEFAULT_METRIC, choices=sorted(METRICS),
+                        help="sensitivity metric the solver minimises (see python -m bitalloc.profile --help)")
     parser.add_argument("--force", action="store_true", help="re-measure sensitivities even if cached")
     parser.add_argument("--quiet", action="store_true", help="no progress bars")
     group = parser.add_argument_group("optuna (--solver optuna): refine the ILP plan by measured KL")
@@ -229,7 +232,7 @@ def main(argv=None) -> int:
     ties = detect_ties(loaded, calib) if args.tie == "fused" else []
 
     table = profile(loaded, calib, options, cache_root(args.cache_dir) / "profile", args.batch_size, device,
-                    args.force, progress)
+                    args.force, progress, metrics=[args.metric])
     table.save(run_dir / "sensitivity.json")
     problem = build_problem(table, shapes, options, ties, combined_cost_fns(budgets), args.weighting)
     problem.limits = limits

@@ -1,200 +1,541 @@
-"""Streaming sensitivity profiler.
+"""Streaming sensitivity profiler: how much each (layer, option) hurts, measured block by block.
 
-For each decoder block in turn: compute its unquantized outputs on the
-calibration batches, then for every linear layer and every option quantize only
-that layer (through the same quantizer and QuantLinear that apply uses) and
-record the relative error of the block's output, token by token,
+    python -m bitalloc.profile --space rtn-g64 --metrics fisher,rel --out runs/profile
 
-    error = mean over tokens t of ||Y_q[t] - Y[t]||^2 / ||Y[t]||^2 .
+The model is streamed one decoder block at a time (weights from host memory, or
+read lazily from safetensors shards with --lazy); only that block, its
+candidates' layers and its activations are on the accelerator.  Two passes
+produce the metrics of `bitalloc.metrics`:
 
-Per token, because a few tokens (the attention sink at the start of each
-window) carry hidden states hundreds of times larger than the rest in the
-middle blocks of most LLMs; one global ratio would be dominated by them and
-rank those blocks as nearly insensitive.  The next block normalises each token
-anyway, so the per-token relative error is what it sees.
+* the block pass captures block 0's inputs, then for each block computes its
+  unquantized outputs, measures every candidate against them (recomputing only
+  what the candidate changes, see `partial`), and hands the unquantized outputs
+  on; with --interaction PLAN the hand-on is the block quantized by PLAN, so
+  each block is measured on the inputs the quantized model will give it;
+* the linear pass (`linear_pass`) sweeps forward, then backward from a loss on
+  model-sampled labels, and weighs each layer's output error by the gradient.
 
-then pass the unquantized outputs on to the next block.  One block's weights
-and activations are on the device at a time.
+Granularity: a candidate is one linear, one tie group (q/k/v, gate/up) or a
+whole block at one option; a unit's value is shared among its layers in
+proportion to their sizes, so sums over the unit (what solvers add) are exact.
 
-Results are cached per block (one JSON file each, written atomically) together
-with the hidden states at the first unfinished block, so a killed run resumes
-without redoing finished blocks, and a larger option space reuses the rows
-already measured.
+Every block's values are cached in one JSON file (written atomically) under a
+directory keyed by model fingerprint, calibration hash, dtype, granularity and
+interaction plan; each value also records its quantizer version and metric
+settings, and a mismatch is reported and measured again, never reused.  Resume
+frontiers (the hidden states entering the next block, the gradient leaving the
+last finished one) let a killed run continue where it stopped; --force
+recomputes everything.
 """
 from __future__ import annotations
 
+import argparse
+import hashlib
 import json
 import logging
+import sys
+import time
 from pathlib import Path
 
 import torch
+from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
 from . import atomic
-from .blocks import (BlockBatch, advance, block_outputs, capture_inputs, collect_calibration, replace_module,
-                     run_block)
+from .blocks import BlockBatch, capture_inputs, collect_calibration, move_outside_blocks, returns_tuple, run_block
+from .candidates import Candidates
 from .cost import layer_bytes, layer_shapes
 from .data import ids_hash
+from .errors import BitallocError, cli_entry
 from .guards import check_activations, check_value, check_weights
-from .kernels.quant_linear import QuantLinear
-from .models import LoadedModel, block_linears, find_blocks, weight_matrix
-from .quant import Option, get_quantizer, quantize
+from .linear_pass import forward_sweep, label_gradients, measure_block_linears, weight_values
+from .logit_kl import LogitKL
+from .metrics import DEFAULT_METRIC, METRICS, BlockErrors, combine, parse_metrics
+from .models import LoadedModel, block_linears, find_blocks, tie_groups
+from .partial import BlockTrace, Shortcuts, record, replaying
+from .quant import Option, get_quantizer
 from .table import SensitivityTable
+from .weights import InMemory
 
 log = logging.getLogger(__name__)
-METRIC = "block_output_token_rel_mse"
+CACHE_FORMAT = 2
+GRANULARITIES = ("linear", "group", "block")
 
 
-def _row_key(option: Option) -> dict:
-    version = get_quantizer(option.method).version if option.quantized else "fp16"
-    return {"option": str(option), "version": version, "metric": METRIC}
+def _version(option: Option) -> str:
+    return get_quantizer(option.method).version if option.quantized else "fp16"
+
+
+def _settings(metric: str, kl_windows: int, fisher_samples: int, seed: int, kl_stride: int = 1) -> str:
+    """What a metric's value depends on besides model, data and option (stored with the value)."""
+    if metric == "kl":
+        return f"windows={kl_windows},stride={kl_stride}"
+    if METRICS[metric].gradients:
+        return f"samples={fisher_samples},seed={seed}"
+    return ""
 
 
 class BlockCache:
-    """Per-block result files and the resume frontier for one (model, calibration) pair."""
+    """Per-block value files and the resume frontiers of one profiling setup."""
 
-    def __init__(self, root: Path | None, fingerprint: str, calib: str, dtype: str):
-        self.dir = None if root is None else Path(root) / f"{fingerprint}-{calib}-{dtype}"
+    def __init__(self, root: Path | None, key: str):
+        self.dir = None if root is None else Path(root) / key
+        self.memory: dict[int, list[dict]] = {}  # without a directory, rows live here for one call
 
     def _block_path(self, index: int) -> Path:
         return self.dir / f"block_{index:04d}.json"
 
     def load_rows(self, index: int) -> list[dict]:
-        if self.dir is None or not self._block_path(index).is_file():
+        if self.dir is None:
+            return self.memory.get(index, [])
+        if not self._block_path(index).is_file():
             return []
         try:
-            return json.loads(self._block_path(index).read_text())["rows"]
+            data = json.loads(self._block_path(index).read_text())
+            if data.get("format") != CACHE_FORMAT:
+                log.warning("cache file %s has an older format; block %d is measured again",
+                            self._block_path(index), index)
+                return []
+            return data["rows"]
         except (ValueError, KeyError, OSError):
             log.warning("cache file %s is unreadable; block %d will be measured again", self._block_path(index), index)
             return []
 
     def save_rows(self, index: int, rows: list[dict]) -> None:
-        if self.dir is not None:
-            atomic.write_json(self._block_path(index), {"block": index, "rows": rows})
+        if self.dir is None:
+            self.memory[index] = rows
+        else:
+            atomic.write_json(self._block_path(index), {"format": CACHE_FORMAT, "block": index, "rows": rows})
 
-    def save_frontier(self, index: int, batches: list[BlockBatch]) -> None:
+    def _frontier(self, name: str) -> Path | None:
+        return None if self.dir is None else self.dir / f"{name}.safetensors"
+
+    def save_tensors(self, name: str, index: int, tensors: list[torch.Tensor]) -> None:
         if self.dir is None:
             return
-        tensors = {f"hidden_{i}": b.hidden.detach().cpu().contiguous() for i, b in enumerate(batches)}
-        with atomic.atomic_path(self.dir / "frontier.safetensors") as tmp:
-            save_file(tensors, str(tmp), metadata={"block": str(index)})
+        with atomic.atomic_path(self._frontier(name)) as tmp:
+            save_file({f"t{i}": t.detach().cpu().contiguous() for i, t in enumerate(tensors)}, str(tmp),
+                      metadata={"block": str(index)})
 
-    def drop_frontier(self) -> None:
-        if self.dir is not None:
-            (self.dir / "frontier.safetensors").unlink(missing_ok=True)
-
-    def load_frontier(self, index: int, batches: list[BlockBatch]) -> list[BlockBatch] | None:
-        path = None if self.dir is None else self.dir / "frontier.safetensors"
+    def load_tensors(self, name: str, index: int) -> list[torch.Tensor] | None:
+        path = self._frontier(name)
         if path is None or not path.is_file():
             return None
         try:
-            from safetensors import safe_open
-
             with safe_open(str(path), "pt") as handle:
                 if handle.metadata().get("block") != str(index):
                     return None
             tensors = load_file(str(path))
-            device = batches[0].hidden.device
-            hidden = [tensors[f"hidden_{i}"].to(device) for i in range(len(batches))]
-        except Exception:  # corrupt or mismatched frontier: recompute the forward passes instead
-            log.warning("resume frontier %s is unusable; recomputing earlier blocks' outputs", path)
+            return [tensors[f"t{i}"] for i in range(len(tensors))]
+        except Exception:  # corrupt or mismatched frontier: the passes are recomputed instead
+            log.warning("resume frontier %s is unusable; recomputing earlier blocks", path)
             return None
-        return [BlockBatch(h, b.kwargs) for h, b in zip(hidden, batches)]
+
+    def drop(self, name: str) -> None:
+        if self.dir is not None:
+            self._frontier(name).unlink(missing_ok=True)
+
+
+def _units(block, granularity: str, batch: BlockBatch) -> list[tuple[str, ...]]:
+    names = list(block_linears(block))
+    if granularity == "linear":
+        return [(n,) for n in names]
+    if granularity == "block":
+        return [tuple(names)]
+    return [tuple(g) for g in tie_groups(block, lambda: run_block(block, batch.head(1)))]
+
+
+def _share(values: dict[str, float], unit: tuple[str, ...], sizes: dict[str, int]) -> dict[str, dict[str, float]]:
+    """A unit's values split among its layers in proportion to their sizes."""
+    total = sum(sizes[n] for n in unit)
+    return {n: {m: v * sizes[n] / total for m, v in values.items()} for n in unit}
 
 
 @torch.no_grad()
-def measure_block(block, index: int, prefix: str, batches, outputs, options: list[Option],
-                  wanted: set[tuple[str, str]], calibs: dict) -> list[dict]:
-    """Relative block-output error for each wanted (layer, option) of one block."""
-    inverse_energy = [1.0 / o.double().pow(2).sum(-1).clamp_min(1e-30) for o in outputs]
-    tokens = sum(e.numel() for e in inverse_energy)
-    device = batches[0].hidden.device
+def measure_block(block, index: int, batches: list[BlockBatch], wanted: list[tuple[tuple[str, ...], Option]],
+                  candidates: Candidates, kl: LogitKL | None, kl_windows: int, progress_bar=None,
+                  shortcut: bool = True):
+    """Block-pass values for each wanted (unit, option); returns (values, unquantized outputs per batch).
+
+    `shortcut=False` recomputes the whole block for every candidate (the benchmark's baseline).
+    """
+    trace = BlockTrace(block, lambda: run_block(block, batches[0].head(1)))
+    shortcuts = {unit: trace.shortcuts(list(unit)) if shortcut else Shortcuts()
+                 for unit in dict.fromkeys(u for u, _ in wanted)}
+    errors = {key: BlockErrors() for key in wanted}
+    kl_outputs = {key: [] for key in wanted}
+    energy, outputs = 0.0, []
+    for b, batch in enumerate(batches):
+        reference, recording = record(block, lambda: run_block(block, batch), list(shortcuts.values()))
+        token_energy = reference.float().pow(2).sum(-1).double()
+        energy += float(token_energy.sum())
+        inverse = 1.0 / token_energy.clamp_min(1e-30)
+        for unit, option in wanted:
+            with candidates.installed(block, unit, option), replaying(block, shortcuts[unit], recording):
+                out = run_block(block, batch)
+            errors[(unit, option)].add(out, reference, inverse)
+            if kl is not None and b == 0:
+                kl_outputs[(unit, option)] = out[:kl_windows]
+            if progress_bar is not None:
+                progress_bar.set_postfix_str(f"block {index} batch {b + 1}/{len(batches)}")
+        outputs.append(reference)
+        del recording
+    values = {key: acc.values(energy) for key, acc in errors.items()}
+    if kl is not None:
+        for key, value in zip(wanted, kl.measure(index, [kl_outputs[key] for key in wanted])):
+            values[key]["kl"] = value
+    return values, outputs
+
+
+class _Setup:
+    """Everything one profile call decided: names, units, cache, settings."""
+
+    def __init__(self, loaded, calib_ids, options, metrics, granularity, plan, kl_windows, kl_stride,
+                 fisher_samples, seed, cache_dir, batch_size):
+        self.model = loaded.model
+        self.prefix, self.blocks = find_blocks(self.model)
+        self.options, self.metrics, self.granularity, self.plan = options, metrics, granularity, plan
+        self.settings = {m: _settings(m, kl_windows, fisher_samples, seed, kl_stride) for m in METRICS}
+        self.dtype = str(next(self.model.parameters()).dtype).removeprefix("torch.")
+        self.calib_key = ids_hash(calib_ids)
+        self.shapes = {s.name: s for s in layer_shapes(self.model)}
+        key = f"{loaded.fingerprint}-{self.calib_key}-{self.dtype}"
+        if granularity != "linear":
+            key += f"-{granularity}"
+        if plan:
+            plan_text = json.dumps({k: str(v) for k, v in sorted(plan.items())}).encode()
+            self.plan_hash = hashlib.sha256(plan_text).hexdigest()[:12]
+            key += f"-interaction{self.plan_hash}"
+        else:
+            self.plan_hash = None
+        self.cache = BlockCache(cache_dir, key)
+        self.batch_size = batch_size
+
+    def full(self, index: int, name: str) -> str:
+        return f"{self.prefix}.{index}.{name}"
+
+
+def _pending(setup: _Setup, index: int, units, cached: list[dict], force: bool):
+    """(valid cached values by (layer, option), (unit, option) pairs missing a block / linear metric).
+
+    Valid values are {"values": {metric: v}, "settings": {metric: s}}; a requested metric whose
+    stored settings or quantizer version differ is dropped (and reported), never reused.
+    """
+    layers = {setup.full(index, n) for unit in units for n in unit}
+    valid: dict[tuple[str, str], dict] = {}
+    stale = 0
+    for row in [] if force else cached:
+        option = next((o for o in setup.options if str(o) == row["option"]), None)
+        if option is None or row["layer"] not in layers:
+            continue
+        values, settings = dict(row["values"]), dict(row.get("settings", {}))
+        for metric in list(values):
+            wrong_version = row.get("version") != _version(option)
+            if wrong_version or settings.get(metric) != setup.settings[metric]:
+                stale += metric in setup.metrics
+                values.pop(metric)
+                settings.pop(metric, None)
+        valid[(row["layer"], row["option"])] = {"values": values, "settings": settings}
+    if stale:
+        log.warning("block %d: %d cached values were made by another quantizer version or metric setting; "
+                    "measuring them again", index, stale)
+    missing = {"block": [], "linear": []}
+    for unit in units:
+        for option in setup.options:
+            have = [valid.get((setup.full(index, n), str(option)), {}).get("values", {}) for n in unit]
+            for kind in missing:
+                if any(METRICS[m].kind == kind and any(m not in h for h in have) for m in setup.metrics):
+                    missing[kind].append((unit, option))
+    return valid, missing
+
+
+def _merge(setup: _Setup, index: int, valid: dict, new_values: dict, units_of: dict) -> list[dict]:
+    """Cached rows updated with newly measured unit values (shared among the unit's layers)."""
+    for (unit, option), values in new_values.items():
+        sizes = {n: setup.shapes[setup.full(index, n)].numel for n in unit}
+        for metric, value in values.items():
+            check_value(value, f"{metric} of {'+'.join(setup.full(index, n) for n in unit)} at {option}")
+        for name, shared in _share(values, unit, sizes).items():
+            entry = valid.setdefault((setup.full(index, name), str(option)), {"values": {}, "settings": {}})
+            entry["values"].update(shared)
+            entry["settings"].update({m: setup.settings[m] for m in shared})
     rows = []
-    for name, module in block_linears(block).items():
-        full = f"{prefix}.{index}.{name}"
-        weight = weight_matrix(module).detach().float()
-        bias = getattr(module, "bias", None)
-        for option in options:
-            if (full, str(option)) not in wanted:
-                continue
-            qw = quantize(weight.cpu(), option, calibs.get(name), layer=full) if option.quantized else None
-            layer = QuantLinear.from_weight(qw, bias, dense=weight.cpu()).to(device)
-            original = replace_module(block, name, layer)
-            try:
-                error = sum(
-                    float(((run_block(block, b) - o).double().pow(2).sum(-1) * inv).sum())
-                    for b, o, inv in zip(batches, outputs, inverse_energy)
-                ) / tokens
-            finally:
-                replace_module(block, name, original)
-            rows.append({"layer": full, **_row_key(option), "error": check_value(error, f"error of {full} at {option}")})
+    for (layer, option), entry in sorted(valid.items()):
+        opt = next(o for o in setup.options if str(o) == option)
+        row = {"layer": layer, "option": option, "version": _version(opt), **entry}
+        unit = units_of.get(layer.removeprefix(f"{setup.prefix}.{index}."))
+        if unit is not None and len(unit) > 1:
+            row["unit"] = [setup.full(index, n) for n in unit]
+        rows.append(row)
     return rows
 
 
-def profile(loaded: LoadedModel, calib_ids: torch.Tensor, options: list[Option], cache_dir=None,
-            batch_size: int = 4, device="cpu", force: bool = False, progress: bool = True) -> SensitivityTable:
-    """Measure every (linear layer, option) pair; see the module docstring."""
-    model = loaded.model
-    check_weights(model)
-    dtype = str(next(model.parameters()).dtype).removeprefix("torch.")
-    prefix, blocks = find_blocks(model)
-    shapes = {s.name: s for s in layer_shapes(model)}
-    calib_key = ids_hash(calib_ids)
-    cache = BlockCache(cache_dir, loaded.fingerprint, calib_key, dtype)
-    needs_calib = {o.method for o in options if o.quantized and get_quantizer(o.method).needs_calibration}
-
-    # which rows each block still needs
-    pending, done = [], []
-    for index, block in enumerate(blocks):
-        names = [f"{prefix}.{index}.{n}" for n in block_linears(block)]
-        keys = {(n, str(o)): _row_key(o) for n in names for o in options}
-        cached = [] if force else cache.load_rows(index)
-        valid = [r for r in cached if keys.get((r["layer"], r["option"])) == {k: r[k] for k in ("option", "version", "metric")}]
-        stale = [r for r in cached if (r["layer"], r["option"]) in keys and r not in valid]
-        if stale:
-            log.info("block %d: %d cached rows were made by another quantizer version or metric; measuring again",
-                     index, len(stale))
-        have = {(r["layer"], r["option"]) for r in valid}
-        pending.append(set(keys) - have)
-        done.append(valid + [r for r in cached if (r["layer"], r["option"]) not in keys])
-
-    batches = capture_inputs(model, calib_ids, batch_size, device)
-    start = next((i for i, p in enumerate(pending) if p), len(blocks))
-    resumed = cache.load_frontier(start, batches) if 0 < start < len(blocks) else None
-    first = start if resumed is not None else 0
-    if resumed is not None:
-        batches = resumed
-        log.info("resuming at block %d of %d", start, len(blocks))
-
-    bar = tqdm(range(first, len(blocks)), desc="profile", unit="block", disable=not progress)
+def _block_pass(setup, blocks_needed, units, valid, weights, calib_ids, device, progress, kl_windows, kl_stride):
+    """Measure the block-kind metrics of every block in `blocks_needed` (a dict index -> wanted pairs)."""
+    model, blocks, cache = setup.model, setup.blocks, setup.cache
+    batches = capture_inputs(model, calib_ids, setup.batch_size, device)
+    kl_windows = min(kl_windows, batches[0].hidden.shape[0])
+    as_tuple = returns_tuple(weights.load(0, blocks[0], device), batches[0])
+    weights.release(0, blocks[0])
+    needs_calib = {o.method for o in setup.options if o.quantized and get_quantizer(o.method).needs_calibration}
+    kl = None
+    if "kl" in setup.metrics:
+        kl = LogitKL(model, calib_ids[:kl_windows], batches[0].head(kl_windows), blocks, weights, device, as_tuple,
+                     kl_stride)
+    if device.type != "cpu" and kl is None:
+        move_outside_blocks(model, "cpu")  # embeddings and head need no device memory while blocks are measured
+    first, last = min(blocks_needed), max(blocks_needed)
+    resumed = setup.cache.load_tensors("frontier", first) if first > 0 else None
+    start = 0
+    if resumed is not None and len(resumed) == len(batches):
+        batches = [BlockBatch(h.to(device), b.kwargs) for h, b in zip(resumed, batches)]
+        start = first
+        log.info("block pass resumes at block %d of %d", first, len(blocks))
+    bar = tqdm(range(start, last + 1), desc="profile (block pass)", unit="block", disable=not progress)
     for index in bar:
-        block = blocks[index].to(device)
-        outputs = block_outputs(block, batches)
-        check_activations(block, outputs, f"block {index}", lambda: block_outputs(block, batches), f"{prefix}.{index}")
-        if pending[index]:
-            calibs = collect_calibration(block, batches, list(block_linears(block))) if needs_calib else {}
-            rows = measure_block(block, index, prefix, batches, outputs, options, pending[index], calibs)
-            done[index] = done[index] + rows
-            cache.save_rows(index, done[index])
-        batches = advance(batches, outputs)
-        blocks[index].to("cpu")
-        if pending[index] and index + 1 < len(blocks):
-            cache.save_frontier(index + 1, batches)
-    cache.drop_frontier()
+        block = weights.load(index, blocks[index], device)
+        wanted = blocks_needed.get(index, [])
+        if wanted:
+            linears = list(dict.fromkeys(n for unit, _ in wanted for n in unit))
+            calibs = collect_calibration(block, batches, linears) if needs_calib else {}
+            pairs = {(n, o) for unit, o in wanted for n in unit}
+            candidates = Candidates(block, sorted(pairs, key=str), lambda n: setup.full(index, n), calibs, device)
+            values, outputs = measure_block(block, index, batches, wanted, candidates, kl, kl_windows, bar)
+            units_of = {n: u for u in units[index] for n in u}
+            cache.save_rows(index, _merge(setup, index, valid[index], values, units_of))
+        else:
+            outputs = [run_block(block, b) for b in batches]
+        check_activations(block, outputs, f"block {index}", lambda: [run_block(block, b) for b in batches],
+                          f"{setup.prefix}.{index}")
+        if setup.plan:
+            outputs = _quantized_outputs(setup, index, block, batches, device)
+        batches = [BlockBatch(out, b.kwargs) for b, out in zip(batches, outputs)]
+        weights.release(index, blocks[index])
+        if index < last:
+            cache.save_tensors("frontier", index + 1, [b.hidden for b in batches])
+    cache.drop("frontier")
 
-    wanted = [(f"{prefix}.{i}.{n}", o) for i, b in enumerate(blocks) for n in block_linears(b) for o in options]
-    lookup = {(r["layer"], r["option"]): r for d in done for r in d}
-    rows = [
-        {"layer": name, "option": str(o), "error": lookup[(name, str(o))]["error"],
-         "bytes": layer_bytes(shapes[name], o), "numel": shapes[name].numel}
-        for name, o in wanted
-    ]
+
+@torch.no_grad()
+def _quantized_outputs(setup, index, block, batches, device):
+    """Interaction mode: this block's outputs with its linears quantized as the plan says."""
+    linears = list(block_linears(block))
+    assignment = {n: setup.plan[setup.full(index, n)] for n in linears}
+    needs = any(o.quantized and get_quantizer(o.method).needs_calibration for o in assignment.values())
+    calibs = collect_calibration(block, batches, linears) if needs else {}
+    chosen = Candidates(block, list(assignment.items()), lambda n: setup.full(index, n), calibs, device)
+    outputs = []
+    with _all_installed(block, chosen, assignment):
+        outputs = [run_block(block, b) for b in batches]
+    return outputs
+
+
+class _all_installed:
+    """Install several (layer, option) candidates at once (each layer at its own option)."""
+
+    def __init__(self, block, candidates: Candidates, assignment: dict):
+        self.stack = [candidates.installed(block, (name,), option) for name, option in assignment.items()]
+
+    def __enter__(self):
+        for context in self.stack:
+            context.__enter__()
+
+    def __exit__(self, *exc):
+        for context in reversed(self.stack):
+            context.__exit__(*exc)
+
+
+def _linear_pass(setup, blocks_needed, units, valid, weights, calib_ids, device, progress, fisher_samples, seed):
+    """Measure the linear-kind metrics of every block in `blocks_needed` (index -> wanted (unit, option) pairs)."""
+    model, blocks, cache = setup.model, setup.blocks, setup.cache
+    gradients = any(METRICS[m].gradients for m in setup.metrics)
+    fisher_diag = any(m in setup.metrics for m in ("wfisher", "hawq"))
+    batches = capture_inputs(model, calib_ids, setup.batch_size, device)
+    predicted = calib_ids.shape[0] * (calib_ids.shape[1] - 1)
+    needs_calib = {o.method for o in setup.options if o.quantized and get_quantizer(o.method).needs_calibration}
+    top, bottom = max(blocks_needed), min(blocks_needed)
+    upstream = None
+    if gradients:
+        saved = cache.load_tensors("gradient_frontier", top)
+        if saved is not None and len(saved) == fisher_samples * len(batches):
+            upstream = [saved[k * len(batches):(k + 1) * len(batches)] for k in range(fisher_samples)]
+            log.info("linear pass resumes below block %d", top + 1)
+        else:
+            top = len(blocks) - 1
+    upto = len(blocks) if gradients and upstream is None else top
+    boundaries = forward_sweep(blocks, weights, batches, device, upto, progress)
+    if gradients and upstream is None:
+        as_tuple = returns_tuple(weights.load(0, blocks[0], device), batches[0])
+        weights.release(0, blocks[0])
+        upstream = label_gradients(model, calib_ids.split(setup.batch_size), boundaries[-1], device, as_tuple,
+                                   fisher_samples, seed)
+    if device.type != "cpu":
+        move_outside_blocks(model, "cpu")
+    order = range(top, bottom - 1, -1) if gradients else range(bottom, top + 1)
+    for index in tqdm(order, desc="profile (linear pass)", unit="block", disable=not progress):
+        block = weights.load(index, blocks[index], device)
+        wanted = blocks_needed.get(index, [])
+        pairs = sorted({(n, o) for unit, o in wanted for n in unit}, key=str)
+        calibs = collect_calibration(block, boundaries[index], [n for n, _ in pairs]) if needs_calib and pairs else {}
+        candidates = Candidates(block, pairs, lambda n: setup.full(index, n), calibs, device)
+        terms, weight_terms, upstream = measure_block_linears(
+            block, candidates, boundaries[index], upstream if gradients else None, device, fisher_diag)
+        weights.release(index, blocks[index])
+        if wanted:
+            per_weight = weight_values(weight_terms, predicted)
+            values = {}
+            for unit, option in wanted:
+                values[(unit, option)] = combine([terms[(n, option)] for n in unit], predicted)
+                if fisher_diag:
+                    for metric in ("wfisher", "hawq"):
+                        values[(unit, option)][metric] = sum(per_weight[(n, option)][metric] for n in unit)
+            units_of = {n: u for u in units[index] for n in u}
+            cache.save_rows(index, _merge(setup, index, valid[index], values, units_of))
+        if gradients and index > bottom:
+            cache.save_tensors("gradient_frontier", index - 1, [g for sample in upstream for g in sample])
+        boundaries[index] = None  # free host memory as the sweep descends
+    cache.drop("gradient_frontier")
+
+
+def profile(loaded: LoadedModel, calib_ids: torch.Tensor, options: list[Option], cache_dir=None,
+            batch_size: int = 4, device="cpu", force: bool = False, progress: bool = True,
+            metrics=(DEFAULT_METRIC,), granularity: str = "linear", plan: dict[str, Option] | None = None,
+            weights=None, kl_windows: int = 2, fisher_samples: int = 1, seed: int = 0,
+            kl_stride: int = 1) -> SensitivityTable:
+    """Measure every (linear layer, option) pair; the first of `metrics` becomes each row's `error`.
+
+    `plan` (layer -> Option) turns on interaction mode; `weights` is a block weight source
+    (default: the blocks in host memory).  See the module docstring.
+    """
+    metrics = parse_metrics(list(metrics))
+    if granularity not in GRANULARITIES:
+        raise BitallocError(f"granularity must be one of {', '.join(GRANULARITIES)}, got '{granularity}'")
+    if plan and any(METRICS[m].kind != "block" or m == "kl" for m in metrics):
+        raise BitallocError("interaction mode (a plan's quantized inputs) measures the rel and mse metrics only")
+    device = torch.device(device)
+    weights = weights or InMemory()
+    check_weights(loaded.model)
+    setup = _Setup(loaded, calib_ids, options, metrics, granularity, plan, kl_windows, kl_stride, fisher_samples,
+                   seed, cache_dir, batch_size)
+    if plan:
+        missing = [n for n in setup.shapes if n not in plan]
+        if missing:
+            raise BitallocError(f"interaction plan has no option for layer {missing[0]}")
+
+    first_batch = capture_inputs(setup.model, calib_ids[:1], 1, device)[0] if granularity == "group" else None
+    units, valid, needed = [], [], {"block": {}, "linear": {}}
+    for index, block in enumerate(setup.blocks):
+        if granularity == "group":
+            block_units = _units(weights.load(index, block, device), granularity, first_batch)
+            weights.release(index, block)
+        else:
+            block_units = _units(block, granularity, first_batch)
+        units.append(block_units)
+        kept, missing = _pending(setup, index, block_units, setup.cache.load_rows(index), force)
+        valid.append(kept)
+        for kind, pairs in missing.items():
+            if pairs:
+                needed[kind][index] = pairs
+    started = time.perf_counter()
+    if needed["block"]:
+        _block_pass(setup, needed["block"], units, valid, weights, calib_ids, device, progress, kl_windows, kl_stride)
+    if needed["linear"]:
+        _linear_pass(setup, needed["linear"], units, valid, weights, calib_ids, device, progress, fisher_samples,
+                     seed)
+    if device.type != "cpu":
+        move_outside_blocks(setup.model, "cpu")
+    log.info("profiled %d block(s) in %.1f s", len(set(needed["block"]) | set(needed["linear"])),
+             time.perf_counter() - started)
+    return _table(setup, loaded, calib_ids, units, kl_windows, kl_stride, fisher_samples, seed)
+
+
+def _table(setup, loaded, calib_ids, units, kl_windows, kl_stride, fisher_samples, seed) -> SensitivityTable:
+    rows = []
+    for index in range(len(setup.blocks)):
+        stored = {(r["layer"], r["option"]): r["values"] for r in setup.cache.load_rows(index)}
+        for unit in units[index]:
+            for name in unit:
+                layer = setup.full(index, name)
+                for option in setup.options:
+                    values = stored[(layer, str(option))]
+                    row = {"layer": layer, "option": str(option), "error": values[setup.metrics[0]],
+                           "bytes": layer_bytes(setup.shapes[layer], option), "numel": setup.shapes[layer].numel}
+                    row.update({m: values[m] for m in setup.metrics})
+                    if len(unit) > 1:
+                        row["unit"] = "+".join(setup.full(index, n) for n in unit)
+                    rows.append(row)
     meta = {
-        "model": loaded.spec, "fingerprint": loaded.fingerprint, "calibration": calib_key,
+        "model": loaded.spec, "fingerprint": loaded.fingerprint, "calibration": setup.calib_key,
         "calib_samples": int(calib_ids.shape[0]), "calib_seqlen": int(calib_ids.shape[1]),
-        "metric": METRIC, "dtype": dtype, "options": [str(o) for o in options],
-        "quantizers": {o.method: get_quantizer(o.method).version for o in options if o.quantized},
+        "metric": setup.metrics[0], "metrics": setup.metrics, "granularity": setup.granularity,
+        "interaction": setup.plan_hash, "dtype": setup.dtype, "options": [str(o) for o in setup.options],
+        "settings": {"kl_windows": kl_windows, "kl_stride": kl_stride, "fisher_samples": fisher_samples, "seed": seed},
+        "quantizers": {o.method: get_quantizer(o.method).version for o in setup.options if o.quantized},
     }
     return SensitivityTable(meta, rows)
 
+
+def build_parser() -> argparse.ArgumentParser:
+    from .cli_args import add_data_args, add_model_args
+
+    parser = argparse.ArgumentParser(prog="python -m bitalloc.profile", description=__doc__.split("\n\n")[0],
+                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser.add_argument("--space", default="rtn-g64", help="option space: preset name, file or comma-separated list")
+    parser.add_argument("--space-dir", default="search/spaces", help="where preset option spaces live")
+    parser.add_argument("--metrics", default=DEFAULT_METRIC,
+                        help=f"comma-separated; the first is each row's error ({', '.join(METRICS)})")
+    parser.add_argument("--granularity", choices=GRANULARITIES, default="linear",
+                        help="one candidate per linear, per tie group (q/k/v, gate/up) or per whole block")
+    parser.add_argument("--interaction", default=None, metavar="PLAN",
+                        help="plan.json: feed each block the outputs of the model quantized so far by this plan")
+    parser.add_argument("--lazy", action="store_true",
+                        help="read each block's weights from the safetensors shards only when needed")
+    parser.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), default=None,
+                        help="model dtype (default float32 on CPU, bfloat16 on CUDA)")
+    parser.add_argument("--kl-windows", type=int, default=2, help="calibration windows the kl metric carries")
+    parser.add_argument("--kl-stride", type=int, default=1, help="the kl metric scores every N-th position")
+    parser.add_argument("--fisher-samples", type=int, default=1, help="label samples of the Fisher metrics")
+    parser.add_argument("--out", default="runs/profile", help="sensitivity.json/.csv and figures go here")
+    parser.add_argument("--force", action="store_true", help="measure again even what is cached")
+    parser.add_argument("--quiet", action="store_true", help="no progress bars")
+    add_model_args(parser)
+    add_data_args(parser)
+    return parser
+
+
+@cli_entry
+def main(argv=None) -> int:
+    from .cli_args import calibration, check_positive, resolve_device
+    from .models import load_model
+    from .paths import cache_root
+    from .pipeline import load_space
+    from .plan import Plan
+    from .profile_report import write_report
+    from .weights import load_lazy
+
+    args = build_parser().parse_args(argv)
+    check_positive(args)
+    device = resolve_device(args.device)
+    dtype = getattr(torch, args.dtype) if args.dtype else (torch.bfloat16 if device.type == "cuda" else torch.float32)
+    metrics = parse_metrics(args.metrics)
+    options = load_space(args.space, args.space_dir, None)
+    loaded, weights = load_lazy(args.model, dtype) if args.lazy else (load_model(args.model, dtype), None)
+    plan = None
+    if args.interaction:
+        plan = Plan.load(args.interaction).assignment([s.name for s in layer_shapes(loaded.model)])
+    calib = calibration(args, loaded)
+    table = profile(loaded, calib, options, cache_root(args.cache_dir) / "profile", args.batch_size, device,
+                    args.force, not args.quiet, metrics, args.granularity, plan, weights, args.kl_windows,
+                    args.fisher_samples, args.seed, args.kl_stride)
+    out = Path(args.out)
+    table.save(out / "sensitivity.json")
+    figures = write_report(out, table)
+    print(f"{len(table.rows)} rows ({len(table.layers)} layers x {len(options)} options), metrics "
+          f"{', '.join(metrics)}: {out / 'sensitivity.json'}, .csv, {len(figures)} figures "
+          f"(tensorboard --logdir {out})")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

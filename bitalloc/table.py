@@ -2,7 +2,10 @@
 
 Rows are (layer, option, error, bytes, numel); the metadata says which model,
 calibration, metric and quantizer versions produced them, so a table made for
-something else is recognised instead of silently reused.
+something else is recognised instead of silently reused.  `error` is the metric
+solvers minimise; a profile that measured several metrics keeps each as an
+extra column named after it (meta["metrics"]), and `with_metric` makes any of
+them the `error`.
 """
 from __future__ import annotations
 
@@ -38,14 +41,27 @@ class SensitivityTable:
     def error(self, layer: str, option: Option | str) -> float:
         return self.lookup()[(layer, str(option))]["error"]
 
+    @property
+    def metrics(self) -> list[str]:
+        return list(self.meta.get("metrics", [self.meta.get("metric", "error")]))
+
+    def with_metric(self, metric: str) -> "SensitivityTable":
+        """The same table with `metric` as every row's error."""
+        if metric not in self.metrics or any(metric not in r for r in self.rows):
+            raise BitallocError(f"the sensitivity table has no metric '{metric}' (it has {', '.join(self.metrics)})")
+        return SensitivityTable({**self.meta, "metric": metric}, [{**r, "error": r[metric]} for r in self.rows])
+
     def to_json(self) -> dict:
         return {"meta": self.meta, "rows": self.rows}
 
     def to_csv(self) -> str:
         buffer = io.StringIO()
-        writer = csv.DictWriter(buffer, fieldnames=FIELDS, lineterminator="\n")
+        extra = [m for m in self.metrics if m not in FIELDS and all(m in r for r in self.rows)]
+        extra += ["unit"] if any("unit" in r for r in self.rows) else []
+        fields = list(FIELDS) + extra
+        writer = csv.DictWriter(buffer, fieldnames=fields, lineterminator="\n")
         writer.writeheader()
-        writer.writerows({k: r[k] for k in FIELDS} for r in self.rows)
+        writer.writerows({k: r.get(k, "") for k in fields} for r in self.rows)
         return buffer.getvalue()
 
     def save(self, path: str | Path) -> None:

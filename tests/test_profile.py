@@ -1,13 +1,14 @@
 import pytest
 import torch
 
-from bitalloc import profile as profile_module
+from bitalloc import linear_pass, profile as profile_module
 from bitalloc.models import from_module
 from bitalloc.profile import profile
 from bitalloc.quant import parse
 from conftest import tiny_llama
 
 OPTIONS = [parse(f"rtn:int{b}:g32:asym") for b in (2, 3, 4, 8)]
+ALL = ["rel", "mse", "kl", "layer_out", "fisher", "fisher_tok", "wfisher", "hawq"]
 
 
 @pytest.fixture
@@ -19,65 +20,85 @@ def setup():
 
 def test_sensitivity_falls_as_bits_rise(setup):
     loaded, ids = setup
-    table = profile(loaded, ids, OPTIONS, cache_dir=None, batch_size=2, progress=False)
-    assert len(table.rows) == 14 * 4
+    table = profile(loaded, ids, OPTIONS, cache_dir=None, batch_size=2, progress=False, metrics=ALL)
+    assert len(table.rows) == 14 * 4 and table.metrics == ALL
     for layer in table.layers:
-        errors = [table.error(layer, o) for o in OPTIONS]
-        assert errors == sorted(errors, reverse=True), layer
-        assert errors[0] > 0
+        for metric in ("rel", "mse", "layer_out", "fisher_tok", "wfisher", "hawq"):
+            values = [table.lookup()[(layer, str(o))][metric] for o in OPTIONS]
+            assert values == sorted(values, reverse=True) and values[0] > 0, (layer, metric)
+        for metric in ("kl", "fisher"):  # noisier estimates: only the extremes are compared
+            values = [table.lookup()[(layer, str(o))][metric] for o in OPTIONS]
+            assert values[0] > values[-1], (layer, metric)
 
 
 def test_the_profile_leaves_the_model_unchanged(setup):
     loaded, ids = setup
     before = {k: v.clone() for k, v in loaded.model.state_dict().items()}
-    profile(loaded, ids, OPTIONS[:2], cache_dir=None, batch_size=2, progress=False)
+    flags = {k: p.requires_grad for k, p in loaded.model.named_parameters()}
+    profile(loaded, ids, OPTIONS[:2], cache_dir=None, batch_size=2, progress=False, metrics=["rel", "fisher"])
     after = loaded.model.state_dict()
     assert before.keys() == after.keys() and all(torch.equal(before[k], after[k]) for k in before)
+    assert flags == {k: p.requires_grad for k, p in loaded.model.named_parameters()}
+
+
+def _spy(monkeypatch, module, name, calls):
+    real = getattr(module, name)
+
+    def spy(block, index_or_candidates, *args, **kwargs):
+        calls.append(args)
+        return real(block, index_or_candidates, *args, **kwargs)
+
+    monkeypatch.setattr(module, name, spy)
 
 
 def test_cached_rows_are_reused_and_new_options_only_measured(setup, tmp_path, monkeypatch):
     loaded, ids = setup
-    first = profile(loaded, ids, OPTIONS[:2], cache_dir=tmp_path, batch_size=2, progress=False)
-    measured = []
-    real = profile_module.measure_block
-
-    def spy(*args, **kwargs):
-        measured.append(args[6])  # the (layer, option) pairs still wanted
-        return real(*args, **kwargs)
-
-    monkeypatch.setattr(profile_module, "measure_block", spy)
-    again = profile(loaded, ids, OPTIONS[:2], cache_dir=tmp_path, batch_size=2, progress=False)
-    assert measured == [] and again.rows == first.rows
-    wider = profile(loaded, ids, OPTIONS[:3], cache_dir=tmp_path, batch_size=2, progress=False)
-    assert all(o == str(OPTIONS[2]) for wanted in measured for _, o in wanted)
+    first = profile(loaded, ids, OPTIONS[:2], cache_dir=tmp_path, batch_size=2, progress=False,
+                    metrics=["rel", "fisher"])
+    block_calls, linear_calls = [], []
+    _spy(monkeypatch, profile_module, "measure_block", block_calls)
+    again = profile(loaded, ids, OPTIONS[:2], cache_dir=tmp_path, batch_size=2, progress=False,
+                    metrics=["rel", "fisher"])
+    assert block_calls == [] and again.rows == first.rows
+    wider = profile(loaded, ids, OPTIONS[:3], cache_dir=tmp_path, batch_size=2, progress=False,
+                    metrics=["rel", "fisher"])
+    assert all(o == OPTIONS[2] for call in block_calls for _, o in call[1])
     assert [r for r in wider.rows if r["option"] != str(OPTIONS[2])] == first.rows
 
 
 def test_cache_key_changes_with_model_and_calibration(setup, tmp_path):
     loaded, ids = setup
-    profile(loaded, ids, OPTIONS[:1], cache_dir=tmp_path, batch_size=2, progress=False)
+    profile(loaded, ids, OPTIONS[:1], cache_dir=tmp_path, batch_size=2, progress=False, metrics=["rel"])
     other_model = from_module(tiny_llama(seed=4))
-    profile(other_model, ids, OPTIONS[:1], cache_dir=tmp_path, batch_size=2, progress=False)
-    profile(loaded, ids.flip(0), OPTIONS[:1], cache_dir=tmp_path, batch_size=2, progress=False)
+    profile(other_model, ids, OPTIONS[:1], cache_dir=tmp_path, batch_size=2, progress=False, metrics=["rel"])
+    profile(loaded, ids.flip(0), OPTIONS[:1], cache_dir=tmp_path, batch_size=2, progress=False, metrics=["rel"])
     assert len([p for p in tmp_path.iterdir() if p.is_dir()]) == 3
 
 
-def test_stale_quantizer_version_is_not_reused(setup, tmp_path, monkeypatch, caplog):
+def test_stale_quantizer_version_or_setting_is_reported_and_not_reused(setup, tmp_path, monkeypatch, caplog):
     loaded, ids = setup
-    profile(loaded, ids, OPTIONS[:1], cache_dir=tmp_path, batch_size=2, progress=False)
+    profile(loaded, ids, OPTIONS[:1], cache_dir=tmp_path, batch_size=2, progress=False, metrics=["rel", "kl"])
     from bitalloc.quant import registry
 
     quantizer = registry.QUANTIZERS["rtn"]
     monkeypatch.setitem(registry.QUANTIZERS, "rtn", quantizer.__class__(**{**quantizer.__dict__, "version": "999"}))
-    with caplog.at_level("INFO"):
-        table = profile(loaded, ids, OPTIONS[:1], cache_dir=tmp_path, batch_size=2, progress=False)
-    assert "another quantizer version" in caplog.text
-    assert len(table.rows) == 14
+    block_calls = []
+    _spy(monkeypatch, profile_module, "measure_block", block_calls)
+    with caplog.at_level("WARNING"):
+        table = profile(loaded, ids, OPTIONS[:1], cache_dir=tmp_path, batch_size=2, progress=False,
+                        metrics=["rel", "kl"])
+    assert "another quantizer version" in caplog.text and len(block_calls) == 2 and len(table.rows) == 14
+    caplog.clear()
+    block_calls.clear()
+    with caplog.at_level("WARNING"):  # a different kl setting makes only kl stale
+        profile(loaded, ids, OPTIONS[:1], cache_dir=tmp_path, batch_size=2, progress=False, metrics=["rel", "kl"],
+                kl_windows=1)
+    assert "metric setting" in caplog.text and len(block_calls) == 2
 
 
-def test_resume_after_a_failure_recomputes_no_finished_block(setup, tmp_path, monkeypatch):
+def test_block_pass_resumes_after_a_failure_and_recomputes_no_finished_block(setup, tmp_path, monkeypatch):
     loaded, ids = setup
-    reference = profile(loaded, ids, OPTIONS, cache_dir=None, batch_size=2, progress=False)
+    reference = profile(loaded, ids, OPTIONS, cache_dir=None, batch_size=2, progress=False, metrics=["rel", "mse"])
     real = profile_module.measure_block
     calls = []
 
@@ -89,10 +110,31 @@ def test_resume_after_a_failure_recomputes_no_finished_block(setup, tmp_path, mo
 
     monkeypatch.setattr(profile_module, "measure_block", failing)
     with pytest.raises(RuntimeError, match="injected"):
-        profile(loaded, ids, OPTIONS, cache_dir=tmp_path, batch_size=2, progress=False)
+        profile(loaded, ids, OPTIONS, cache_dir=tmp_path, batch_size=2, progress=False, metrics=["rel", "mse"])
     calls.clear()
     monkeypatch.setattr(profile_module, "measure_block", lambda block, index, *a, **k: (calls.append(index),
                                                                                         real(block, index, *a, **k))[1])
-    resumed = profile(loaded, ids, OPTIONS, cache_dir=tmp_path, batch_size=2, progress=False)
+    resumed = profile(loaded, ids, OPTIONS, cache_dir=tmp_path, batch_size=2, progress=False, metrics=["rel", "mse"])
     assert calls == [1]
+    assert resumed.rows == reference.rows
+
+
+def test_linear_pass_resumes_below_the_last_finished_block(setup, tmp_path, monkeypatch):
+    loaded, ids = setup
+    reference = profile(loaded, ids, OPTIONS, cache_dir=None, batch_size=2, progress=False, metrics=["fisher"])
+    real = linear_pass.measure_block_linears
+    measured = []
+
+    def failing(block, candidates, *args, **kwargs):
+        measured.append(len(list(candidates.keys())))
+        if len(measured) == 2:
+            raise RuntimeError("injected failure in the second block of the backward sweep")
+        return real(block, candidates, *args, **kwargs)
+
+    monkeypatch.setattr(profile_module, "measure_block_linears", failing)
+    with pytest.raises(RuntimeError, match="injected"):
+        profile(loaded, ids, OPTIONS, cache_dir=tmp_path, batch_size=2, progress=False, metrics=["fisher"])
+    measured.clear()
+    resumed = profile(loaded, ids, OPTIONS, cache_dir=tmp_path, batch_size=2, progress=False, metrics=["fisher"])
+    assert measured == [7 * 4]  # block 1 was finished and is neither measured nor back-propagated again
     assert resumed.rows == reference.rows

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import torch
 
-from .backends import Fallback, add_bias, divide_act_scale, register_backend
+from .backends import Fallback, divide_act_scale, register_backend
 
 MIN_ROWS = 17
 PADDED_ROWS = 32
