@@ -140,6 +140,14 @@ def model_bytes(model: nn.Module, assignment: dict[str, Option], embeddings: Opt
     return ModelBytes(linears, embed_bytes, head_bytes, other, tied)
 
 
+def other_bytes(model: nn.Module, dtype: torch.dtype = torch.float16) -> int:
+    """Bytes of every parameter outside the decoder linears (embeddings, norms, head; tied ones once),
+    all kept in `dtype`: what a saved packed model stores beside its packed layers."""
+    counted = {id(p) for m in linear_layers(model).values() for p in m.parameters()}
+    size = torch.empty((), dtype=dtype).element_size()
+    return sum(p.numel() * size for p in {id(p): p for p in model.parameters()}.values() if id(p) not in counted)
+
+
 def parameter_count(model: nn.Module) -> int:
     return sum(p.numel() for p in {id(p): p for p in model.parameters()}.values())
 

@@ -28,6 +28,7 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from .blocks import BlockBatch, final_logits, run_block
+from .guards import check_activations
 from .metrics import LinearTerms, weight_fisher_terms
 from .models import block_linears, weight_matrix
 
@@ -52,12 +53,15 @@ def _to_host(batch: BlockBatch, hidden: torch.Tensor) -> BlockBatch:
 
 
 @torch.no_grad()
-def forward_sweep(blocks, weights, batches: list[BlockBatch], device, upto: int, progress: bool):
+def forward_sweep(blocks, weights, batches: list[BlockBatch], device, upto: int, progress: bool, prefix: str = ""):
     """Hidden states entering blocks 0..upto (index i: the inputs of block i), kept on the host."""
     boundaries = [[_to_host(b, b.hidden) for b in batches]]
     for index in tqdm(range(upto), desc="forward sweep", unit="block", disable=not progress):
         block = weights.load(index, blocks[index], device)
-        boundaries.append([_to_host(b, run_block(block, b, device)) for b in boundaries[-1]])
+        outputs = [run_block(block, b, device) for b in boundaries[-1]]
+        check_activations(block, outputs, f"block {index}",
+                          lambda: [run_block(block, b, device) for b in boundaries[-1]], f"{prefix}.{index}")
+        boundaries.append([_to_host(b, out) for b, out in zip(boundaries[-1], outputs)])
         weights.release(index, blocks[index])
     return boundaries
 

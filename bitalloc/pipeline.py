@@ -252,7 +252,8 @@ def main(argv=None) -> int:
     plan = Plan(
         model=loaded.spec, fingerprint=loaded.fingerprint, layers={k: str(v) for k, v in mixed.items()},
         tie_groups=ties, budget=combined_json(budgets),
-        solver={k: v for k, v in reports[args.solver].items() if k != "measured_trials"},
+        # wall time would make plans of identical runs differ
+        solver={k: v for k, v in reports[args.solver].items() if k not in ("measured_trials", "seconds")},
         calibration=calibration_record(args), evaluation=evaluation.protocol,
         predicted={"bytes": int(totals["bytes"]) if "bytes" in totals else None, "loss": totals["loss"],
                    "objective": totals["objective"], "weighting": args.weighting,

@@ -364,7 +364,7 @@ def _linear_pass(setup, blocks_needed, units, valid, weights, calib_ids, device,
         else:
             top = len(blocks) - 1
     upto = len(blocks) if gradients and upstream is None else top
-    boundaries = forward_sweep(blocks, weights, batches, device, upto, progress)
+    boundaries = forward_sweep(blocks, weights, batches, device, upto, progress, setup.prefix)
     if gradients and upstream is None:
         as_tuple = returns_tuple(weights.load(0, blocks[0], device), batches[0])
         weights.release(0, blocks[0])
