@@ -55,7 +55,7 @@ METRICS = {m.name: m for m in (
     Metric("wfisher", "linear", True, "diagonal weight-Fisher weighted weight error (predicted KL)"),
     Metric("hawq", "linear", True, "Fisher-trace proxy times weight error (HAWQ-style)"),
 )}
-DEFAULT_METRIC = "fisher"
+DEFAULT_METRIC = "rel"  # ranks plans best in search runs on SmolLM2 (docs/RESULTS.md, issue 3)
 
 
 def parse_metrics(text: str | list[str]) -> list[str]:
