@@ -1,7 +1,6 @@
 """Profiling sharded by blocks: each rank's range, and 2 gloo ranks under torchrun against one process."""
 import json
 import os
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -14,7 +13,7 @@ from bitalloc.errors import BitallocError
 from bitalloc.models import from_module
 from bitalloc.profile import main as profile_main, profile
 from bitalloc.quant import parse
-from conftest import run_cli, tiny_llama
+from conftest import free_port, run_cli, tiny_llama
 
 ROOT = Path(__file__).resolve().parents[1]
 SPACE = "rtn:int2:g32:asym,rtn:int4:g32:asym"
@@ -44,19 +43,13 @@ def test_ranges_of_blocks_give_the_rows_of_a_whole_run(tmp_path):
         profile(loaded, ids, options, blocks=range(2, 4), **settings)
 
 
-def _free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
-
-
 def test_two_gloo_ranks_merge_into_the_single_process_table(tiny_dir, corpus_dir, tmp_path, monkeypatch, capsys):
     args = ["--model", str(tiny_dir), "--space", SPACE, "--metrics", "rel,fisher,kl", "--nsamples", "4",
             "--calib-seqlen", "32", "--batch-size", "2", "--device", "cpu", "--quiet"]
     env = {**os.environ, "BITALLOC_DATA": str(corpus_dir), "BITALLOC_CACHE": str(tmp_path / "shared-cache"),
            "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]), "OMP_NUM_THREADS": "1"}
     launcher = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-addr", "127.0.0.1",
-                "--master-port", str(_free_port()), "-m", "bitalloc.profile"]
+                "--master-port", str(free_port()), "-m", "bitalloc.profile"]
     done = subprocess.run(launcher + args + ["--out", str(tmp_path / "sharded")], env=env, capture_output=True,
                           text=True, timeout=180)
     assert done.returncode == 0, done.stderr[-3000:]

@@ -2,7 +2,6 @@
 import glob
 import os
 import shutil
-import socket
 import subprocess
 import sys
 import tempfile
@@ -12,6 +11,7 @@ from pathlib import Path
 import pytest
 
 from bitalloc.solve.optuna_search import solve_optuna
+from conftest import free_port
 from test_solve_optuna import HERE, WORKER, make_problem
 
 
@@ -21,12 +21,6 @@ def _server_binaries() -> Path | None:
     candidates = [Path(found).resolve().parent] if found else []
     candidates += [Path(p) for p in sorted(glob.glob("/usr/lib/postgresql/*/bin"), reverse=True)]
     return next((d for d in candidates if all((d / n).is_file() for n in ("initdb", "pg_ctl", "postgres"))), None)
-
-
-def _free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
 
 
 @pytest.fixture
@@ -51,7 +45,7 @@ def postgres_url():
             pytest.skip("running as root without a `postgres` user and runuser to start the server as")
         os.chown(root, account.pw_uid, account.pw_gid)
         as_server = [runuser, "-u", "postgres", "--"]
-    data, port = root / "data", _free_port()
+    data, port = root / "data", free_port()
 
     def server(*command):
         return subprocess.run(as_server + list(command), capture_output=True, text=True, timeout=60)
