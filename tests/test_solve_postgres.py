@@ -3,16 +3,14 @@ import glob
 import os
 import shutil
 import subprocess
-import sys
 import tempfile
-import textwrap
 from pathlib import Path
 
 import pytest
 
 from bitalloc.solve.optuna_search import solve_optuna
 from conftest import free_port
-from test_solve_optuna import HERE, WORKER, make_problem
+from test_solve_optuna import make_problem, run_workers
 
 
 def _server_binaries() -> Path | None:
@@ -64,13 +62,7 @@ def postgres_url():
 
 
 def test_two_workers_share_one_study_in_postgresql(postgres_url, tmp_path):
-    script = tmp_path / "worker.py"
-    script.write_text(textwrap.dedent(WORKER.format(here=str(HERE), root=str(HERE.parent), storage=postgres_url)))
-    workers = [subprocess.Popen([sys.executable, str(script), str(seed)], stderr=subprocess.PIPE, text=True)
-               for seed in (21, 22)]
-    for worker in workers:
-        _, err = worker.communicate(timeout=120)
-        assert worker.returncode == 0, err
+    run_workers(tmp_path, postgres_url, (21, 22))
     problem, starts, measure = make_problem()
     choice, report = solve_optuna(problem, measure, starts, "tpe", n_trials=0, storage=postgres_url)
     assert report["trials"] == 20 and report["workers"] == 2  # both workers' trials are in the one study
