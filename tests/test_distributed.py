@@ -30,9 +30,9 @@ def test_block_ranges_are_contiguous_balanced_and_cover_every_block():
 
 def test_ranges_of_blocks_give_the_rows_of_a_whole_run(tmp_path):
     loaded = from_module(tiny_llama(layers=3, seed=5))
-    ids = torch.randint(0, 300, (4, 24), generator=torch.Generator().manual_seed(1))
+    ids = torch.randint(0, 300, (2, 16), generator=torch.Generator().manual_seed(1))
     options = [parse(o) for o in SPACE.split(",")]
-    settings = dict(batch_size=2, progress=False, metrics=["rel", "fisher"])
+    settings = dict(batch_size=2, progress=False, metrics=["rel", "kl", "fisher"])
     whole = profile(loaded, ids, options, **settings)
     parts = [profile(loaded, ids, options, cache_dir=tmp_path, blocks=r, **settings) for r in (range(2), range(2, 3))]
     assert all(part.meta == whole.meta for part in parts)
@@ -44,7 +44,7 @@ def test_ranges_of_blocks_give_the_rows_of_a_whole_run(tmp_path):
 
 
 def test_two_gloo_ranks_merge_into_the_single_process_table(tiny_dir, corpus_dir, tmp_path, monkeypatch, capsys):
-    args = ["--model", str(tiny_dir), "--space", SPACE, "--metrics", "rel,fisher,kl", "--nsamples", "4",
+    args = ["--model", str(tiny_dir), "--space", SPACE, "--metrics", "rel,fisher", "--nsamples", "4",
             "--calib-seqlen", "32", "--batch-size", "2", "--device", "cpu", "--quiet"]
     env = {**os.environ, "BITALLOC_DATA": str(corpus_dir), "BITALLOC_CACHE": str(tmp_path / "shared-cache"),
            "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]), "OMP_NUM_THREADS": "1"}
@@ -65,7 +65,7 @@ def test_two_gloo_ranks_merge_into_the_single_process_table(tiny_dir, corpus_dir
     assert [(r["layer"], r["option"]) for r in sharded["rows"]] == [(r["layer"], r["option"]) for r in single["rows"]]
     for mine, theirs in zip(sharded["rows"], single["rows"]):
         assert mine.keys() == theirs.keys() and mine["bytes"] == theirs["bytes"]
-        for metric in ("error", "rel", "fisher", "kl"):
+        for metric in ("error", "rel", "fisher"):
             assert mine[metric] == pytest.approx(theirs[metric], rel=1e-5, abs=1e-9), (mine["layer"], metric)
     shared = next((tmp_path / "shared-cache" / "profile").iterdir())
     assert sorted(p.name for p in shared.iterdir()) == ["block_0000.json", "block_0001.json"]  # no frontier left
