@@ -23,7 +23,8 @@ Design:
   extra, candidate-free work.
 * Ranks write the same per-block cache files as a single run (atomic, one
   file per block) and keep their resume frontiers apart, so they may share a
-  cache directory; a killed run resumes with the same number of ranks.
+  cache directory.  A killed run started again reuses every finished block
+  whatever the number of ranks; a rank's half-way frontiers only with the same.
 * Rank 0 gathers every rank's rows (in rank order, hence block order), checks
   that all ranks profiled the same model and calibration, and returns the same
   table a single process would; the CLI writes outputs on rank 0 only.  A rank
