@@ -26,6 +26,13 @@ settings, and a mismatch is reported and measured again, never reused.  Resume
 frontiers (the hidden states entering the next block, the gradient leaving the
 last finished one) let a killed run continue where it stopped; --force
 recomputes everything.
+
+`blocks=range(a, b)` measures only those blocks and returns their rows: the
+passes still run the unquantized forward through the blocks before `a` (and,
+for gradient metrics, the backward from the last block down to `a`), so the
+values equal a whole-model run's.  This is how `bitalloc.distributed` shards a
+profile across ranks; each range keeps its own resume frontiers, so ranks may
+share one cache directory.
 """
 from __future__ import annotations
 
@@ -79,8 +86,9 @@ def _settings(metric: str, kl_windows: int, fisher_samples: int, seed: int, kl_s
 class BlockCache:
     """Per-block value files and the resume frontiers of one profiling setup."""
 
-    def __init__(self, root: Path | None, key: str):
+    def __init__(self, root: Path | None, key: str, frontier_tag: str = ""):
         self.dir = None if root is None else Path(root) / key
+        self.frontier_tag = frontier_tag  # one range of blocks' frontiers never meet another range's
         self.memory: dict[int, list[dict]] = {}  # without a directory, rows live here for one call
 
     def _block_path(self, index: int) -> Path:
@@ -109,7 +117,7 @@ class BlockCache:
             atomic.write_json(self._block_path(index), {"format": CACHE_FORMAT, "block": index, "rows": rows})
 
     def _frontier(self, name: str) -> Path | None:
-        return None if self.dir is None else self.dir / f"{name}.safetensors"
+        return None if self.dir is None else self.dir / f"{name}{self.frontier_tag}.safetensors"
 
     def save_tensors(self, name: str, index: int, tensors: list[torch.Tensor]) -> None:
         if self.dir is None:
@@ -192,9 +200,10 @@ class _Setup:
     """Everything one profile call decided: names, units, cache, settings."""
 
     def __init__(self, loaded, calib_ids, options, metrics, granularity, plan, kl_windows, kl_stride,
-                 fisher_samples, seed, cache_dir, batch_size):
+                 fisher_samples, seed, cache_dir, batch_size, measured):
         self.model = loaded.model
         self.prefix, self.blocks = find_blocks(self.model)
+        self.measured = _block_range(measured, len(self.blocks))
         self.options, self.metrics, self.granularity, self.plan = options, metrics, granularity, plan
         self.settings = {m: _settings(m, kl_windows, fisher_samples, seed, kl_stride) for m in METRICS}
         self.dtype = str(next(self.model.parameters()).dtype).removeprefix("torch.")
@@ -209,11 +218,20 @@ class _Setup:
             key += f"-interaction{self.plan_hash}"
         else:
             self.plan_hash = None
-        self.cache = BlockCache(cache_dir, key)
+        whole = self.measured == range(len(self.blocks))
+        self.cache = BlockCache(cache_dir, key, "" if whole else f"-{self.measured.start}-{self.measured.stop - 1}")
         self.batch_size = batch_size
 
     def full(self, index: int, name: str) -> str:
         return f"{self.prefix}.{index}.{name}"
+
+
+def _block_range(blocks: range | None, count: int) -> range:
+    if blocks is None:
+        return range(count)
+    if not isinstance(blocks, range) or blocks.step != 1 or not 0 <= blocks.start < blocks.stop <= count:
+        raise BitallocError(f"blocks must be a non-empty contiguous range within 0..{count - 1}, got {blocks}")
+    return blocks
 
 
 def _pending(setup: _Setup, index: int, units, cached: list[dict], force: bool):
@@ -402,11 +420,12 @@ def profile(loaded: LoadedModel, calib_ids: torch.Tensor, options: list[Option],
             batch_size: int = 4, device="cpu", force: bool = False, progress: bool = True,
             metrics=(DEFAULT_METRIC,), granularity: str = "linear", plan: dict[str, Option] | None = None,
             weights=None, kl_windows: int = 2, fisher_samples: int = 1, seed: int = 0,
-            kl_stride: int = 1) -> SensitivityTable:
+            kl_stride: int = 1, blocks: range | None = None) -> SensitivityTable:
     """Measure every (linear layer, option) pair; the first of `metrics` becomes each row's `error`.
 
     `plan` (layer -> Option) turns on interaction mode; `weights` is a block weight source
-    (default: the blocks in host memory).  See the module docstring.
+    (default: the blocks in host memory); `blocks` (a range of block indices) limits the
+    measurement and the table to those blocks.  See the module docstring.
     """
     metrics = parse_metrics(list(metrics))
     if granularity not in GRANULARITIES:
@@ -417,23 +436,23 @@ def profile(loaded: LoadedModel, calib_ids: torch.Tensor, options: list[Option],
     weights = weights or InMemory()
     check_weights(loaded.model)
     setup = _Setup(loaded, calib_ids, options, metrics, granularity, plan, kl_windows, kl_stride, fisher_samples,
-                   seed, cache_dir, batch_size)
+                   seed, cache_dir, batch_size, blocks)
     if plan:
         missing = [n for n in setup.shapes if n not in plan]
         if missing:
             raise BitallocError(f"interaction plan has no option for layer {missing[0]}")
 
     first_batch = capture_inputs(setup.model, calib_ids[:1], 1, device)[0] if granularity == "group" else None
-    units, valid, needed = [], [], {"block": {}, "linear": {}}
-    for index, block in enumerate(setup.blocks):
+    units, valid, needed = {}, {}, {"block": {}, "linear": {}}
+    for index in setup.measured:
+        block = setup.blocks[index]
         if granularity == "group":
             block_units = _units(weights.load(index, block, device), granularity, first_batch)
             weights.release(index, block)
         else:
             block_units = _units(block, granularity, first_batch)
-        units.append(block_units)
-        kept, missing = _pending(setup, index, block_units, setup.cache.load_rows(index), force)
-        valid.append(kept)
+        units[index] = block_units
+        valid[index], missing = _pending(setup, index, block_units, setup.cache.load_rows(index), force)
         for kind, pairs in missing.items():
             if pairs:
                 needed[kind][index] = pairs
@@ -452,7 +471,7 @@ def profile(loaded: LoadedModel, calib_ids: torch.Tensor, options: list[Option],
 
 def _table(setup, loaded, calib_ids, units, kl_windows, kl_stride, fisher_samples, seed) -> SensitivityTable:
     rows = []
-    for index in range(len(setup.blocks)):
+    for index in setup.measured:
         stored = {(r["layer"], r["option"]): r["values"] for r in setup.cache.load_rows(index)}
         for unit in units[index]:
             for name in unit:
@@ -507,6 +526,7 @@ def build_parser() -> argparse.ArgumentParser:
 @cli_entry
 def main(argv=None) -> int:
     from .cli_args import calibration, check_positive, resolve_device
+    from .distributed import process_group, profile_sharded, rank_device, shard_from_env
     from .models import load_model
     from .paths import cache_root
     from .pipeline import load_space
@@ -517,6 +537,9 @@ def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     check_positive(args)
     device = resolve_device(args.device)
+    shard = shard_from_env()  # launched by torchrun with several ranks: profile one range of blocks each
+    if shard is not None:
+        device = rank_device(shard, device)
     dtype = getattr(torch, args.dtype) if args.dtype else (torch.bfloat16 if device.type == "cuda" else torch.float32)
     metrics = parse_metrics(args.metrics)
     options = load_space(args.space, args.space_dir, None)
@@ -525,9 +548,18 @@ def main(argv=None) -> int:
     if args.interaction:
         plan = Plan.load(args.interaction).assignment([s.name for s in layer_shapes(loaded.model)])
     calib = calibration(args, loaded)
-    table = profile(loaded, calib, options, cache_root(args.cache_dir) / "profile", args.batch_size, device,
-                    args.force, not args.quiet, metrics, args.granularity, plan, weights, args.kl_windows,
-                    args.fisher_samples, args.seed, args.kl_stride)
+    progress = not args.quiet and (shard is None or shard.rank == 0)  # one set of bars, not one per rank
+    settings = dict(cache_dir=cache_root(args.cache_dir) / "profile", batch_size=args.batch_size, device=device,
+                    force=args.force, progress=progress, metrics=metrics, granularity=args.granularity, plan=plan,
+                    weights=weights, kl_windows=args.kl_windows, fisher_samples=args.fisher_samples, seed=args.seed,
+                    kl_stride=args.kl_stride)
+    if shard is None:
+        table = profile(loaded, calib, options, **settings)
+    else:
+        with process_group(shard, device):
+            table = profile_sharded(loaded, calib, options, shard, **settings)
+        if table is None:  # not rank 0: its blocks went to rank 0, which writes the outputs
+            return 0
     out = Path(args.out)
     table.save(out / "sensitivity.json")
     figures = write_report(out, table)

@@ -34,6 +34,9 @@ RANDOM_CONFIGS = {
     "llama-3-8b": dict(vocab_size=128256, hidden_size=4096, intermediate_size=14336, num_hidden_layers=32,
                        num_attention_heads=32, num_key_value_heads=8, max_position_embeddings=8192,
                        rope_theta=500000.0, tie_word_embeddings=False),
+    "llama-2-13b": dict(vocab_size=32000, hidden_size=5120, intermediate_size=13824, num_hidden_layers=40,
+                        num_attention_heads=40, num_key_value_heads=40, max_position_embeddings=4096,
+                        tie_word_embeddings=False),
 }
 
 
@@ -59,11 +62,12 @@ class RandomBlocks:
         block.to("meta")
 
 
-def random_model(name: str, dtype: torch.dtype):
+def random_model(name: str, dtype: torch.dtype, overrides: dict | None = None):
+    """`overrides`: config fields changed from the named shape (fewer layers for a quick check...)."""
     from accelerate import init_empty_weights
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    config = LlamaConfig(**RANDOM_CONFIGS[name])
+    config = LlamaConfig(**{**RANDOM_CONFIGS[name], **(overrides or {})})
     with init_empty_weights():
         model = LlamaForCausalLM(config).to(dtype)
     blocks_prefix = "model.layers."

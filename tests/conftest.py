@@ -136,6 +136,15 @@ def requires_default_model():
     return pytest.mark.slow
 
 
+def free_port() -> int:
+    """A TCP port on loopback that nothing listens on now (for servers and rendezvous a test starts)."""
+    import socket
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
 def all_files(root: Path) -> set[Path]:
     return {p for p in Path(root).rglob("*") if p.is_file()}
 

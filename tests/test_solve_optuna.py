@@ -73,15 +73,20 @@ solve_optuna(problem, measure, starts, "tpe", n_trials=10, storage={storage!r}, 
 """
 
 
-def test_two_worker_processes_share_one_study(tmp_path):
-    storage = str(tmp_path / "study.db")
+def run_workers(tmp_path, storage: str, seeds) -> None:
+    """One worker process per seed, all at once, each adding 10 trials to the study in `storage`."""
     script = tmp_path / "worker.py"
     script.write_text(textwrap.dedent(WORKER.format(here=str(HERE), root=str(HERE.parent), storage=storage)))
     workers = [subprocess.Popen([sys.executable, str(script), str(seed)], stderr=subprocess.PIPE, text=True)
-               for seed in (11, 12)]
+               for seed in seeds]
     for worker in workers:
         _, err = worker.communicate(timeout=120)
         assert worker.returncode == 0, err
+
+
+def test_two_worker_processes_share_one_study(tmp_path):
+    storage = str(tmp_path / "study.db")
+    run_workers(tmp_path, storage, (11, 12))
     problem, starts, measure = make_problem()
     shared, report = solve_optuna(problem, measure, starts, "tpe", n_trials=0, storage=storage)
     assert report["trials"] == 20 and report["workers"] == 2
