@@ -279,7 +279,8 @@ def main(argv=None) -> int:
         size = problem.costs["bytes"][np.arange(len(picked)), picked].sum() if "bytes" in problem.costs else None
         entry = {"bytes": int(size) if size is not None else None, "predicted_loss": problem.total("loss", picked),
                  "avg_bits": 8 * size / numel if size is not None else None, "measured": measured,
-                 "solver": variants[name][0], **{k: problem.total(k, picked) for k in limits if k != "bytes"}}
+                 "solver": variants[name][0], **{k: problem.total(k, picked) for k in limits if k != "bytes"},
+                 "layers": {layer: str(option) for layer, option in problem.assignment(picked).items()}}
         results[name] = entry
         rows.append(result_row(name, entry["bytes"], entry["avg_bits"], entry["predicted_loss"], measured,
                                base["ppl"]))

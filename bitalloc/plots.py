@@ -67,29 +67,37 @@ def sensitivity_figure(errors: dict[tuple[str, str], float], layers: list[str], 
 
 
 def bits_figure(assignments: dict[str, dict[str, float]]):
-    """Bits per weight of every layer, one line per variant, block boundaries marked."""
+    """Bits per weight of every layer: one panel per mixed plan (lines drawn on one axis would hide
+    each other), uniform plans as dashed reference lines on every panel, block boundaries marked."""
     plt = pyplot()
-    figure, axis = plt.subplots(figsize=(13, 4))
     layers = list(next(iter(assignments.values())))
-    for i, (name, bits) in enumerate(assignments.items()):
-        values = [bits[l] for l in layers]
-        if len(set(values)) == 1:  # a uniform plan: a dashed reference line, so mixed plans stay visible
-            axis.axhline(values[0], linestyle="--", linewidth=0.9, color=f"C{i}", label=name, zorder=1)
-        else:
-            axis.step(range(len(layers)), values, where="mid", label=name, linewidth=1.6, color=f"C{i}", zorder=3)
+    values = {name: [bits[l] for l in layers] for name, bits in assignments.items()}
+    uniform = {name: v[0] for name, v in values.items() if len(set(v)) == 1}
+    mixed = [name for name in values if name not in uniform] or list(uniform)[:1]
+    figure, axes = plt.subplots(len(mixed), 1, figsize=(13, 1.2 + 2.1 * len(mixed)), sharex=True, squeeze=False)
     blocks = [split_layer(l)[0] for l in layers]
     starts = [i for i in range(1, len(layers)) if blocks[i] != blocks[i - 1]]
-    for s in starts:
-        axis.axvline(s - 0.5, color="0.85", linewidth=0.6, zorder=0)
+    for row, name in enumerate(mixed):
+        axis = axes[row][0]
+        axis.step(range(len(layers)), values[name], where="mid", linewidth=1.6, color="C0", zorder=3)
+        for i, (label, level) in enumerate(uniform.items()):
+            axis.axhline(level, linestyle="--", linewidth=0.9, color=f"C{i + 1}", label=label, zorder=1)
+        for s in starts:
+            axis.axvline(s - 0.5, color="0.85", linewidth=0.6, zorder=0)
+        axis.set_title(name, fontsize=9, loc="left")
+        axis.set_ylabel("bits / weight", fontsize=8)
+        axis.grid(axis="y", alpha=0.3)
+        if uniform and row == 0:
+            axis.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0))
     ticks = [0, *starts]
     step = max(1, len(ticks) // 30)
-    axis.set_xticks(ticks[::step], [str(blocks[t]) for t in ticks[::step]], fontsize=7)
-    axis.set_xlabel("block (each block's linears in order: " + ", ".join(
-        dict.fromkeys(split_layer(l)[1].split(".")[-1] for l in layers)) + ")", fontsize=8)
-    axis.set_ylabel("bits per weight\n(scales and zeros included)")
-    axis.set_title("Bits per layer")
-    axis.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0))
-    axis.grid(axis="y", alpha=0.3)
+    bottom = axes[-1][0]
+    bottom.set_xticks(ticks[::step], [str(blocks[t]) for t in ticks[::step]], fontsize=7)
+    bottom.set_xlabel("block (each block's linears in order: " + ", ".join(
+        dict.fromkeys(split_layer(l)[1].split(".")[-1] for l in layers)) + "); bits include scales and zeros",
+        fontsize=8)
+    figure.suptitle("Bits per layer")
+    figure.tight_layout()
     return figure
 
 

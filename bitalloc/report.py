@@ -84,7 +84,10 @@ class Run:
         """Layer -> option string of a variant, where the run says (plans, uniform variants)."""
         if name in self.extra and "assignment" in self.extra[name]:
             return self.extra[name]["assignment"]
-        if name.startswith("mixed"):
+        recorded = self.results.get("variants", {}).get(name, {}).get("layers")
+        if recorded:
+            return recorded
+        if name == f"mixed ({(self.plan.solver or {}).get('solver', 'ilp')})":  # older runs: only the plan's own
             return {l: self.plan.layers.get(l, self.plan.default) for l in self.layers}
         if name.startswith("uniform "):
             return {l: name.split(" ", 1)[1] for l in self.layers}
