@@ -31,93 +31,153 @@ MAGIC_FLOAT = tl.constexpr(8388608.0)
 
 
 @triton.jit
-def _add_code(part, code, zb, xt_ptr, J: tl.constexpr, C, chunk, chunk_ok, EVEN: tl.constexpr):
-    """part += (q - z) * x for code position J of every chunk: (2**23 + q) - (2**23 + z) is exact."""
-    if EVEN:
-        x = tl.load(xt_ptr + J * C + chunk)
+def _shifted(word, D: tl.constexpr):
+    if D >= 0:
+        return word >> D
     else:
-        x = tl.load(xt_ptr + J * C + chunk, mask=chunk_ok, other=0.0)
-    q = (code | MAGIC).to(tl.float32, bitcast=True) - zb
-    return part + q * x.to(tl.float32)[None, :]
+        return word << (-D)
 
 
 @triton.jit
-def _load_word(base, i: tl.constexpr, ok, EVEN: tl.constexpr):
-    if EVEN:
-        return tl.load(base + i).to(tl.uint32, bitcast=True)
-    return tl.load(base + i, mask=ok, other=0).to(tl.uint32, bitcast=True)
+def _code_float(w0, w1, w2, J: tl.constexpr, BITS: tl.constexpr, PER_SHIFT: tl.constexpr):
+    """Code J of a unit (one word, or three words for 3 bits) as the float M_J + code, with M_J = 2**(23 - t).
 
-
-@triton.jit
-def gemv_chunks(xt_ptr, qw_ptr, s_ptr, z_ptr, out_ptr, N, C, KW, NG, stride_om,
-                BITS: tl.constexpr, GROUP: tl.constexpr, HAS_ZEROS: tl.constexpr, BLOCK_N: tl.constexpr,
-                BLOCK_C: tl.constexpr, SPLIT_K: tl.constexpr, EVEN: tl.constexpr):
-    """One row of activations against [rows, chunks of 32 codes]; xt[j, c] = x[32 c + j] (zero padded).
-
-    Every code position j of a chunk is a compile-time (word, shift) pair, so
-    unpacking is a constant shift and mask, and x for position j of the tile's
-    chunks is one small load shared by all the rows a thread holds.  GROUP is a
-    multiple of 32 (a chunk lies in one group).  EVEN: no masks needed.
+    The code is moved (one shift, shared by PER_SHIFT neighbouring codes) to bit
+    t of the mantissa and given an exponent, so one AND-OR makes the float:
+    M_J + code exactly, M_J <= 2**(BITS * PER_SHIFT).  With all words zero
+    this returns M_J itself.  Codes straddling two words (3 bits) are joined first.
     """
-    PER_WORD: tl.constexpr = 32 // BITS
+    TOP: tl.constexpr = 23 - BITS  # the highest bit a code may start at and stay in the mantissa
     MASK: tl.constexpr = (1 << BITS) - 1
+    start: tl.constexpr = BITS * J
+    i: tl.constexpr = start // 32
+    o: tl.constexpr = start % 32
+    if i == 0:
+        word = w0
+        nxt = w1
+    elif i == 1:
+        word = w1
+        nxt = w2
+    else:
+        word = w2
+        nxt = w2
+    if o + BITS > 32:
+        t: tl.constexpr = TOP
+        placed = (word >> (o - t)) | (nxt << (32 - o + t))
+    else:
+        first: tl.constexpr = (BITS - (32 * i) % BITS) % BITS  # where word i's first whole code starts
+        span: tl.constexpr = BITS * PER_SHIFT
+        base: tl.constexpr = first + (o - first) // span * span
+        d: tl.constexpr = base - (23 - span)
+        t: tl.constexpr = o - d
+        placed = _shifted(word, d)
+    bits = (placed & (MASK << t)) | ((150 - t) << 23)
+    return bits.to(tl.float32, bitcast=True)
+
+
+@triton.jit
+def arrange_activations(x_ptr, xt_ptr, xb_ptr, K, U, stride_xm, BITS: tl.constexpr, PER_SHIFT: tl.constexpr,
+                        BLOCK: tl.constexpr):
+    """x [M, K] -> xt [M, CODES, U] float32 with xt[m, j, u] = x[m, CODES u + j] (zero padded), and per unit u
+    xb[m, 0, u] = sum_j x, xb[m, 1, u] = sum_j M_j x (the offsets `_code_float` adds, taken out per unit)."""
+    WORDS: tl.constexpr = 1 if 32 % BITS == 0 else BITS
+    CODES: tl.constexpr = 32 * WORDS // BITS
+    m = tl.program_id(1)
+    u = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    u_ok = u < U
+    zero = tl.zeros([BLOCK], dtype=tl.uint32)
+    total = tl.zeros([BLOCK], dtype=tl.float32)
+    offsets = tl.zeros([BLOCK], dtype=tl.float32)
+    for j in tl.static_range(CODES):
+        k = u * CODES + j
+        x = tl.load(x_ptr + m * stride_xm + k, mask=k < K, other=0.0).to(tl.float32)
+        tl.store(xt_ptr + (m * CODES + j) * U + u, x, mask=u_ok)
+        total += x
+        offsets += _code_float(zero, zero, zero, j, BITS, PER_SHIFT) * x
+    tl.store(xb_ptr + m * 2 * U + u, total, mask=u_ok)
+    tl.store(xb_ptr + (m * 2 + 1) * U + u, offsets, mask=u_ok)
+
+
+@triton.jit
+def _load_words(ptr, ok, EVEN: tl.constexpr):
+    if EVEN:
+        return tl.load(ptr).to(tl.uint32, bitcast=True)
+    return tl.load(ptr, mask=ok, other=0).to(tl.uint32, bitcast=True)
+
+
+@triton.jit
+def gemv_units(xt_ptr, xb_ptr, qw_ptr, s_ptr, z_ptr, out_ptr, N, U, KW, NG, stride_om,
+               BITS: tl.constexpr, GROUP: tl.constexpr, HAS_ZEROS: tl.constexpr, PER_SHIFT: tl.constexpr,
+               BLOCK_N: tl.constexpr, BLOCK_U: tl.constexpr, SPLIT_K: tl.constexpr, EVEN: tl.constexpr):
+    """One row of activations (arranged by `arrange_activations`) against [rows, units] of packed codes.
+
+    A unit is one int32 word (2, 4, 8 bits) or the three words of 32 codes (3
+    bits); a tile is BLOCK_N rows x BLOCK_U units, loaded contiguously along
+    the row.  Each code becomes M_J + q by a constant shift and one AND-OR
+    (`_code_float`) and is multiplied by x; per unit, sum (q - z) x = part -
+    sum M_J x - z sum x, then times the group's scale.  When a tile lies in one
+    group (GROUP a multiple of its codes) scales and zeros are one load per row.
+    Split-K adds float32 partial sums with atomics.
+    """
+    WORDS: tl.constexpr = 1 if 32 % BITS == 0 else BITS
+    CODES: tl.constexpr = 32 * WORDS // BITS
+    ROW_SCALES: tl.constexpr = GROUP % (BLOCK_U * CODES) == 0
     pid_n = tl.program_id(0)
     pid_k = tl.program_id(1)
     m = tl.program_id(2)
-    xt_ptr += m * 32 * C
+    xt_ptr += m * CODES * U
+    xb_ptr += m * 2 * U
     rows = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     row_ok = rows < N
-    tiles = tl.cdiv(C, BLOCK_C)
+    tiles = tl.cdiv(U, BLOCK_U)
     per_split = tl.cdiv(tiles, SPLIT_K)
     first = pid_k * per_split
     last = tl.minimum(first + per_split, tiles)
-    acc = tl.zeros([BLOCK_N, BLOCK_C], dtype=tl.float32)
+    acc = tl.zeros([BLOCK_N, BLOCK_U], dtype=tl.float32)
     for tile in range(first, last):
-        chunk = tile * BLOCK_C + tl.arange(0, BLOCK_C)
-        chunk_ok = chunk < C
-        ok = row_ok[:, None] & chunk_ok[None, :]
-        base = qw_ptr + rows[:, None] * KW + (chunk * BITS)[None, :]
-        where = rows[:, None] * NG + ((chunk * 32) // GROUP)[None, :]
-        if EVEN:
-            s = tl.load(s_ptr + where).to(tl.float32)
+        u = tile * BLOCK_U + tl.arange(0, BLOCK_U)
+        u_ok = u < U
+        ok = row_ok[:, None] & u_ok[None, :]
+        base = qw_ptr + rows[:, None] * KW + (u * WORDS)[None, :]
+        w0 = _load_words(base, ok, EVEN)
+        if WORDS > 1:
+            w1 = _load_words(base + 1, ok, EVEN)
+            w2 = _load_words(base + 2, ok, EVEN)
         else:
-            s = tl.load(s_ptr + where, mask=ok, other=0.0).to(tl.float32)
-        if HAS_ZEROS:
+            w1 = w0
+            w2 = w0
+        part = tl.zeros([BLOCK_N, BLOCK_U], dtype=tl.float32)
+        for j in tl.static_range(CODES):
             if EVEN:
-                zb = tl.load(z_ptr + where).to(tl.float32) + MAGIC_FLOAT
+                x = tl.load(xt_ptr + j * U + u)
             else:
-                zb = tl.load(z_ptr + where, mask=ok, other=0.0).to(tl.float32) + MAGIC_FLOAT
+                x = tl.load(xt_ptr + j * U + u, mask=u_ok, other=0.0)
+            part += _code_float(w0, w1, w2, j, BITS, PER_SHIFT) * x[None, :]
+        if EVEN:
+            total = tl.load(xb_ptr + u)
+            offsets = tl.load(xb_ptr + U + u)
         else:
-            zb = (1 << (BITS - 1)) * 1.0 + MAGIC_FLOAT
-        part = tl.zeros([BLOCK_N, BLOCK_C], dtype=tl.float32)
-        if BITS == 3:  # 32 codes in 3 words; codes 10 and 21 straddle two words
-            w0 = _load_word(base, 0, ok, EVEN)
-            w1 = _load_word(base, 1, ok, EVEN)
-            w2 = _load_word(base, 2, ok, EVEN)
-            for j in tl.static_range(32):
-                if j < 10:
-                    code = (w0 >> (3 * j)) & 7
-                elif j == 10:
-                    code = ((w0 >> 30) | (w1 << 2)) & 7
-                elif j < 21:
-                    code = (w1 >> (3 * j - 32)) & 7
-                elif j == 21:
-                    code = ((w1 >> 31) | (w2 << 1)) & 7
-                else:
-                    code = (w2 >> (3 * j - 64)) & 7
-                part = _add_code(part, code, zb, xt_ptr, j, C, chunk, chunk_ok, EVEN)
+            total = tl.load(xb_ptr + u, mask=u_ok, other=0.0)
+            offsets = tl.load(xb_ptr + U + u, mask=u_ok, other=0.0)
+        if ROW_SCALES:
+            where = rows * NG + (tile * BLOCK_U * CODES) // GROUP
+            s = tl.load(s_ptr + where, mask=row_ok, other=0.0).to(tl.float32)[:, None]
+            if HAS_ZEROS:
+                z = tl.load(z_ptr + where, mask=row_ok, other=0.0).to(tl.float32)[:, None]
         else:
-            for i in tl.static_range(BITS):
-                word = _load_word(base, i, ok, EVEN)
-                for p in tl.static_range(PER_WORD):
-                    part = _add_code(part, (word >> (p * BITS)) & MASK, zb, xt_ptr, i * PER_WORD + p, C, chunk,
-                                     chunk_ok, EVEN)
-        acc += s * part
-    total = tl.sum(acc, axis=1)
+            where = rows[:, None] * NG + ((u * CODES) // GROUP)[None, :]
+            s = tl.load(s_ptr + where, mask=ok, other=0.0).to(tl.float32)
+            if HAS_ZEROS:
+                z = tl.load(z_ptr + where, mask=ok, other=0.0).to(tl.float32)
+        if HAS_ZEROS:
+            acc += s * (part - offsets[None, :] - z * total[None, :])
+        else:
+            acc += s * (part - (offsets + (1 << (BITS - 1)) * total)[None, :])
+    total_rows = tl.sum(acc, axis=1)
     if SPLIT_K == 1:
-        tl.store(out_ptr + m * stride_om + rows, total.to(out_ptr.dtype.element_ty), mask=row_ok)
+        tl.store(out_ptr + m * stride_om + rows, total_rows.to(out_ptr.dtype.element_ty), mask=row_ok)
     else:
-        tl.atomic_add(out_ptr + m * stride_om + rows, total, mask=row_ok)
+        tl.atomic_add(out_ptr + m * stride_om + rows, total_rows, mask=row_ok)
 
 
 @triton.jit
