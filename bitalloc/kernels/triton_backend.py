@@ -29,8 +29,8 @@ DEQUANT = "dequantize+cublas"
 GEMV_ROWS = 4  # batches up to this size may run as one GEMV per row (the tuner decides)
 # (BLOCK_N rows, BLOCK_K codes per row and step, SPLIT_K, num_warps); BLOCK_K dividing the group size lets a
 # tile load one scale per row.  Split-K for layers with few rows, so that every SM has work.
-GEMV_CONFIGS = [(16, 1024, 1, 4), (8, 1024, 1, 4), (32, 512, 1, 4), (16, 512, 1, 4), (32, 1024, 1, 8),
-                (64, 128, 1, 4), (32, 128, 1, 2), (16, 1024, 2, 4), (64, 128, 4, 4), (32, 256, 2, 4)]
+GEMV_CONFIGS = [(128, 128, 8, 4), (64, 128, 8, 4), (128, 128, 4, 4), (64, 128, 16, 4), (32, 128, 16, 2),
+                (128, 128, 16, 8), (256, 128, 4, 8), (16, 1024, 1, 4), (32, 512, 2, 4), (64, 256, 4, 4)]
 ARRANGE_BLOCK = 128
 DEQUANT_TILE = (32, 256)  # (BLOCK_N, BLOCK_K) of the dequantization pass
 _tuned: dict[tuple, tuple] = {}
@@ -70,8 +70,7 @@ def _launch(kind: str, config: tuple, x, qweight, scales, zeros, bits: int, grou
                                   BLOCK_K=block_k, num_warps=4, **common)
         return x @ weight.T
     block_n, block_k, split, warps = config
-    out = torch.zeros(m, n, device=x.device, dtype=torch.float32) if split > 1 else \
-        torch.empty(m, n, device=x.device, dtype=x.dtype)
+    out = torch.empty(m, n, device=x.device, dtype=x.dtype)
     words = 1 if 32 % bits == 0 else bits  # a unit: one word, or the 3 words of 32 three-bit codes
     codes = 32 * words // bits
     units = kw // words
@@ -81,13 +80,14 @@ def _launch(kind: str, config: tuple, x, qweight, scales, zeros, bits: int, grou
     xt = torch.empty(m, codes, units, device=x.device, dtype=torch.float32)
     xb = torch.empty(m, 2, units, device=x.device, dtype=torch.float32)
     tk.arrange_activations[(triton_cdiv(units, ARRANGE_BLOCK), m)](
-        x, xt, xb, in_features, units, x.stride(0), BITS=bits, PER_SHIFT=per_shift, BLOCK=ARRANGE_BLOCK)
+        x, xt, xb, out, in_features, units, n, x.stride(0), out.stride(0), BITS=bits, PER_SHIFT=per_shift,
+        ZERO_OUT=split > 1, BLOCK=ARRANGE_BLOCK)
     block_u = max(1, block_k // codes)
     even = n % block_n == 0 and units % (block_u * split) == 0
     grid = (triton_cdiv(n, block_n), split, m)
     tk.gemv_units[grid](xt, xb, qweight, scales, zeros_arg, out, n, units, kw, ng, out.stride(0), BLOCK_N=block_n,
                         BLOCK_U=block_u, SPLIT_K=split, EVEN=even, PER_SHIFT=per_shift, num_warps=warps, **common)
-    return out.to(x.dtype) if split > 1 else out
+    return out
 
 
 def triton_cdiv(a: int, b: int) -> int:

@@ -76,10 +76,11 @@ def _code_float(w0, w1, w2, J: tl.constexpr, BITS: tl.constexpr, PER_SHIFT: tl.c
 
 
 @triton.jit
-def arrange_activations(x_ptr, xt_ptr, xb_ptr, K, U, stride_xm, BITS: tl.constexpr, PER_SHIFT: tl.constexpr,
-                        BLOCK: tl.constexpr):
+def arrange_activations(x_ptr, xt_ptr, xb_ptr, out_ptr, K, U, N, stride_xm, stride_om, BITS: tl.constexpr,
+                        PER_SHIFT: tl.constexpr, ZERO_OUT: tl.constexpr, BLOCK: tl.constexpr):
     """x [M, K] -> xt [M, CODES, U] float32 with xt[m, j, u] = x[m, CODES u + j] (zero padded), and per unit u
-    xb[m, 0, u] = sum_j x, xb[m, 1, u] = sum_j M_j x (the offsets `_code_float` adds, taken out per unit)."""
+    xb[m, 0, u] = sum_j x, xb[m, 1, u] = sum_j M_j x (the offsets `_code_float` adds, taken out per unit).
+    ZERO_OUT: also zero out[m, :N], which a split-K GEMV then adds into (no separate memset launch)."""
     WORDS: tl.constexpr = 1 if 32 % BITS == 0 else BITS
     CODES: tl.constexpr = 32 * WORDS // BITS
     m = tl.program_id(1)
@@ -96,6 +97,11 @@ def arrange_activations(x_ptr, xt_ptr, xb_ptr, K, U, stride_xm, BITS: tl.constex
         offsets += _code_float(zero, zero, zero, j, BITS, PER_SHIFT) * x
     tl.store(xb_ptr + m * 2 * U + u, total, mask=u_ok)
     tl.store(xb_ptr + (m * 2 + 1) * U + u, offsets, mask=u_ok)
+    if ZERO_OUT:
+        step = tl.num_programs(0) * BLOCK
+        for start in range(tl.program_id(0) * BLOCK, N, step):
+            n = start + tl.arange(0, BLOCK)
+            tl.store(out_ptr + m * stride_om + n, tl.zeros([BLOCK], dtype=out_ptr.dtype.element_ty), mask=n < N)
 
 
 @triton.jit
@@ -117,7 +123,8 @@ def gemv_units(xt_ptr, xb_ptr, qw_ptr, s_ptr, z_ptr, out_ptr, N, U, KW, NG, stri
     (`_code_float`) and is multiplied by x; per unit, sum (q - z) x = part -
     sum M_J x - z sum x, then times the group's scale.  When a tile lies in one
     group (GROUP a multiple of its codes) scales and zeros are one load per row.
-    Split-K adds float32 partial sums with atomics.
+    Split-K adds the partial sums atomically into the output (zeroed by
+    `arrange_activations`), in its dtype: a few more roundings of float16, no extra launches.
     """
     WORDS: tl.constexpr = 1 if 32 % BITS == 0 else BITS
     CODES: tl.constexpr = 32 * WORDS // BITS
@@ -134,6 +141,7 @@ def gemv_units(xt_ptr, xb_ptr, qw_ptr, s_ptr, z_ptr, out_ptr, N, U, KW, NG, stri
     first = pid_k * per_split
     last = tl.minimum(first + per_split, tiles)
     acc = tl.zeros([BLOCK_N, BLOCK_U], dtype=tl.float32)
+    shift = tl.zeros([BLOCK_N, 1], dtype=tl.float32)  # sum of s (sum M_J x + z sum x) over row-scale tiles
     for tile in range(first, last):
         u = tile * BLOCK_U + tl.arange(0, BLOCK_U)
         u_ok = u < U
@@ -147,33 +155,38 @@ def gemv_units(xt_ptr, xb_ptr, qw_ptr, s_ptr, z_ptr, out_ptr, N, U, KW, NG, stri
             w1 = w0
             w2 = w0
         part = tl.zeros([BLOCK_N, BLOCK_U], dtype=tl.float32)
+        cols = u[None, :]  # [1, BLOCK_U] loads take the tile's layout: no shuffles to broadcast them over rows
+        cols_ok = u_ok[None, :]
         for j in tl.static_range(CODES):
             if EVEN:
-                x = tl.load(xt_ptr + j * U + u)
+                x = tl.load(xt_ptr + j * U + cols)
             else:
-                x = tl.load(xt_ptr + j * U + u, mask=u_ok, other=0.0)
-            part += _code_float(w0, w1, w2, j, BITS, PER_SHIFT) * x[None, :]
+                x = tl.load(xt_ptr + j * U + cols, mask=cols_ok, other=0.0)
+            part += _code_float(w0, w1, w2, j, BITS, PER_SHIFT) * x
         if EVEN:
-            total = tl.load(xb_ptr + u)
-            offsets = tl.load(xb_ptr + U + u)
+            total = tl.load(xb_ptr + cols)
+            offsets = tl.load(xb_ptr + U + cols)
         else:
-            total = tl.load(xb_ptr + u, mask=u_ok, other=0.0)
-            offsets = tl.load(xb_ptr + U + u, mask=u_ok, other=0.0)
-        if ROW_SCALES:
-            where = rows * NG + (tile * BLOCK_U * CODES) // GROUP
-            s = tl.load(s_ptr + where, mask=row_ok, other=0.0).to(tl.float32)[:, None]
+            total = tl.load(xb_ptr + cols, mask=cols_ok, other=0.0)
+            offsets = tl.load(xb_ptr + U + cols, mask=cols_ok, other=0.0)
+        if ROW_SCALES:  # one scale and zero per row: the column sums of x and M_J x are scalars of the tile
+            where = rows[:, None] * NG + (tile * BLOCK_U * CODES) // GROUP
+            s = tl.load(s_ptr + where, mask=row_ok[:, None], other=0.0).to(tl.float32)
             if HAS_ZEROS:
-                z = tl.load(z_ptr + where, mask=row_ok, other=0.0).to(tl.float32)[:, None]
+                z = tl.load(z_ptr + where, mask=row_ok[:, None], other=0.0).to(tl.float32)
+            else:
+                z = (1 << (BITS - 1)) * 1.0
+            acc += s * part
+            shift += s * (tl.sum(offsets, axis=1)[:, None] + z * tl.sum(total, axis=1)[:, None])
         else:
-            where = rows[:, None] * NG + ((u * CODES) // GROUP)[None, :]
+            where = rows[:, None] * NG + (cols * CODES) // GROUP
             s = tl.load(s_ptr + where, mask=ok, other=0.0).to(tl.float32)
             if HAS_ZEROS:
                 z = tl.load(z_ptr + where, mask=ok, other=0.0).to(tl.float32)
-        if HAS_ZEROS:
-            acc += s * (part - offsets[None, :] - z * total[None, :])
-        else:
-            acc += s * (part - (offsets + (1 << (BITS - 1)) * total)[None, :])
-    total_rows = tl.sum(acc, axis=1)
+            else:
+                z = (1 << (BITS - 1)) * 1.0
+            acc += s * (part - offsets - z * total)
+    total_rows = tl.sum(acc, axis=1) - tl.sum(shift, axis=1)
     if SPLIT_K == 1:
         tl.store(out_ptr + m * stride_om + rows, total_rows.to(out_ptr.dtype.element_ty), mask=row_ok)
     else:
