@@ -112,6 +112,23 @@ def _load_words(ptr, ok, EVEN: tl.constexpr):
 
 
 @triton.jit
+def _load_unit_words(qw_ptr, rows, row_ok, tile, U, KW, WORDS: tl.constexpr, BLOCK_U: tl.constexpr,
+                     EVEN: tl.constexpr):
+    """The WORDS words (unpacked as uint32) of units tile * BLOCK_U + [0, BLOCK_U) of `rows`: 3 tensors."""
+    u = tile * BLOCK_U + tl.arange(0, BLOCK_U)
+    ok = row_ok[:, None] & (u < U)[None, :]
+    base = qw_ptr + rows[:, None] * KW + (u * WORDS)[None, :]
+    w0 = _load_words(base, ok, EVEN)
+    if WORDS > 1:
+        w1 = _load_words(base + 1, ok, EVEN)
+        w2 = _load_words(base + 2, ok, EVEN)
+    else:
+        w1 = w0
+        w2 = w0
+    return w0, w1, w2
+
+
+@triton.jit
 def gemv_units(xt_ptr, xb_ptr, qw_ptr, s_ptr, z_ptr, out_ptr, N, U, KW, NG, stride_om,
                BITS: tl.constexpr, GROUP: tl.constexpr, HAS_ZEROS: tl.constexpr, PER_SHIFT: tl.constexpr,
                BLOCK_N: tl.constexpr, BLOCK_U: tl.constexpr, SPLIT_K: tl.constexpr, EVEN: tl.constexpr):
@@ -142,18 +159,15 @@ def gemv_units(xt_ptr, xb_ptr, qw_ptr, s_ptr, z_ptr, out_ptr, N, U, KW, NG, stri
     last = tl.minimum(first + per_split, tiles)
     acc = tl.zeros([BLOCK_N, BLOCK_U], dtype=tl.float32)
     shift = tl.zeros([BLOCK_N, 1], dtype=tl.float32)  # sum of s (sum M_J x + z sum x) over row-scale tiles
+    w0, w1, w2 = _load_unit_words(qw_ptr, rows, row_ok, first, U, KW, WORDS, BLOCK_U, EVEN)
     for tile in range(first, last):
         u = tile * BLOCK_U + tl.arange(0, BLOCK_U)
         u_ok = u < U
         ok = row_ok[:, None] & u_ok[None, :]
-        base = qw_ptr + rows[:, None] * KW + (u * WORDS)[None, :]
-        w0 = _load_words(base, ok, EVEN)
-        if WORDS > 1:
-            w1 = _load_words(base + 1, ok, EVEN)
-            w2 = _load_words(base + 2, ok, EVEN)
-        else:
-            w1 = w0
-            w2 = w0
+        # the next tile's words are loaded before this one is used, so a load is always in flight
+        # (the last tile loads itself again: a cache hit, no mask needed)
+        n0, n1, n2 = _load_unit_words(qw_ptr, rows, row_ok, tl.minimum(tile + 1, last - 1), U, KW, WORDS, BLOCK_U,
+                                      EVEN)
         part = tl.zeros([BLOCK_N, BLOCK_U], dtype=tl.float32)
         cols = u[None, :]  # [1, BLOCK_U] loads take the tile's layout: no shuffles to broadcast them over rows
         cols_ok = u_ok[None, :]
@@ -186,6 +200,7 @@ def gemv_units(xt_ptr, xb_ptr, qw_ptr, s_ptr, z_ptr, out_ptr, N, U, KW, NG, stri
             else:
                 z = (1 << (BITS - 1)) * 1.0
             acc += s * (part - offsets - z * total)
+        w0, w1, w2 = n0, n1, n2
     total_rows = tl.sum(acc, axis=1) - tl.sum(shift, axis=1)
     if SPLIT_K == 1:
         tl.store(out_ptr + m * stride_om + rows, total_rows.to(out_ptr.dtype.element_ty), mask=row_ok)
