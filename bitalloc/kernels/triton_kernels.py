@@ -158,7 +158,7 @@ def gemv_units(xt_ptr, xb_ptr, qw_ptr, s_ptr, z_ptr, out_ptr, N, U, KW, NG, stri
     first = pid_k * per_split
     last = tl.minimum(first + per_split, tiles)
     acc = tl.zeros([BLOCK_N, BLOCK_U], dtype=tl.float32)
-    shift = tl.zeros([BLOCK_N, 1], dtype=tl.float32)  # sum of s (sum M_J x + z sum x) over row-scale tiles
+    dots = tl.zeros([BLOCK_N], dtype=tl.float32)  # the row-scale tiles' results
     w0, w1, w2 = _load_unit_words(qw_ptr, rows, row_ok, first, U, KW, WORDS, BLOCK_U, EVEN)
     for tile in range(first, last):
         u = tile * BLOCK_U + tl.arange(0, BLOCK_U)
@@ -183,15 +183,14 @@ def gemv_units(xt_ptr, xb_ptr, qw_ptr, s_ptr, z_ptr, out_ptr, N, U, KW, NG, stri
         else:
             total = tl.load(xb_ptr + cols, mask=cols_ok, other=0.0)
             offsets = tl.load(xb_ptr + U + cols, mask=cols_ok, other=0.0)
-        if ROW_SCALES:  # one scale and zero per row: the column sums of x and M_J x are scalars of the tile
-            where = rows[:, None] * NG + (tile * BLOCK_U * CODES) // GROUP
-            s = tl.load(s_ptr + where, mask=row_ok[:, None], other=0.0).to(tl.float32)
+        if ROW_SCALES:  # one scale and zero per row: reduce the tile to one dot per row first, then scale
+            where = rows * NG + (tile * BLOCK_U * CODES) // GROUP
+            s = tl.load(s_ptr + where, mask=row_ok, other=0.0).to(tl.float32)
             if HAS_ZEROS:
-                z = tl.load(z_ptr + where, mask=row_ok[:, None], other=0.0).to(tl.float32)
+                z = tl.load(z_ptr + where, mask=row_ok, other=0.0).to(tl.float32)
             else:
                 z = (1 << (BITS - 1)) * 1.0
-            acc += s * part
-            shift += s * (tl.sum(offsets, axis=1)[:, None] + z * tl.sum(total, axis=1)[:, None])
+            dots += s * (tl.sum(part, axis=1) - tl.sum(offsets, axis=1) - z * tl.sum(total, axis=1))
         else:
             where = rows[:, None] * NG + (cols * CODES) // GROUP
             s = tl.load(s_ptr + where, mask=ok, other=0.0).to(tl.float32)
@@ -201,7 +200,10 @@ def gemv_units(xt_ptr, xb_ptr, qw_ptr, s_ptr, z_ptr, out_ptr, N, U, KW, NG, stri
                 z = (1 << (BITS - 1)) * 1.0
             acc += s * (part - offsets - z * total)
         w0, w1, w2 = n0, n1, n2
-    total_rows = tl.sum(acc, axis=1) - tl.sum(shift, axis=1)
+    if ROW_SCALES:
+        total_rows = dots
+    else:
+        total_rows = tl.sum(acc, axis=1)
     if SPLIT_K == 1:
         tl.store(out_ptr + m * stride_om + rows, total_rows.to(out_ptr.dtype.element_ty), mask=row_ok)
     else:
