@@ -70,7 +70,8 @@ def _launch(kind: str, config: tuple, x, qweight, scales, zeros, bits: int, grou
                                   BLOCK_K=block_k, num_warps=4, **common)
         return x @ weight.T
     block_n, block_k, split, warps = config
-    out = torch.empty(m, n, device=x.device, dtype=x.dtype)
+    # split-K adds float32 partial sums (native atomics; float16 ones are compare-and-swap loops)
+    out = torch.empty(m, n, device=x.device, dtype=torch.float32 if split > 1 else x.dtype)
     words = 1 if 32 % bits == 0 else bits  # a unit: one word, or the 3 words of 32 three-bit codes
     codes = 32 * words // bits
     units = kw // words
@@ -87,7 +88,7 @@ def _launch(kind: str, config: tuple, x, qweight, scales, zeros, bits: int, grou
     grid = (triton_cdiv(n, block_n), split, m)
     tk.gemv_units[grid](xt, xb, qweight, scales, zeros_arg, out, n, units, kw, ng, out.stride(0), BLOCK_N=block_n,
                         BLOCK_U=block_u, SPLIT_K=split, EVEN=even, PER_SHIFT=per_shift, num_warps=warps, **common)
-    return out
+    return out.to(x.dtype) if split > 1 else out
 
 
 def triton_cdiv(a: int, b: int) -> int:

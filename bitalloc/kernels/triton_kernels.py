@@ -140,8 +140,8 @@ def gemv_units(xt_ptr, xb_ptr, qw_ptr, s_ptr, z_ptr, out_ptr, N, U, KW, NG, stri
     (`_code_float`) and is multiplied by x; per unit, sum (q - z) x = part -
     sum M_J x - z sum x, then times the group's scale.  When a tile lies in one
     group (GROUP a multiple of its codes) scales and zeros are one load per row.
-    Split-K adds the partial sums atomically into the output (zeroed by
-    `arrange_activations`), in its dtype: a few more roundings of float16, no extra launches.
+    Split-K adds the partial sums atomically into a float32 output zeroed by
+    `arrange_activations` (no memset launch); relaxed order (acq_rel costs a fence per add).
     """
     WORDS: tl.constexpr = 1 if 32 % BITS == 0 else BITS
     CODES: tl.constexpr = 32 * WORDS // BITS
@@ -207,7 +207,7 @@ def gemv_units(xt_ptr, xb_ptr, qw_ptr, s_ptr, z_ptr, out_ptr, N, U, KW, NG, stri
     if SPLIT_K == 1:
         tl.store(out_ptr + m * stride_om + rows, total_rows.to(out_ptr.dtype.element_ty), mask=row_ok)
     else:
-        tl.atomic_add(out_ptr + m * stride_om + rows, total_rows, mask=row_ok)
+        tl.atomic_add(out_ptr + m * stride_om + rows, total_rows, mask=row_ok, sem="relaxed")
 
 
 @triton.jit
