@@ -4,12 +4,11 @@ The weight stays as stored (`layout.py`): codes as a little-endian bit stream of
 int32 words along each row, float16 scales and zeros per group.  Nothing is
 repacked, so the GPU holds exactly the bytes the cost model counts.
 
-- `gemv_chunks`: a few rows of activations (one program per block of rows and
-  slice of K: split-K with float32 atomics).  Rows are cut in chunks of 32
-  codes (`bits` words); each code position of a chunk is a compile-time word
-  and shift, so unpacking is a constant shift and mask, and the activations
-  come pre-arranged by code position (a [32, chunks] copy of x) so that one
-  small load serves every row a thread holds.
+- `gemv_units` (after `arrange_activations`): a few rows of activations.  Tiles
+  of rows x 128 codes are loaded as contiguous vectors along each row; a code
+  becomes a float with one shift and one AND-OR (`_code_float`), one FMA with
+  x; offsets and zeros come out per unit from sums the activation pass made;
+  split-K programs add float32 partial sums atomically.
 - `dequantize_codes`: larger batches (and group sizes that are not multiples
   of 32): the weight is dequantized to the activation dtype by one fully
   parallel pass (codes gathered from the word(s) holding them) into a
