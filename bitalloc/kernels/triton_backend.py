@@ -27,10 +27,12 @@ ONE_GROUP = 1 << 30  # group size for per-channel scales: every column falls in 
 GEMV = "gemv"
 DEQUANT = "dequantize+cublas"
 GEMV_ROWS = 4  # batches up to this size may run as one GEMV per row (the tuner decides)
-# (BLOCK_N, BLOCK_C chunks of 32 codes, SPLIT_K, num_warps): many programs with short K loops,
-# since each program's loop is bound by memory latency
-GEMV_CONFIGS = [(32, 8, 8, 4), (32, 16, 4, 4), (16, 16, 8, 4), (64, 8, 4, 4), (32, 8, 16, 4), (16, 8, 16, 2),
-                (64, 16, 2, 8), (128, 4, 1, 4)]
+# (BLOCK_N rows, BLOCK_K codes per row and step, SPLIT_K, num_warps); BLOCK_K dividing the group size lets a
+# tile load one scale per row.  Split-K gives every SM several programs with short K loops (measured on the
+# H100: 8-32 splits of 128-code steps are best for 4096-8192 wide layers; few long loops are latency-bound).
+GEMV_CONFIGS = [(64, 128, 16, 4), (128, 128, 16, 4), (32, 128, 16, 2), (64, 128, 8, 4), (128, 128, 32, 4),
+                (16, 128, 64, 1), (16, 1024, 4, 4), (64, 128, 32, 4)]
+ARRANGE_BLOCK = 128
 DEQUANT_TILE = (32, 256)  # (BLOCK_N, BLOCK_K) of the dequantization pass
 _tuned: dict[tuple, tuple] = {}
 
@@ -68,24 +70,26 @@ def _launch(kind: str, config: tuple, x, qweight, scales, zeros, bits: int, grou
         tk.dequantize_codes[grid](qweight, scales, zeros_arg, weight, n, in_features, kw, ng, BLOCK_N=block_n,
                                   BLOCK_K=block_k, num_warps=4, **common)
         return x @ weight.T
-    block_n, block_c, split, warps = config
-    out = torch.zeros(m, n, device=x.device, dtype=torch.float32) if split > 1 else \
-        torch.empty(m, n, device=x.device, dtype=x.dtype)
-    chunks = kw // bits
-    xt = by_code_position(x, chunks)
-    even = n % block_n == 0 and chunks % (block_c * split) == 0
+    block_n, block_k, split, warps = config
+    # split-K adds float32 partial sums (native atomics; float16 ones are compare-and-swap loops)
+    out = torch.empty(m, n, device=x.device, dtype=torch.float32 if split > 1 else x.dtype)
+    words = 1 if 32 % bits == 0 else bits  # a unit: one word, or the 3 words of 32 three-bit codes
+    codes = 32 * words // bits
+    units = kw // words
+    # codes sharing one shift carry offsets up to 2**(bits * per_shift) (`_code_float`): float16/bfloat16
+    # activations lose nothing to that at <= 2**8; float32 ones keep full precision with one shift per code
+    per_shift = 1 if x.dtype == torch.float32 else max(1, 8 // bits)
+    xt = torch.empty(m, codes, units, device=x.device, dtype=torch.float32)
+    xb = torch.empty(m, 2, units, device=x.device, dtype=torch.float32)
+    tk.arrange_activations[(triton_cdiv(units, ARRANGE_BLOCK), m)](
+        x, xt, xb, out, in_features, units, n, x.stride(0), out.stride(0), BITS=bits, PER_SHIFT=per_shift,
+        ZERO_OUT=split > 1, BLOCK=ARRANGE_BLOCK)
+    block_u = max(1, block_k // codes)
+    even = n % block_n == 0 and units % (block_u * split) == 0
     grid = (triton_cdiv(n, block_n), split, m)
-    tk.gemv_chunks[grid](xt, qweight, scales, zeros_arg, out, n, chunks, kw, ng, out.stride(0), BLOCK_N=block_n,
-                         BLOCK_C=block_c, SPLIT_K=split, EVEN=even, num_warps=warps, **common)
+    tk.gemv_units[grid](xt, xb, qweight, scales, zeros_arg, out, n, units, kw, ng, out.stride(0), BLOCK_N=block_n,
+                        BLOCK_U=block_u, SPLIT_K=split, EVEN=even, PER_SHIFT=per_shift, num_warps=warps, **common)
     return out.to(x.dtype) if split > 1 else out
-
-
-def by_code_position(x: torch.Tensor, chunks: int) -> torch.Tensor:
-    """x [M, K] -> [M, 32, chunks] with [m, j, c] = x[m, 32 c + j] (zero padded to 32 * chunks)."""
-    width = chunks * 32
-    if x.shape[1] != width:
-        x = torch.nn.functional.pad(x, (0, width - x.shape[1]))
-    return x.view(x.shape[0], chunks, 32).transpose(1, 2).contiguous()
 
 
 def triton_cdiv(a: int, b: int) -> int:

@@ -4,12 +4,11 @@ The weight stays as stored (`layout.py`): codes as a little-endian bit stream of
 int32 words along each row, float16 scales and zeros per group.  Nothing is
 repacked, so the GPU holds exactly the bytes the cost model counts.
 
-- `gemv_chunks`: a few rows of activations (one program per block of rows and
-  slice of K: split-K with float32 atomics).  Rows are cut in chunks of 32
-  codes (`bits` words); each code position of a chunk is a compile-time word
-  and shift, so unpacking is a constant shift and mask, and the activations
-  come pre-arranged by code position (a [32, chunks] copy of x) so that one
-  small load serves every row a thread holds.
+- `gemv_units` (after `arrange_activations`): a few rows of activations.  Tiles
+  of rows x 128 codes are loaded as contiguous vectors along each row; a code
+  becomes a float with one shift and one AND-OR (`_code_float`), one FMA with
+  x; offsets and zeros come out per unit from sums the activation pass made;
+  split-K programs add float32 partial sums atomically.
 - `dequantize_codes`: larger batches (and group sizes that are not multiples
   of 32): the weight is dequantized to the activation dtype by one fully
   parallel pass (codes gathered from the word(s) holding them) into a
@@ -31,93 +30,183 @@ MAGIC_FLOAT = tl.constexpr(8388608.0)
 
 
 @triton.jit
-def _add_code(part, code, zb, xt_ptr, J: tl.constexpr, C, chunk, chunk_ok, EVEN: tl.constexpr):
-    """part += (q - z) * x for code position J of every chunk: (2**23 + q) - (2**23 + z) is exact."""
-    if EVEN:
-        x = tl.load(xt_ptr + J * C + chunk)
+def _shifted(word, D: tl.constexpr):
+    if D >= 0:
+        return word >> D
     else:
-        x = tl.load(xt_ptr + J * C + chunk, mask=chunk_ok, other=0.0)
-    q = (code | MAGIC).to(tl.float32, bitcast=True) - zb
-    return part + q * x.to(tl.float32)[None, :]
+        return word << (-D)
 
 
 @triton.jit
-def _load_word(base, i: tl.constexpr, ok, EVEN: tl.constexpr):
-    if EVEN:
-        return tl.load(base + i).to(tl.uint32, bitcast=True)
-    return tl.load(base + i, mask=ok, other=0).to(tl.uint32, bitcast=True)
+def _code_float(w0, w1, w2, J: tl.constexpr, BITS: tl.constexpr, PER_SHIFT: tl.constexpr):
+    """Code J of a unit (one word, or three words for 3 bits) as the float M_J + code, with M_J = 2**(23 - t).
 
-
-@triton.jit
-def gemv_chunks(xt_ptr, qw_ptr, s_ptr, z_ptr, out_ptr, N, C, KW, NG, stride_om,
-                BITS: tl.constexpr, GROUP: tl.constexpr, HAS_ZEROS: tl.constexpr, BLOCK_N: tl.constexpr,
-                BLOCK_C: tl.constexpr, SPLIT_K: tl.constexpr, EVEN: tl.constexpr):
-    """One row of activations against [rows, chunks of 32 codes]; xt[j, c] = x[32 c + j] (zero padded).
-
-    Every code position j of a chunk is a compile-time (word, shift) pair, so
-    unpacking is a constant shift and mask, and x for position j of the tile's
-    chunks is one small load shared by all the rows a thread holds.  GROUP is a
-    multiple of 32 (a chunk lies in one group).  EVEN: no masks needed.
+    The code is moved (one shift, shared by PER_SHIFT neighbouring codes) to bit
+    t of the mantissa and given an exponent, so one AND-OR makes the float:
+    M_J + code exactly, M_J <= 2**(BITS * PER_SHIFT).  With all words zero
+    this returns M_J itself.  Codes straddling two words (3 bits) are joined first.
     """
-    PER_WORD: tl.constexpr = 32 // BITS
+    TOP: tl.constexpr = 23 - BITS  # the highest bit a code may start at and stay in the mantissa
     MASK: tl.constexpr = (1 << BITS) - 1
+    start: tl.constexpr = BITS * J
+    i: tl.constexpr = start // 32
+    o: tl.constexpr = start % 32
+    if i == 0:
+        word = w0
+        nxt = w1
+    elif i == 1:
+        word = w1
+        nxt = w2
+    else:
+        word = w2
+        nxt = w2
+    if o + BITS > 32:
+        t: tl.constexpr = TOP
+        placed = (word >> (o - t)) | (nxt << (32 - o + t))
+    else:
+        first: tl.constexpr = (BITS - (32 * i) % BITS) % BITS  # where word i's first whole code starts
+        span: tl.constexpr = BITS * PER_SHIFT
+        base: tl.constexpr = first + (o - first) // span * span
+        d: tl.constexpr = base - (23 - span)
+        t: tl.constexpr = o - d
+        placed = _shifted(word, d)
+    bits = (placed & (MASK << t)) | ((150 - t) << 23)
+    return bits.to(tl.float32, bitcast=True)
+
+
+@triton.jit
+def arrange_activations(x_ptr, xt_ptr, xb_ptr, out_ptr, K, U, N, stride_xm, stride_om, BITS: tl.constexpr,
+                        PER_SHIFT: tl.constexpr, ZERO_OUT: tl.constexpr, BLOCK: tl.constexpr):
+    """x [M, K] -> xt [M, CODES, U] float32 with xt[m, j, u] = x[m, CODES u + j] (zero padded), and per unit u
+    xb[m, 0, u] = sum_j x, xb[m, 1, u] = sum_j M_j x (the offsets `_code_float` adds, taken out per unit).
+    ZERO_OUT: also zero out[m, :N], which a split-K GEMV then adds into (no separate memset launch)."""
+    WORDS: tl.constexpr = 1 if 32 % BITS == 0 else BITS
+    CODES: tl.constexpr = 32 * WORDS // BITS
+    m = tl.program_id(1)
+    u = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    u_ok = u < U
+    zero = tl.zeros([BLOCK], dtype=tl.uint32)
+    total = tl.zeros([BLOCK], dtype=tl.float32)
+    offsets = tl.zeros([BLOCK], dtype=tl.float32)
+    for j in tl.static_range(CODES):
+        k = u * CODES + j
+        x = tl.load(x_ptr + m * stride_xm + k, mask=k < K, other=0.0).to(tl.float32)
+        tl.store(xt_ptr + (m * CODES + j) * U + u, x, mask=u_ok)
+        total += x
+        offsets += _code_float(zero, zero, zero, j, BITS, PER_SHIFT) * x
+    tl.store(xb_ptr + m * 2 * U + u, total, mask=u_ok)
+    tl.store(xb_ptr + (m * 2 + 1) * U + u, offsets, mask=u_ok)
+    if ZERO_OUT:
+        step = tl.num_programs(0) * BLOCK
+        for start in range(tl.program_id(0) * BLOCK, N, step):
+            n = start + tl.arange(0, BLOCK)
+            tl.store(out_ptr + m * stride_om + n, tl.zeros([BLOCK], dtype=out_ptr.dtype.element_ty), mask=n < N)
+
+
+@triton.jit
+def _load_words(ptr, ok, EVEN: tl.constexpr):
+    if EVEN:
+        return tl.load(ptr).to(tl.uint32, bitcast=True)
+    return tl.load(ptr, mask=ok, other=0).to(tl.uint32, bitcast=True)
+
+
+@triton.jit
+def _load_unit_words(qw_ptr, rows, row_ok, tile, U, KW, WORDS: tl.constexpr, BLOCK_U: tl.constexpr,
+                     EVEN: tl.constexpr):
+    """The WORDS words (unpacked as uint32) of units tile * BLOCK_U + [0, BLOCK_U) of `rows`: 3 tensors."""
+    u = tile * BLOCK_U + tl.arange(0, BLOCK_U)
+    ok = row_ok[:, None] & (u < U)[None, :]
+    base = qw_ptr + rows[:, None] * KW + (u * WORDS)[None, :]
+    w0 = _load_words(base, ok, EVEN)
+    if WORDS > 1:
+        w1 = _load_words(base + 1, ok, EVEN)
+        w2 = _load_words(base + 2, ok, EVEN)
+    else:
+        w1 = w0
+        w2 = w0
+    return w0, w1, w2
+
+
+@triton.jit
+def gemv_units(xt_ptr, xb_ptr, qw_ptr, s_ptr, z_ptr, out_ptr, N, U, KW, NG, stride_om,
+               BITS: tl.constexpr, GROUP: tl.constexpr, HAS_ZEROS: tl.constexpr, PER_SHIFT: tl.constexpr,
+               BLOCK_N: tl.constexpr, BLOCK_U: tl.constexpr, SPLIT_K: tl.constexpr, EVEN: tl.constexpr):
+    """One row of activations (arranged by `arrange_activations`) against [rows, units] of packed codes.
+
+    A unit is one int32 word (2, 4, 8 bits) or the three words of 32 codes (3
+    bits); a tile is BLOCK_N rows x BLOCK_U units, loaded contiguously along
+    the row.  Each code becomes M_J + q by a constant shift and one AND-OR
+    (`_code_float`) and is multiplied by x; per unit, sum (q - z) x = part -
+    sum M_J x - z sum x, then times the group's scale.  When a tile lies in one
+    group (GROUP a multiple of its codes) scales and zeros are one load per row.
+    Split-K adds the partial sums atomically into a float32 output zeroed by
+    `arrange_activations` (no memset launch); relaxed order (acq_rel costs a fence per add).
+    """
+    WORDS: tl.constexpr = 1 if 32 % BITS == 0 else BITS
+    CODES: tl.constexpr = 32 * WORDS // BITS
+    ROW_SCALES: tl.constexpr = GROUP % (BLOCK_U * CODES) == 0
     pid_n = tl.program_id(0)
     pid_k = tl.program_id(1)
     m = tl.program_id(2)
-    xt_ptr += m * 32 * C
+    xt_ptr += m * CODES * U
+    xb_ptr += m * 2 * U
     rows = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     row_ok = rows < N
-    tiles = tl.cdiv(C, BLOCK_C)
+    tiles = tl.cdiv(U, BLOCK_U)
     per_split = tl.cdiv(tiles, SPLIT_K)
     first = pid_k * per_split
     last = tl.minimum(first + per_split, tiles)
-    acc = tl.zeros([BLOCK_N, BLOCK_C], dtype=tl.float32)
+    acc = tl.zeros([BLOCK_N, BLOCK_U], dtype=tl.float32)
+    dots = tl.zeros([BLOCK_N], dtype=tl.float32)  # the row-scale tiles' results
+    w0, w1, w2 = _load_unit_words(qw_ptr, rows, row_ok, first, U, KW, WORDS, BLOCK_U, EVEN)
     for tile in range(first, last):
-        chunk = tile * BLOCK_C + tl.arange(0, BLOCK_C)
-        chunk_ok = chunk < C
-        ok = row_ok[:, None] & chunk_ok[None, :]
-        base = qw_ptr + rows[:, None] * KW + (chunk * BITS)[None, :]
-        where = rows[:, None] * NG + ((chunk * 32) // GROUP)[None, :]
-        if EVEN:
-            s = tl.load(s_ptr + where).to(tl.float32)
-        else:
-            s = tl.load(s_ptr + where, mask=ok, other=0.0).to(tl.float32)
-        if HAS_ZEROS:
+        u = tile * BLOCK_U + tl.arange(0, BLOCK_U)
+        u_ok = u < U
+        ok = row_ok[:, None] & u_ok[None, :]
+        # the next tile's words are loaded before this one is used, so a load is always in flight
+        # (the last tile loads itself again: a cache hit, no mask needed)
+        n0, n1, n2 = _load_unit_words(qw_ptr, rows, row_ok, tl.minimum(tile + 1, last - 1), U, KW, WORDS, BLOCK_U,
+                                      EVEN)
+        part = tl.zeros([BLOCK_N, BLOCK_U], dtype=tl.float32)
+        cols = u[None, :]  # [1, BLOCK_U] loads take the tile's layout: no shuffles to broadcast them over rows
+        cols_ok = u_ok[None, :]
+        for j in tl.static_range(CODES):
             if EVEN:
-                zb = tl.load(z_ptr + where).to(tl.float32) + MAGIC_FLOAT
+                x = tl.load(xt_ptr + j * U + cols)
             else:
-                zb = tl.load(z_ptr + where, mask=ok, other=0.0).to(tl.float32) + MAGIC_FLOAT
+                x = tl.load(xt_ptr + j * U + cols, mask=cols_ok, other=0.0)
+            part += _code_float(w0, w1, w2, j, BITS, PER_SHIFT) * x
+        if EVEN:
+            total = tl.load(xb_ptr + cols)
+            offsets = tl.load(xb_ptr + U + cols)
         else:
-            zb = (1 << (BITS - 1)) * 1.0 + MAGIC_FLOAT
-        part = tl.zeros([BLOCK_N, BLOCK_C], dtype=tl.float32)
-        if BITS == 3:  # 32 codes in 3 words; codes 10 and 21 straddle two words
-            w0 = _load_word(base, 0, ok, EVEN)
-            w1 = _load_word(base, 1, ok, EVEN)
-            w2 = _load_word(base, 2, ok, EVEN)
-            for j in tl.static_range(32):
-                if j < 10:
-                    code = (w0 >> (3 * j)) & 7
-                elif j == 10:
-                    code = ((w0 >> 30) | (w1 << 2)) & 7
-                elif j < 21:
-                    code = (w1 >> (3 * j - 32)) & 7
-                elif j == 21:
-                    code = ((w1 >> 31) | (w2 << 1)) & 7
-                else:
-                    code = (w2 >> (3 * j - 64)) & 7
-                part = _add_code(part, code, zb, xt_ptr, j, C, chunk, chunk_ok, EVEN)
+            total = tl.load(xb_ptr + cols, mask=cols_ok, other=0.0)
+            offsets = tl.load(xb_ptr + U + cols, mask=cols_ok, other=0.0)
+        if ROW_SCALES:  # one scale and zero per row: reduce the tile to one dot per row first, then scale
+            where = rows * NG + (tile * BLOCK_U * CODES) // GROUP
+            s = tl.load(s_ptr + where, mask=row_ok, other=0.0).to(tl.float32)
+            if HAS_ZEROS:
+                z = tl.load(z_ptr + where, mask=row_ok, other=0.0).to(tl.float32)
+            else:
+                z = (1 << (BITS - 1)) * 1.0
+            dots += s * (tl.sum(part, axis=1) - tl.sum(offsets, axis=1) - z * tl.sum(total, axis=1))
         else:
-            for i in tl.static_range(BITS):
-                word = _load_word(base, i, ok, EVEN)
-                for p in tl.static_range(PER_WORD):
-                    part = _add_code(part, (word >> (p * BITS)) & MASK, zb, xt_ptr, i * PER_WORD + p, C, chunk,
-                                     chunk_ok, EVEN)
-        acc += s * part
-    total = tl.sum(acc, axis=1)
-    if SPLIT_K == 1:
-        tl.store(out_ptr + m * stride_om + rows, total.to(out_ptr.dtype.element_ty), mask=row_ok)
+            where = rows[:, None] * NG + (cols * CODES) // GROUP
+            s = tl.load(s_ptr + where, mask=ok, other=0.0).to(tl.float32)
+            if HAS_ZEROS:
+                z = tl.load(z_ptr + where, mask=ok, other=0.0).to(tl.float32)
+            else:
+                z = (1 << (BITS - 1)) * 1.0
+            acc += s * (part - offsets - z * total)
+        w0, w1, w2 = n0, n1, n2
+    if ROW_SCALES:
+        total_rows = dots
     else:
-        tl.atomic_add(out_ptr + m * stride_om + rows, total, mask=row_ok)
+        total_rows = tl.sum(acc, axis=1)
+    if SPLIT_K == 1:
+        tl.store(out_ptr + m * stride_om + rows, total_rows.to(out_ptr.dtype.element_ty), mask=row_ok)
+    else:
+        tl.atomic_add(out_ptr + m * stride_om + rows, total_rows, mask=row_ok, sem="relaxed")
 
 
 @triton.jit

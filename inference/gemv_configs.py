@@ -1,0 +1,88 @@
+"""Time every launch configuration of the Triton GEMV (batch 1) per bit width and layer shape.
+
+    python inference/gemv_configs.py --shapes 8192x8192,4096x4096 --bits 4,2,3,8
+    python inference/gemv_configs.py --configs 64/128/16/4,16/1024/4/4
+
+A configuration is BLOCK_N/BLOCK_K/SPLIT_K/num_warps (`triton_backend.GEMV_CONFIGS` by default).
+Same timing as inference/kernels.py: CUDA-graph replay over weight copies that exceed the L2
+cache; options rtn:intN:g128:asym.  Prints, per shape and bit width, the fastest configurations,
+the speed-up over fp16 cuBLAS and the % of the memory roofline; then the activation pass alone.
+"""
+import argparse
+import sys
+
+import torch
+
+from bitalloc.benchmarks import random_layer, time_layer, weight_bytes
+from bitalloc.errors import BitallocError, cli_entry
+from bitalloc.kernels import triton_backend as tb
+from bitalloc.kernels import triton_kernels as tk
+from bitalloc.kernels.timing import time_cuda_graph
+
+SPEC_BANDWIDTH = 3.35e12  # H100 SXM HBM3
+
+
+def parse_args(argv):
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0],
+                                     formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
+    parser.add_argument("--shapes", default="8192x8192,4096x4096", help="out x in, comma separated")
+    parser.add_argument("--bits", default="4,2,3,8")
+    parser.add_argument("--configs", default=None, help="BLOCK_N/BLOCK_K/SPLIT_K/num_warps, comma separated")
+    parser.add_argument("--top", type=int, default=6, help="how many configurations to print per case")
+    return parser.parse_args(argv)
+
+
+def arrangement_seconds(in_features: int, bits: int, out_features: int) -> float:
+    """The per-call activation pass (`arrange_activations`, zeroing a split-K output) alone."""
+    device = torch.device("cuda")
+    x = torch.randn(1, in_features, device=device, dtype=torch.float16)
+    words = 1 if 32 % bits == 0 else bits
+    codes, units = 32 * words // bits, -(-in_features // 32) * bits // words
+    xt = torch.empty(1, codes, units, device=device)
+    xb = torch.empty(1, 2, units, device=device)
+    out = torch.empty(1, out_features, device=device)
+    grid = (tb.triton_cdiv(units, tb.ARRANGE_BLOCK), 1)
+
+    def call():
+        tk.arrange_activations[grid](x, xt, xb, out, in_features, units, out_features, in_features, out_features,
+                                     BITS=bits, PER_SHIFT=max(1, 8 // bits), ZERO_OUT=True, BLOCK=tb.ARRANGE_BLOCK)
+
+    return time_cuda_graph([call] * 20)
+
+
+@cli_entry
+def main(argv=None):
+    args = parse_args(argv)
+    if not torch.cuda.is_available():
+        raise BitallocError("gemv_configs needs a CUDA GPU")
+    device = torch.device("cuda")
+    configs = (tb.GEMV_CONFIGS if args.configs is None else
+               [tuple(int(v) for v in c.split("/")) for c in args.configs.split(",")])
+    for shape in args.shapes.split(","):
+        out_features, in_features = (int(v) for v in shape.split("x"))
+        dense = random_layer(out_features, in_features, "fp16", device, "dense")
+        fp16 = time_layer(dense, 1, device)
+        del dense
+        print(f"== {out_features}x{in_features}: fp16 {fp16 * 1e6:.1f} us", flush=True)
+        for bits in (int(b) for b in args.bits.split(",")):
+            layer = random_layer(out_features, in_features, f"rtn:int{bits}:g128:asym", device, "triton")
+            moved = weight_bytes(layer) + 2 * (out_features + in_features)
+            key = (bits, 128, True, layer.qweight.shape, 1, torch.float16)  # the tuner's key (quant_matmul)
+            timings = []
+            for config in configs:
+                tb._tuned[key] = (tb.GEMV, config)
+                timings.append((time_layer(layer, 1, device), config))
+            timings.sort()
+            best = timings[0][0]
+            cells = "  ".join(f"{'/'.join(map(str, c))}: {t * 1e6:.1f}" for t, c in timings[:args.top])
+            print(f"int{bits}: {cells} | best {best * 1e6:.1f} us, {fp16 / best:.2f}x fp16, "
+                  f"{100 * moved / best / SPEC_BANDWIDTH:.0f} % roofline; activation pass "
+                  f"{arrangement_seconds(in_features, bits, out_features) * 1e6:.2f} us", flush=True)
+            tb._tuned.pop(key, None)
+            del layer
+            torch.cuda.empty_cache()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
