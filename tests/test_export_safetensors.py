@@ -52,11 +52,12 @@ def test_a_save_failing_half_way_leaves_nothing(plan_file, cli_env, capsys, monk
             handle.write(b"\x00" * 100)
         raise OSError("injected: disk full")
 
+    original = saving.save_tensors
     monkeypatch.setattr(saving, "save_tensors", half_written)
     before = all_files(cli_env)
     with pytest.raises(OSError, match="injected"):
         run_cli(apply.main, ["--plan", str(plan_file), "--no-eval", "--quiet", "--save", "saved"], capsys)
     assert all_files(cli_env) == before and not (cli_env / "saved").exists()
-    monkeypatch.undo()
+    monkeypatch.setattr(saving, "save_tensors", original)  # not undo(): that would leave cli_env's directory
     code, _, err = run_cli(apply.main, ["--plan", str(plan_file), "--no-eval", "--quiet", "--save", "saved"], capsys)
     assert code == 0, err
