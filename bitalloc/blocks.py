@@ -106,7 +106,8 @@ def returns_tuple(block: nn.Module, batch: BlockBatch) -> bool:
     """Whether the block returns a tuple led by the hidden states (older GPT-2 style) or a tensor."""
     probe = batch.head(1)
     with torch.no_grad():
-        return isinstance(block(probe.hidden, **probe.kwargs), (tuple, list))
+        device = block_device(block, probe.hidden.device)
+        return isinstance(block(probe.hidden.to(device), **_to(probe.kwargs, device)), (tuple, list))
 
 
 class _Inject(nn.Module):
@@ -143,8 +144,18 @@ def final_logits(model: nn.Module, ids: torch.Tensor, hidden: torch.Tensor, as_t
             module_list[i] = block
 
 
+def block_device(block: nn.Module, default=None) -> torch.device:
+    """Where the block's weights are (its first parameter or buffer); `default` when it has none."""
+    for tensor in block.parameters():
+        return tensor.device
+    for tensor in block.buffers():
+        return tensor.device
+    return default
+
+
 def run_block(block: nn.Module, batch: BlockBatch, device=None) -> torch.Tensor:
-    device = device or batch.hidden.device
+    """The block's hidden-state output, computed where the block is (host-held inputs are copied there)."""
+    device = device or block_device(block, batch.hidden.device)
     out = block(batch.hidden.to(device), **_to(batch.kwargs, device))
     return out[0] if isinstance(out, (tuple, list)) else out
 
@@ -152,6 +163,18 @@ def run_block(block: nn.Module, batch: BlockBatch, device=None) -> torch.Tensor:
 @torch.no_grad()
 def block_outputs(block: nn.Module, batches: list[BlockBatch]) -> list[torch.Tensor]:
     return [run_block(block, b) for b in batches]
+
+
+def to_host(tensor: torch.Tensor) -> torch.Tensor:
+    """A host copy (page-locked where CUDA is, so copies back are fast); host tensors are returned as they are.
+
+    Profiling keeps the calibration hidden states here, so the accelerator holds only one block's weights,
+    its candidates and one batch's activations.
+    """
+    if tensor.device.type == "cpu":
+        return tensor
+    host = torch.empty(tensor.shape, dtype=tensor.dtype, pin_memory=torch.cuda.is_available())
+    return host.copy_(tensor)
 
 
 def advance(batches: list[BlockBatch], outputs: list[torch.Tensor]) -> list[BlockBatch]:

@@ -27,7 +27,7 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from .blocks import BlockBatch, final_logits, run_block
+from .blocks import BlockBatch, final_logits, run_block, to_host
 from .guards import check_activations
 from .metrics import LinearTerms, weight_fisher_terms
 from .models import block_linears, weight_matrix
@@ -49,7 +49,7 @@ def _frozen(module):
 
 
 def _to_host(batch: BlockBatch, hidden: torch.Tensor) -> BlockBatch:
-    return BlockBatch(hidden.detach().to("cpu"), batch.kwargs)
+    return BlockBatch(to_host(hidden.detach()), batch.kwargs)
 
 
 @torch.no_grad()

@@ -50,7 +50,8 @@ from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
 from . import atomic
-from .blocks import BlockBatch, capture_inputs, collect_calibration, move_outside_blocks, returns_tuple, run_block
+from .blocks import (BlockBatch, capture_inputs, collect_calibration, move_outside_blocks, returns_tuple, run_block,
+                     to_host)
 from .candidates import Candidates
 from .cost import layer_bytes, layer_shapes
 from .data import ids_hash
@@ -167,6 +168,8 @@ def measure_block(block, index: int, batches: list[BlockBatch], wanted: list[tup
     """Block-pass values for each wanted (unit, option); returns (values, unquantized outputs per batch).
 
     `shortcut=False` recomputes the whole block for every candidate (the benchmark's baseline).
+    Each batch is copied to the block's device once, for all candidates; the outputs are handed back
+    in host memory (see `blocks.to_host`).
     """
     trace = BlockTrace(block, lambda: run_block(block, batches[0].head(1)))
     shortcuts = {unit: trace.shortcuts(list(unit)) if shortcut else Shortcuts()
@@ -174,7 +177,9 @@ def measure_block(block, index: int, batches: list[BlockBatch], wanted: list[tup
     errors = {key: BlockErrors() for key in wanted}
     kl_outputs = {key: [] for key in wanted}
     energy, outputs = 0.0, []
-    for b, batch in enumerate(batches):
+    device = candidates.device
+    for b, held in enumerate(batches):
+        batch = BlockBatch(held.hidden.to(device, non_blocking=True), held.kwargs)
         reference, recording = record(block, lambda: run_block(block, batch), list(shortcuts.values()))
         token_energy = reference.float().pow(2).sum(-1).double()
         energy += float(token_energy.sum())
@@ -187,8 +192,8 @@ def measure_block(block, index: int, batches: list[BlockBatch], wanted: list[tup
                 kl_outputs[(unit, option)] = out[:kl_windows]
             if progress_bar is not None:
                 progress_bar.set_postfix_str(f"block {index} batch {b + 1}/{len(batches)}")
-        outputs.append(reference)
-        del recording
+        outputs.append(to_host(reference))
+        del recording, reference, batch
     values = {key: acc.values(energy) for key, acc in errors.items()}
     if kl is not None:
         for key, value in zip(wanted, kl.measure(index, [kl_outputs[key] for key in wanted])):
@@ -292,7 +297,8 @@ def _merge(setup: _Setup, index: int, valid: dict, new_values: dict, units_of: d
 def _block_pass(setup, blocks_needed, units, valid, weights, calib_ids, device, progress, kl_windows, kl_stride):
     """Measure the block-kind metrics of every block in `blocks_needed` (a dict index -> wanted pairs)."""
     model, blocks, cache = setup.model, setup.blocks, setup.cache
-    batches = capture_inputs(model, calib_ids, setup.batch_size, device)
+    batches = [BlockBatch(to_host(b.hidden), b.kwargs)
+               for b in capture_inputs(model, calib_ids, setup.batch_size, device)]
     kl_windows = min(kl_windows, batches[0].hidden.shape[0])
     as_tuple = returns_tuple(weights.load(0, blocks[0], device), batches[0])
     weights.release(0, blocks[0])
@@ -307,7 +313,7 @@ def _block_pass(setup, blocks_needed, units, valid, weights, calib_ids, device, 
     resumed = setup.cache.load_tensors("frontier", first) if first > 0 else None
     start = 0
     if resumed is not None and len(resumed) == len(batches):
-        batches = [BlockBatch(h.to(device), b.kwargs) for h, b in zip(resumed, batches)]
+        batches = [BlockBatch(h, b.kwargs) for h, b in zip(resumed, batches)]
         start = first
         log.info("block pass resumes at block %d of %d", first, len(blocks))
     bar = tqdm(range(start, last + 1), desc="profile (block pass)", unit="block", disable=not progress)
@@ -323,7 +329,7 @@ def _block_pass(setup, blocks_needed, units, valid, weights, calib_ids, device, 
             units_of = {n: u for u in units[index] for n in u}
             cache.save_rows(index, _merge(setup, index, valid[index], values, units_of))
         else:
-            outputs = [run_block(block, b) for b in batches]
+            outputs = [to_host(run_block(block, b)) for b in batches]
         check_activations(block, outputs, f"block {index}", lambda: [run_block(block, b) for b in batches],
                           f"{setup.prefix}.{index}")
         if setup.plan:
@@ -345,7 +351,7 @@ def _quantized_outputs(setup, index, block, batches, device):
     chosen = Candidates(block, list(assignment.items()), lambda n: setup.full(index, n), calibs, device)
     outputs = []
     with _all_installed(block, chosen, assignment):
-        outputs = [run_block(block, b) for b in batches]
+        outputs = [to_host(run_block(block, b)) for b in batches]
     return outputs
 
 
