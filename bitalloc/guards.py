@@ -15,6 +15,7 @@ import torch
 from torch import nn
 
 from .errors import BitallocError
+from .hooks import run_hooked
 
 
 def _finite(tensor: torch.Tensor) -> bool:
@@ -63,12 +64,7 @@ def first_nonfinite_module(root: nn.Module, run: Callable[[], object], prefix: s
         return record
 
     handles = [module.register_forward_hook(hook(name)) for name, module in root.named_modules()]
-    try:
-        with torch.no_grad():
-            run()
-    finally:
-        for handle in handles:
-            handle.remove()
+    run_hooked(handles, run)
     return found[0] if found else None
 
 

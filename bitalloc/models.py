@@ -28,6 +28,7 @@ from torch import nn
 
 from .errors import BitallocError
 from .guards import check_weights
+from .hooks import run_hooked
 from .preflight import require_safe_weights
 
 log = logging.getLogger(__name__)
@@ -242,11 +243,7 @@ def tie_groups(block: nn.Module, run_block) -> list[list[str]]:
         module.register_forward_pre_hook(lambda m, args, name=name: record(name, args))
         for name, module in block_linears(block).items()
     ]
-    try:
-        run_block()
-    finally:
-        for handle in handles:
-            handle.remove()
+    run_hooked(handles, run_block)
     order = list(block_linears(block))
     groups = [sorted(set(names), key=order.index) for names in seen.values()]
     return sorted(groups, key=lambda g: order.index(g[0]))

@@ -27,6 +27,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
+from .hooks import run_hooked
 from .models import block_linears
 
 
@@ -111,12 +112,7 @@ class BlockTrace:
                 handles.append(module.register_forward_pre_hook(
                     lambda m, a, k, n=name: before(n, a, k), with_kwargs=True))
                 handles.append(module.register_forward_hook(lambda m, a, o, n=name: after(n, o)))
-        try:
-            with torch.no_grad():
-                run()
-        finally:
-            for handle in handles:
-                handle.remove()
+        run_hooked(handles, run)
 
     def _once(self, name: str) -> bool:
         entry = self.calls.get(name)

@@ -326,12 +326,14 @@ def _block_pass(setup, blocks_needed, units, valid, weights, calib_ids, device, 
             pairs = {(n, o) for unit, o in wanted for n in unit}
             candidates = Candidates(block, sorted(pairs, key=str), lambda n: setup.full(index, n), calibs, device)
             values, outputs = measure_block(block, index, batches, wanted, candidates, kl, kl_windows, bar)
-            units_of = {n: u for u in units[index] for n in u}
-            cache.save_rows(index, _merge(setup, index, valid[index], values, units_of))
         else:
             outputs = [to_host(run_block(block, b)) for b in batches]
+        # the unquantized block first: its overflow is named here, not blamed on a candidate's value
         check_activations(block, outputs, f"block {index}", lambda: [run_block(block, b) for b in batches],
                           f"{setup.prefix}.{index}")
+        if wanted:
+            units_of = {n: u for u in units[index] for n in u}
+            cache.save_rows(index, _merge(setup, index, valid[index], values, units_of))
         if setup.plan:
             outputs = _quantized_outputs(setup, index, block, batches, device)
         batches = [BlockBatch(out, b.kwargs) for b, out in zip(batches, outputs)]

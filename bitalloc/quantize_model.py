@@ -28,6 +28,7 @@ from tqdm.auto import tqdm
 from .blocks import BlockBatch, advance, block_outputs, capture_inputs, replace_module, run_block
 from .errors import BitallocError
 from .guards import check_weights
+from .hooks import run_hooked
 from .kernels.quant_linear import QuantLinear
 from .models import LoadedModel, block_linears, find_blocks, set_weight_matrix, weight_matrix
 from .quant import LayerCalib, Option, QuantizedWeight, quantize
@@ -61,12 +62,7 @@ def execution_groups(block: nn.Module, batch: BlockBatch) -> list[list[str]]:
     linears = block_linears(block)
     calls: list[tuple[str, torch.Tensor]] = []
     handles = [m.register_forward_pre_hook(lambda m, a, n=n: calls.append((n, a[0]))) for n, m in linears.items()]
-    try:
-        with torch.no_grad():
-            run_block(block, batch)
-    finally:
-        for handle in handles:
-            handle.remove()
+    run_hooked(handles, lambda: run_block(block, batch))
     groups: list[list[str]] = []
     seen: dict[int, list[str]] = {}
     for name, tensor in calls:  # the tensors are alive in `calls`, so ids are not reused
