@@ -63,6 +63,7 @@ from .metrics import DEFAULT_METRIC, METRICS, BlockErrors, combine, parse_metric
 from .models import LoadedModel, block_linears, find_blocks, tie_groups
 from .partial import BlockTrace, Shortcuts, record, replaying
 from .quant import Option, get_quantizer
+from .quant.registry import needs_calibration
 from .table import SensitivityTable
 from .weights import InMemory
 
@@ -193,7 +194,7 @@ def measure_block(block, index: int, batches: list[BlockBatch], wanted: list[tup
             if progress_bar is not None:
                 progress_bar.set_postfix_str(f"block {index} batch {b + 1}/{len(batches)}")
         outputs.append(to_host(reference))
-        del recording, reference, batch
+        del recording, reference
     values = {key: acc.values(energy) for key, acc in errors.items()}
     if kl is not None:
         for key, value in zip(wanted, kl.measure(index, [kl_outputs[key] for key in wanted])):
@@ -302,7 +303,7 @@ def _block_pass(setup, blocks_needed, units, valid, weights, calib_ids, device, 
     kl_windows = min(kl_windows, batches[0].hidden.shape[0])
     as_tuple = returns_tuple(weights.load(0, blocks[0], device), batches[0])
     weights.release(0, blocks[0])
-    needs_calib = {o.method for o in setup.options if o.quantized and get_quantizer(o.method).needs_calibration}
+    needs_calib = {o.method for o in setup.options if o.quantized and needs_calibration(o)}
     kl = None
     if "kl" in setup.metrics:
         kl = LogitKL(model, calib_ids[:kl_windows], batches[0].head(kl_windows), blocks, weights, device, as_tuple,
@@ -348,7 +349,7 @@ def _quantized_outputs(setup, index, block, batches, device):
     """Interaction mode: this block's outputs with its linears quantized as the plan says."""
     linears = list(block_linears(block))
     assignment = {n: setup.plan[setup.full(index, n)] for n in linears}
-    needs = any(o.quantized and get_quantizer(o.method).needs_calibration for o in assignment.values())
+    needs = any(o.quantized and needs_calibration(o) for o in assignment.values())
     calibs = collect_calibration(block, batches, linears) if needs else {}
     chosen = Candidates(block, list(assignment.items()), lambda n: setup.full(index, n), calibs, device)
     outputs = []
@@ -379,7 +380,7 @@ def _linear_pass(setup, blocks_needed, units, valid, weights, calib_ids, device,
     fisher_diag = any(m in setup.metrics for m in ("wfisher", "hawq"))
     batches = capture_inputs(model, calib_ids, setup.batch_size, device)
     predicted = calib_ids.shape[0] * (calib_ids.shape[1] - 1)
-    needs_calib = {o.method for o in setup.options if o.quantized and get_quantizer(o.method).needs_calibration}
+    needs_calib = {o.method for o in setup.options if o.quantized and needs_calibration(o)}
     top, bottom = max(blocks_needed), min(blocks_needed)
     upstream = None
     if gradients:

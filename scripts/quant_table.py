@@ -50,7 +50,8 @@ def variants() -> list[tuple[str, str]]:
         rows += [(f"{m} {label} +32 outliers", f"{m}:{weights}:{act}:outliers=32") for m in ("rtn", "smoothquant")]
     rows += [(f"gptq {f.upper()}", f"gptq:{f}:g64") for f in ("fp4", "nf4")]
     rows += [(f"gptq W{b} no act-order", f"gptq:int{b}:g64:asym:act_order=0") for b in (4, 3)]
-    rows += [(f"rtn W{b} clip search", f"rtn:int{b}:g64:asym:clip=1") for b in (4, 3)]
+    rows += [(f"rtn W{b} clip search (weight MSE)", f"rtn:int{b}:g64:asym:clip=1") for b in (4, 3)]
+    rows += [(f"rtn W{b} clip search (output-weighted)", f"rtn:int{b}:g64:asym:clip=2") for b in (4, 3)]
     return rows
 
 
@@ -69,9 +70,12 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def render(results: dict) -> str:
+    """The rows in the order `variants` runs them (the unquantized model first), any others after."""
+    order = ["fp16"] + [option for _, option in variants()]
+    rows = sorted(results["rows"].items(), key=lambda kv: order.index(kv[0]) if kv[0] in order else len(order))
     base = results["rows"].get("fp16")
     lines = ["| variant | option | PPL | ΔPPL | KL mean | quantize s | eval s |", "|---|---|---:|---:|---:|---:|---:|"]
-    for key, row in results["rows"].items():
+    for key, row in rows:
         delta = row["ppl"] - base["ppl"] if base else float("nan")
         kl = row.get("kl", {}).get("mean", 0.0)
         lines.append(f"| {row['label']} | `{key}` | {row['ppl']:.3f} | {delta:+.3f} | {kl:.4f} | "

@@ -21,7 +21,8 @@ from bitalloc.data import calibration_ids
 from bitalloc.errors import BitallocError, cli_entry
 from bitalloc.hooks import run_hooked
 from bitalloc.models import linear_layers, load_model, weight_matrix
-from bitalloc.quant import get_quantizer, parse, quantize
+from bitalloc.quant import parse, quantize
+from bitalloc.quant.registry import needs_calibration
 
 
 def layer_inputs(loaded, ids: torch.Tensor) -> dict[str, torch.Tensor]:
@@ -67,7 +68,7 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     options = [parse(text) for text in args.options.split(",")]
     for option in options:
-        if option.quantized and get_quantizer(option.method).needs_calibration:
+        if option.quantized and needs_calibration(option):
             raise BitallocError(f"{option} needs calibration; this comparison takes calibration-free options")
     loaded = load_model(args.model)
     ids = calibration_ids(loaded.tokenizer, args.calib, args.nsamples, args.calib_seqlen, args.seed, args.data_dir)

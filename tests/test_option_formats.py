@@ -128,3 +128,21 @@ def test_clipping_search_never_increases_weight_error():
 
 def test_fp16_option_is_unquantized():
     assert not FP16.quantized and str(FP16) == "fp16"
+
+
+def test_output_weighted_clip_search_needs_calibration_and_weight_mse_ignores_it():
+    from bitalloc.quant import LayerCalib
+    from bitalloc.quant.registry import needs_calibration
+    torch.manual_seed(0)
+    w = torch.randn(8, 64)
+    x = torch.randn(256, 64) * torch.linspace(0.1, 10, 64)
+    calib = LayerCalib(64)
+    calib.add(x)
+    weight_mse, output = parse("rtn:int3:g32:asym:clip=1"), parse("rtn:int3:g32:asym:clip=2")
+    assert not needs_calibration(weight_mse) and needs_calibration(output)
+    with pytest.raises(BitallocError, match="needs calibration"):
+        quantize(w, output, layer="L")
+    plain = quantize(w, weight_mse).dequantize()
+    assert torch.equal(plain, quantize(w, weight_mse, calib).dequantize())  # same result wherever it runs
+    out_error = lambda q: float((x @ (q - w).T).pow(2).sum())
+    assert out_error(quantize(w, output, calib).dequantize()) <= out_error(plain)

@@ -31,7 +31,7 @@ class Quantizer:
     name: str
     fn: Callable[[torch.Tensor, Option, LayerCalib | None], QuantizedWeight]
     version: str
-    needs_calibration: bool
+    needs_calibration: bool | Callable[[Option], bool]  # a rule when only some of the method's options calibrate
     formats: tuple[str, ...]
     transforms_input: bool  # stores a per-input-channel act_scale (AWQ, SmoothQuant)
 
@@ -39,7 +39,7 @@ class Quantizer:
 QUANTIZERS: dict[str, Quantizer] = {}
 
 
-def register_quantizer(name: str, version: str, needs_calibration: bool = False,
+def register_quantizer(name: str, version: str, needs_calibration: bool | Callable[[Option], bool] = False,
                        formats: tuple[str, ...] = ("int", "fp8e4m3", "fp8e5m2", "fp4", "nf4"),
                        transforms_input: bool = False):
     def decorate(fn):
@@ -66,11 +66,20 @@ def check_option(option: Option) -> None:
         raise BitallocError(f"method '{option.method}' does not support format '{option.format_name}' ({option})")
 
 
+def method_needs_calibration(option: Option) -> bool:
+    """Whether the option's method itself needs the layer's LayerCalib for this option."""
+    rule = get_quantizer(option.method).needs_calibration
+    return rule(option) if callable(rule) else rule
+
+
 def needs_calibration(option: Option) -> bool:
-    """Whether quantizing with this option needs the layer's LayerCalib (the method's, or outlier selection)."""
+    """Whether quantizing with this option needs the layer's LayerCalib (the method's, or outlier selection).
+
+    Every caller asks this one question, so profile, search and apply give a layer the same inputs.
+    """
     if not option.quantized:
         return False
-    return get_quantizer(option.method).needs_calibration or option.param("outliers", 0, int) > 0
+    return method_needs_calibration(option) or option.param("outliers", 0, int) > 0
 
 
 def outlier_channels(calib: LayerCalib, act_scale: torch.Tensor | None, count: int) -> torch.Tensor:
@@ -99,7 +108,7 @@ def quantize(weight: torch.Tensor, option: Option, calib: LayerCalib | None = No
         bad = (~torch.isfinite(weight)).nonzero()[0].tolist()
         raise BitallocError(f"layer {layer} has a NaN/Inf weight at {tuple(bad)}; refusing to quantize it")
     if needs_calibration(option) and calib is None:
-        what = f"method '{option.method}'" if quantizer.needs_calibration else "outlier selection (outliers=N)"
+        what = f"method '{option.method}'" if method_needs_calibration(option) else "outlier selection (outliers=N)"
         raise BitallocError(f"{what} needs calibration inputs for layer {layer}")
     weight = weight.detach().float()
     try:

@@ -1,9 +1,13 @@
 """Round-to-nearest with min/max group scales and an optional clipping search.
 
 Parameters (option `key=value`): `clip=1` searches shrink ratios of the group
-range and keeps, per group, the one with the least error; the error is the
-weight MSE, or, when calibration statistics are given, the squared error
-weighted per input channel by E[x^2] (the diagonal of the Hessian).
+range and keeps, per group, the one with the least weight MSE; `clip=2` weighs
+each input channel's squared error by E[x^2] (the diagonal of the Hessian, an
+output-error proxy) and so needs calibration.  Weight MSE clips the largest
+weights hardest, which on models with massive activations costs more than it
+saves (docs/RESULTS.md, issue 4); the output-weighted search sees that.
+Whether calibration is used depends only on the option, never on whether some
+other layer's method happened to collect it, so profile and apply agree.
 """
 from __future__ import annotations
 
@@ -64,6 +68,10 @@ def rtn_quantize(w: torch.Tensor, option: Option, weights: torch.Tensor | None =
     return quantize_with_scales(w, option, scales, zeros)
 
 
-@register_quantizer("rtn", version="2")
+def _output_weighted(option: Option) -> bool:
+    return option.param("clip", 0, int) == 2
+
+
+@register_quantizer("rtn", version="3", needs_calibration=_output_weighted)
 def quantize_rtn(w: torch.Tensor, option: Option, calib: LayerCalib | None = None) -> QuantizedWeight:
-    return rtn_quantize(w, option, channel_weight(calib, w.shape[1]))
+    return rtn_quantize(w, option, channel_weight(calib if _output_weighted(option) else None, w.shape[1]))

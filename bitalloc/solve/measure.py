@@ -23,7 +23,8 @@ from ..blocks import advance, block_outputs, capture_inputs, collect_calibration
 from ..evaluate import ReferenceCache, evaluate
 from ..kernels.quant_linear import QuantLinear
 from ..models import LoadedModel, block_linears, find_blocks, weight_matrix
-from ..quant import Option, get_quantizer, quantize
+from ..quant import Option, quantize
+from ..quant.registry import needs_calibration
 from .problem import Problem
 
 log = logging.getLogger(__name__)
@@ -38,7 +39,7 @@ class LayerBank:
         self.model = loaded.model
         self.modules: dict[tuple[str, str], torch.nn.Module] = {}
         self.originals: dict[str, torch.nn.Module] = {}
-        calibrate = any(o.quantized and get_quantizer(o.method).needs_calibration for opts in wanted.values()
+        calibrate = any(o.quantized and needs_calibration(o) for opts in wanted.values()
                         for o in opts)
         prefix, blocks = find_blocks(self.model)
         batches = capture_inputs(self.model, calib_ids, batch_size, device) if calibrate else None
