@@ -138,3 +138,12 @@ def test_linear_pass_resumes_below_the_last_finished_block(setup, tmp_path, monk
     resumed = profile(loaded, ids, OPTIONS, cache_dir=tmp_path, batch_size=2, progress=False, metrics=["fisher"])
     assert measured == [7 * 4]  # block 1 was finished and is neither measured nor back-propagated again
     assert resumed.rows == reference.rows
+
+
+def test_options_that_calibrate_only_for_some_settings_are_profiled(setup):
+    """Outlier channels and RTN's output-weighted clip need calibration although RTN itself does not."""
+    loaded, ids = setup
+    options = [parse("rtn:int4:g32:asym:a8:outliers=2"), parse("rtn:int3:g32:asym:clip=2")]
+    table = profile(loaded, ids, options, cache_dir=None, batch_size=2, progress=False, metrics=["rel", "fisher"])
+    assert len(table.rows) == 14 * 2
+    assert all(row["rel"] > 0 and row["fisher"] > 0 for row in table.rows)
