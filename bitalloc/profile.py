@@ -128,16 +128,22 @@ class BlockCache:
             save_file({f"t{i}": t.detach().cpu().contiguous() for i, t in enumerate(tensors)}, str(tmp),
                       metadata={"block": str(index)})
 
-    def load_tensors(self, name: str, index: int) -> list[torch.Tensor] | None:
+    def load_tensors(self, name: str, usable) -> tuple[int, list[torch.Tensor]] | None:
+        """(block, tensors) of the saved frontier if `usable(block)`.
+
+        A run killed between a block's rows and its frontier leaves the frontier one block behind
+        the rows; resuming from it costs one block's pass (without measuring), not a restart.
+        """
         path = self._frontier(name)
         if path is None or not path.is_file():
             return None
         try:
             with safe_open(str(path), "pt") as handle:
-                if handle.metadata().get("block") != str(index):
-                    return None
+                index = int(handle.metadata().get("block", -1))
+            if not usable(index):
+                return None
             tensors = load_file(str(path))
-            return [tensors[f"t{i}"] for i in range(len(tensors))]
+            return index, [tensors[f"t{i}"] for i in range(len(tensors))]
         except Exception:  # corrupt or mismatched frontier: the passes are recomputed instead
             log.warning("resume frontier %s is unusable; recomputing earlier blocks", path)
             return None
@@ -311,12 +317,12 @@ def _block_pass(setup, blocks_needed, units, valid, weights, calib_ids, device, 
     if device.type != "cpu" and kl is None:
         move_outside_blocks(model, "cpu")  # embeddings and head need no device memory while blocks are measured
     first, last = min(blocks_needed), max(blocks_needed)
-    resumed = setup.cache.load_tensors("frontier", first) if first > 0 else None
+    resumed = setup.cache.load_tensors("frontier", lambda k: 0 < k <= first)
     start = 0
-    if resumed is not None and len(resumed) == len(batches):
-        batches = [BlockBatch(h, b.kwargs) for h, b in zip(resumed, batches)]
-        start = first
-        log.info("block pass resumes at block %d of %d", first, len(blocks))
+    if resumed is not None and len(resumed[1]) == len(batches):
+        start, hidden = resumed
+        batches = [BlockBatch(h, b.kwargs) for h, b in zip(hidden, batches)]
+        log.info("block pass resumes at block %d of %d", start, len(blocks))
     bar = tqdm(range(start, last + 1), desc="profile (block pass)", unit="block", disable=not progress)
     for index in bar:
         block = weights.load(index, blocks[index], device)
@@ -384,9 +390,10 @@ def _linear_pass(setup, blocks_needed, units, valid, weights, calib_ids, device,
     top, bottom = max(blocks_needed), min(blocks_needed)
     upstream = None
     if gradients:
-        saved = cache.load_tensors("gradient_frontier", top)
-        if saved is not None and len(saved) == fisher_samples * len(batches):
-            upstream = [saved[k * len(batches):(k + 1) * len(batches)] for k in range(fisher_samples)]
+        saved = cache.load_tensors("gradient_frontier", lambda k: top <= k < len(blocks) - 1)
+        if saved is not None and len(saved[1]) == fisher_samples * len(batches):
+            top, grads = saved
+            upstream = [grads[k * len(batches):(k + 1) * len(batches)] for k in range(fisher_samples)]
             log.info("linear pass resumes below block %d", top + 1)
         else:
             top = len(blocks) - 1

@@ -147,3 +147,31 @@ def test_options_that_calibrate_only_for_some_settings_are_profiled(setup):
     table = profile(loaded, ids, options, cache_dir=None, batch_size=2, progress=False, metrics=["rel", "fisher"])
     assert len(table.rows) == 14 * 2
     assert all(row["rel"] > 0 and row["fisher"] > 0 for row in table.rows)
+
+
+@pytest.mark.parametrize("metric, frontier", [("rel", "frontier"), ("fisher", "gradient_frontier")])
+def test_a_kill_between_a_blocks_rows_and_its_frontier_resumes_from_the_older_frontier(tmp_path, monkeypatch,
+                                                                                      metric, frontier):
+    """Rows of a block are written, then the frontier after it: a kill in between leaves the frontier one
+    block behind.  The rerun starts from that frontier (no restart from block 0) and measures nothing twice."""
+    loaded = from_module(tiny_llama(layers=4, seed=5))
+    ids = torch.randint(0, 300, (4, 32), generator=torch.Generator().manual_seed(0))
+    reference = profile(loaded, ids, OPTIONS, cache_dir=None, batch_size=2, progress=False, metrics=[metric])
+    real_save = profile_module.BlockCache.save_tensors
+    saves = []
+
+    def killed_at_second_frontier(self, name, index, tensors):
+        saves.append(index)
+        if name == frontier and len(saves) == 2:
+            raise KeyboardInterrupt("killed after the rows, before the frontier")
+        return real_save(self, name, index, tensors)
+
+    monkeypatch.setattr(profile_module.BlockCache, "save_tensors", killed_at_second_frontier)
+    with pytest.raises(KeyboardInterrupt):
+        profile(loaded, ids, OPTIONS, cache_dir=tmp_path, batch_size=2, progress=False, metrics=[metric])
+    monkeypatch.setattr(profile_module.BlockCache, "save_tensors", real_save)
+    messages = []
+    monkeypatch.setattr(profile_module.log, "info", lambda text, *args: messages.append(text % args))
+    resumed = profile(loaded, ids, OPTIONS, cache_dir=tmp_path, batch_size=2, progress=False, metrics=[metric])
+    assert any("resumes" in m for m in messages), messages
+    assert resumed.rows == reference.rows
