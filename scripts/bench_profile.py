@@ -111,6 +111,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--model", default="smollm2-135m")
     parser.add_argument("--random", choices=sorted(RANDOM_CONFIGS), help="a random-weight model of this shape")
+    parser.add_argument("--layers", type=int, default=None,
+                        help="with --random: only this many blocks (peak memory per block is the same; time scales)")
     parser.add_argument("--device", default="auto")
     parser.add_argument("--dtype", default=None, help="float32 (CPU default) or bfloat16/float16 (CUDA default bf16)")
     parser.add_argument("--data-dir", default=None)
@@ -128,7 +130,8 @@ def main() -> None:
     options = [parse(t) for t in args.space.split(",")]
     started = time.perf_counter()
     if args.random:
-        loaded, weights = random_model(args.random, dtype), RandomBlocks()
+        overrides = {"num_hidden_layers": args.layers} if args.layers else None
+        loaded, weights = random_model(args.random, dtype, overrides), RandomBlocks()
         vocab = loaded.model.config.vocab_size
         ids = torch.randint(0, vocab, (args.nsamples, args.calib_seqlen), generator=torch.Generator().manual_seed(0))
     else:
