@@ -18,7 +18,7 @@ import torch
 from bitalloc import atomic
 from bitalloc.benchmarks import (BATCHES, LAYER_SHAPES, kernel_rows, measure_bandwidth, plot_speedups, summary,
                                  write_csv, write_latency_table)
-from bitalloc.errors import cli_entry
+from bitalloc.errors import BitallocError, cli_entry
 
 GPU_BACKENDS = {
     "triton": [f"rtn:int{b}:g128:asym" for b in (2, 3, 4, 8)],
@@ -47,9 +47,16 @@ def main(argv=None):
     args = parse_args(argv)
     device = torch.device(args.device)
     out = Path(args.out or f"results/kernels_{device.type}")
+    unknown = [m for m in args.models.split(",") if m not in LAYER_SHAPES]
+    if unknown:
+        raise BitallocError(f"unknown shape set(s) {', '.join(unknown)} (known: {', '.join(LAYER_SHAPES)})")
     shapes = {m: dict(LAYER_SHAPES[m]) for m in args.models.split(",")}
     if args.layers:
         keep = set(args.layers.split(","))
+        known = {n for layers in shapes.values() for n in layers}
+        if keep - known:
+            raise BitallocError(f"no layer named {', '.join(sorted(keep - known))} in {args.models} "
+                                f"(layers: {', '.join(sorted(known))})")
         shapes = {m: {n: s for n, s in layers.items() if n in keep} for m, layers in shapes.items()}
     backends = json.loads(args.backends) if args.backends else GPU_BACKENDS if device.type == "cuda" else CPU_BACKENDS
     bandwidth, note = None, "no roofline on the CPU"
