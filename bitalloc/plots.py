@@ -142,9 +142,12 @@ def predicted_measured_figure(points: dict[str, dict]):
                              (axes[1], "dppl", "measured dPPL")):
         xs = [points[n]["predicted"] for n in names]
         ys = [points[n][key] for n in names]
+        by_x = {name: rank for rank, name in enumerate(sorted(names, key=lambda n: points[n]["predicted"]))}
         for i, (name, x, y) in enumerate(zip(names, xs, ys)):
             axis.scatter([x], [y], s=55, marker=MARKERS[i % len(MARKERS)], label=name, zorder=3)
-            axis.annotate(name, (x, y), textcoords="offset points", xytext=(5, 4), fontsize=7)
+            # neighbours along x alternate above and below their point, so close labels do not overlap
+            offset = (6, 5) if by_x[name] % 2 == 0 else (6, -12)
+            axis.annotate(name, (x, y), textcoords="offset points", xytext=offset, fontsize=7)
         axis.set_xscale("log")
         if all(y > 0 for y in ys):
             axis.set_yscale("log")
@@ -154,6 +157,7 @@ def predicted_measured_figure(points: dict[str, dict]):
         axis.set_ylabel(label)
         axis.margins(x=0.3, y=0.12)
         axis.grid(alpha=0.3, which="both")
+        axis.legend(fontsize=7, loc="lower right")  # markers tell apart points too close for their labels
     figure.suptitle("Predicted vs measured loss", fontsize=11)
     return figure
 
@@ -161,16 +165,19 @@ def predicted_measured_figure(points: dict[str, dict]):
 def window_figure(per_window: dict[str, list[float]], base: list[float]):
     """Per-window PPL ratio to the unquantized model, one line per variant."""
     plt = pyplot()
-    figure, axis = plt.subplots(figsize=(10, 3.6))
-    for i, (name, ppl) in enumerate(per_window.items()):
-        axis.plot(range(len(ppl)), [p / b for p, b in zip(ppl, base)], marker=MARKERS[i % len(MARKERS)],
-                  markersize=3, linewidth=1, label=name)
+    figure, axis = plt.subplots(figsize=(10, 3.6), layout="constrained")
+    ratios = {name: [p / b for p, b in zip(ppl, base)] for name, ppl in per_window.items()}
+    for i, (name, ratio) in enumerate(ratios.items()):
+        axis.plot(range(len(ratio)), ratio, marker=MARKERS[i % len(MARKERS)], markersize=3, linewidth=1, label=name)
+    values = [r for ratio in ratios.values() for r in ratio]
+    if values and min(values) > 0 and max(values) / min(values) > 20:
+        axis.set_yscale("log")  # a 2-bit variant's ratios in the thousands would flatten every other line
     axis.axhline(1.0, color="0.5", linewidth=0.8)
     axis.set_xlabel("evaluation window")
     axis.set_ylabel("PPL / unquantized PPL")
     axis.set_title("Per-window perplexity ratio")
-    axis.grid(alpha=0.3)
-    axis.legend(fontsize=8)
+    axis.grid(alpha=0.3, which="both")
+    axis.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0))
     return figure
 
 
