@@ -309,7 +309,7 @@ def _block_pass(setup, blocks_needed, units, valid, weights, calib_ids, device, 
     kl_windows = min(kl_windows, batches[0].hidden.shape[0])
     as_tuple = returns_tuple(weights.load(0, blocks[0], device), batches[0])
     weights.release(0, blocks[0])
-    needs_calib = {o.method for o in setup.options if o.quantized and needs_calibration(o)}
+    needs_calib = any(needs_calibration(o) for o in setup.options)
     kl = None
     if "kl" in setup.metrics:
         kl = LogitKL(model, calib_ids[:kl_windows], batches[0].head(kl_windows), blocks, weights, device, as_tuple,
@@ -355,7 +355,7 @@ def _quantized_outputs(setup, index, block, batches, device):
     """Interaction mode: this block's outputs with its linears quantized as the plan says."""
     linears = list(block_linears(block))
     assignment = {n: setup.plan[setup.full(index, n)] for n in linears}
-    needs = any(o.quantized and needs_calibration(o) for o in assignment.values())
+    needs = any(needs_calibration(o) for o in assignment.values())
     calibs = collect_calibration(block, batches, linears) if needs else {}
     chosen = Candidates(block, list(assignment.items()), lambda n: setup.full(index, n), calibs, device)
     outputs = []
@@ -386,7 +386,7 @@ def _linear_pass(setup, blocks_needed, units, valid, weights, calib_ids, device,
     fisher_diag = any(m in setup.metrics for m in ("wfisher", "hawq"))
     batches = capture_inputs(model, calib_ids, setup.batch_size, device)
     predicted = calib_ids.shape[0] * (calib_ids.shape[1] - 1)
-    needs_calib = {o.method for o in setup.options if o.quantized and needs_calibration(o)}
+    needs_calib = any(needs_calibration(o) for o in setup.options)
     top, bottom = max(blocks_needed), min(blocks_needed)
     upstream = None
     if gradients:

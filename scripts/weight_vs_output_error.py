@@ -68,7 +68,7 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     options = [parse(text) for text in args.options.split(",")]
     for option in options:
-        if option.quantized and needs_calibration(option):
+        if needs_calibration(option):
             raise BitallocError(f"{option} needs calibration; this comparison takes calibration-free options")
     loaded = load_model(args.model)
     ids = calibration_ids(loaded.tokenizer, args.calib, args.nsamples, args.calib_seqlen, args.seed, args.data_dir)

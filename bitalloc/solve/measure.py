@@ -39,8 +39,7 @@ class LayerBank:
         self.model = loaded.model
         self.modules: dict[tuple[str, str], torch.nn.Module] = {}
         self.originals: dict[str, torch.nn.Module] = {}
-        calibrate = any(o.quantized and needs_calibration(o) for opts in wanted.values()
-                        for o in opts)
+        calibrate = any(needs_calibration(o) for opts in wanted.values() for o in opts)
         prefix, blocks = find_blocks(self.model)
         batches = capture_inputs(self.model, calib_ids, batch_size, device) if calibrate else None
         for index, block in enumerate(tqdm(blocks, desc="layer bank", unit="block", disable=not progress)):
