@@ -333,6 +333,7 @@ def _block_pass(setup, blocks_needed, units, valid, weights, calib_ids, device, 
             pairs = {(n, o) for unit, o in wanted for n in unit}
             candidates = Candidates(block, sorted(pairs, key=str), lambda n: setup.full(index, n), calibs, device)
             values, outputs = measure_block(block, index, batches, wanted, candidates, kl, kl_windows, bar)
+            del candidates, calibs  # freed before the next block's are made
         else:
             outputs = [to_host(run_block(block, b)) for b in batches]
         # the unquantized block first: its overflow is named here, not blamed on a candidate's value
@@ -415,6 +416,7 @@ def _linear_pass(setup, blocks_needed, units, valid, weights, calib_ids, device,
         candidates = Candidates(block, pairs, lambda n: setup.full(index, n), calibs, device)
         terms, weight_terms, upstream = measure_block_linears(
             block, candidates, boundaries[index], upstream if gradients else None, device, fisher_diag)
+        del candidates, calibs  # freed before the next block's are made
         weights.release(index, blocks[index])
         if wanted:
             per_weight = weight_values(weight_terms, predicted)

@@ -62,23 +62,28 @@ class QuantLinear(nn.Module):
             layer.bias.copy_(bias.to(torch.float16))
         return layer
 
-    def quantized_weight(self) -> QuantizedWeight:
+    def quantized_weight(self, rows: slice = slice(None)) -> QuantizedWeight:
+        """The stored layer (or a slice of its output rows) as the quantizers' plain data."""
         opt = self.option
-        zeros = self.zeros.float() if self.zeros is not None else None
+        zeros = self.zeros[rows].float() if self.zeros is not None else None
         act = self.act_scale.float() if self.act_scale is not None else None
-        codes = packing.unpack(self.qweight, opt.bits, self.in_features)
+        codes = packing.unpack(self.qweight[rows], opt.bits, self.in_features)
         idx = self.outlier_idx.long() if self.outlier_idx is not None else None
-        outlier = self.outlier_weight.float() if self.outlier_weight is not None else None
-        return QuantizedWeight(opt, codes, self.scales.float(), zeros, act, idx, outlier)
+        outlier = self.outlier_weight[rows].float() if self.outlier_weight is not None else None
+        return QuantizedWeight(opt, codes, self.scales[rows].float(), zeros, act, idx, outlier)
 
-    def dequantize_codes(self) -> torch.Tensor:
-        """The weight the matmul uses (before x / act_scale), float32; outlier columns in float16 precision."""
+    def dequantize_codes(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        """The weight the matmul uses (before x / act_scale), computed in float32 and stored as `dtype`;
+        outlier columns in float16 precision.  Slices of rows bound the float32 working memory."""
         if not self.option.quantized:
-            return self.weight.float()
-        qw = self.quantized_weight()
-        w = qw.dequantize_codes()
-        if qw.outlier_idx is not None:
-            w[:, qw.outlier_idx] = qw.outlier_weight
+            return self.weight.to(dtype)
+        w = torch.empty(self.out_features, self.in_features, dtype=dtype, device=self.qweight.device)
+        for rows in packing.row_slices(self.out_features, self.in_features):
+            qw = self.quantized_weight(rows)
+            part = qw.dequantize_codes()
+            if qw.outlier_idx is not None:
+                part[:, qw.outlier_idx] = qw.outlier_weight
+            w[rows] = part
         return w
 
     def set_backend(self, name: str) -> None:
