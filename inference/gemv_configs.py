@@ -17,6 +17,7 @@ from bitalloc.benchmarks import random_layer, time_layer, weight_bytes
 from bitalloc.errors import BitallocError, cli_entry
 from bitalloc.kernels import triton_backend as tb
 from bitalloc.kernels import triton_kernels as tk
+from bitalloc.kernels import tuner
 from bitalloc.kernels.timing import time_cuda_graph
 
 SPEC_BANDWIDTH = 3.35e12  # H100 SXM HBM3
@@ -67,10 +68,10 @@ def main(argv=None):
         for bits in (int(b) for b in args.bits.split(",")):
             layer = random_layer(out_features, in_features, f"rtn:int{bits}:g128:asym", device, "triton")
             moved = weight_bytes(layer) + 2 * (out_features + in_features)
-            key = (bits, 128, True, layer.qweight.shape, 1, torch.float16)  # the tuner's key (quant_matmul)
+            key = ("triton", bits, 128, True, layer.qweight.shape, 1, torch.float16)  # the tuner's key (quant_matmul)
             timings = []
             for config in configs:
-                tb._tuned[key] = (tb.GEMV, config)
+                tuner.CHOSEN[key] = (tb.GEMV, config)
                 timings.append((time_layer(layer, 1, device), config))
             timings.sort()
             best = timings[0][0]
@@ -78,7 +79,7 @@ def main(argv=None):
             print(f"int{bits}: {cells} | best {best * 1e6:.1f} us, {fp16 / best:.2f}x fp16, "
                   f"{100 * moved / best / SPEC_BANDWIDTH:.0f} % roofline; activation pass "
                   f"{arrangement_seconds(in_features, bits, out_features) * 1e6:.2f} us", flush=True)
-            tb._tuned.pop(key, None)
+            tuner.CHOSEN.pop(key, None)
             del layer
             torch.cuda.empty_cache()
     return 0

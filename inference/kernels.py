@@ -26,7 +26,7 @@ GPU_BACKENDS = {
     "mixed-outlier": ["rtn:int8:pc:sym:a8:outliers=128", "rtn:int4:pc:sym:a4:outliers=128"],
 }
 CPU_BACKENDS = {"cpu": ["rtn:int8:pc:sym", "rtn:int4:g128:asym", "rtn:int4:g32:asym"]}
-SPEC_BANDWIDTH = {"NVIDIA H100 80GB HBM3": 3.35e12}
+SPEC_BANDWIDTH = {"NVIDIA H100 80GB HBM3": 3.35e12, "NVIDIA H200": 4.8e12}
 
 
 def parse_args(argv):

@@ -57,6 +57,24 @@ def test_integer_backends_match_reference_on_cuda(backend, option):
     check(*layers(option, backend, outliers=3 if backend == "mixed-outlier" else 0), backend, 1e-2)
 
 
+def test_every_w8a8_product_choice_is_the_same_product():
+    """The tuner may pick `_int_mm` + rescaling or any fused configuration: all compute the same numbers."""
+    from bitalloc.kernels import int8
+
+    generator = torch.Generator(device="cuda").manual_seed(0)
+    n, k = 264, 1000  # K not a multiple of any BLOCK_K, N not a multiple of any BLOCK_N
+    weight = {"q": torch.randint(-128, 128, (n, k), device="cuda", dtype=torch.int8, generator=generator),
+              "scales": torch.rand(n, device="cuda") * 1e-3, "correction": torch.randn(n, device="cuda") * 1e-3}
+    bias = torch.randn(n, device="cuda", dtype=torch.float16)
+    for rows in (1, 17, 300):
+        q = torch.randint(-128, 128, (rows, k), device="cuda", dtype=torch.int8, generator=generator)
+        sx, rowsum = torch.rand(rows, device="cuda"), q.sum(-1, dtype=torch.int32)
+        expected = int8.run_product(int8.CUBLAS, q, sx, rowsum, weight, bias, torch.float16).float()
+        for config in int8.FUSED_CONFIGS:
+            out = int8.run_product(config, q, sx, rowsum, weight, bias, torch.float16).float()
+            assert ((out - expected).abs() <= 1e-3 * expected.abs() + 1e-3).all(), (rows, config)
+
+
 def test_graph_decoding_follows_the_full_forward():
     """Each token decoded by graph replay on the static cache is the full (uncached) forward's argmax,
     up to float16 near-ties (cuBLAS may pick other algorithms inside a graph)."""

@@ -7,20 +7,30 @@ product is rescaled: out = sx * sw * (qx @ q8^T) + sx * sum(qx) * (2**(bits-1) -
 4-bit activations and weights are integers in int8's range, so W4A4 runs on the
 same int8 tensor cores (Hopper has no int4 ones) with the same arithmetic.
 
-Layout: `_int_mm(A, B)` with A row-major [M, K] and B the transpose of the
-row-major [N, K] code matrix (B column-major, cuBLASLt's "TN" int8 case).  On
-CUDA, quantization of the activations and the rescaling epilogue are one Triton
-kernel each; elsewhere they are torch ops.  `_int_mm` on CUDA needs M > 16 and
-K, N multiples of 8: smaller batches are padded to 32 rows.
+On CUDA the activations are quantized by one Triton kernel, and the product
+runs either as this repo's Triton int8 matmul with the rescaling fused into its
+epilogue (`scaled_int_matmul`: the int32 [M, N] product never touches memory)
+or as `_int_mm` plus a rescaling kernel, whichever the tuner measures faster
+for the shape (`tuner.py`).  `_int_mm(A, B)` takes A row-major [M, K] and B the
+transpose of the row-major [N, K] codes (B column-major, cuBLASLt's "TN" int8
+case); on CUDA it needs M > 16 and K, N multiples of 8, so smaller batches are
+padded to 32 rows.  Elsewhere everything is torch ops.
 """
 from __future__ import annotations
 
 import torch
 
+from . import tuner
 from .backends import Fallback, divide_act_scale, register_backend
 
 MIN_ROWS = 17
 PADDED_ROWS = 32
+CUBLAS = ("_int_mm",)
+# (BLOCK_M, BLOCK_N, BLOCK_K, GROUP_M, num_warps, num_stages) of `scaled_int_matmul`; the first is the untuned
+# default.  Small batches want short row blocks and deep pipelines (they are weight-bandwidth bound).
+FUSED_CONFIGS = [(128, 128, 128, 8, 8, 3), (128, 256, 128, 8, 8, 3), (64, 128, 128, 8, 4, 4),
+                 (64, 256, 128, 8, 8, 4), (32, 128, 256, 8, 4, 4), (16, 128, 256, 8, 4, 5),
+                 (256, 128, 128, 8, 8, 3), (128, 128, 64, 8, 4, 5)]
 
 
 def integer_weight(layer) -> dict:
@@ -88,13 +98,45 @@ def rescale(acc: torch.Tensor, sx, rowsum, weight: dict, bias, dtype) -> torch.T
     return out.to(dtype)
 
 
+def scaled_product(q, sx, rowsum, weight: dict, bias, dtype) -> torch.Tensor:
+    """out = sx * sw * (q @ w^T) (+ zero-point correction) (+ bias) in `dtype`; on CUDA the faster of the
+    fused Triton matmul and `_int_mm` + rescaling for this shape."""
+    if not q.is_cuda:
+        return rescale(int_product(q, weight), sx, rowsum, weight, bias, dtype)
+    rows, (n, k) = q.shape[0], weight["q"].shape
+    key = ("w8a8", 1 << max(4, (rows - 1).bit_length()), n, k, weight["correction"] is not None, bias is not None,
+           dtype)
+    choices = [FUSED_CONFIGS[0], CUBLAS] + FUSED_CONFIGS[1:]
+    choice = tuner.choose(key, choices, lambda c: run_product(c, q, sx, rowsum, weight, bias, dtype))
+    return run_product(choice, q, sx, rowsum, weight, bias, dtype)
+
+
+def run_product(choice: tuple, q, sx, rowsum, weight: dict, bias, dtype) -> torch.Tensor:
+    """One way of computing `scaled_product` on CUDA: CUBLAS or a FUSED_CONFIGS entry."""
+    if choice == CUBLAS:
+        return rescale(int_product(q, weight), sx, rowsum, weight, bias, dtype)
+    from . import triton_kernels as tk
+
+    block_m, block_n, block_k, group_m, warps, stages = choice
+    (m, k), n = q.shape, weight["q"].shape[0]
+    out = torch.empty(m, n, dtype=dtype, device=q.device)
+    corr = weight["correction"]
+    grid = (-(-m // block_m) * -(-n // block_n),)
+    tk.scaled_int_matmul[grid](q, weight["q"], sx, rowsum, weight["scales"], corr if corr is not None else sx,
+                               bias if bias is not None else sx, out, m, n, k, HAS_CORR=corr is not None,
+                               HAS_BIAS=bias is not None, EVEN_K=k % block_k == 0, BLOCK_M=block_m,
+                               BLOCK_N=block_n, BLOCK_K=block_k, GROUP_M=group_m, num_warps=warps,
+                               num_stages=stages)
+    return out
+
+
 def integer_forward(layer, weight: dict, x: torch.Tensor, keep=None, outliers=None) -> torch.Tensor:
     """The integer product of a layer, plus the float16 product of its outlier channels if any."""
     x = divide_act_scale(layer, x)
     shape = x.shape
     flat = x.reshape(-1, shape[-1]).contiguous()
     q, sx, rowsum = quantize_tokens(flat, layer.option.act_bits, keep)
-    out = rescale(int_product(q, weight), sx, rowsum, weight, layer.bias, x.dtype)
+    out = scaled_product(q, sx, rowsum, weight, layer.bias, x.dtype)
     if outliers is not None:
         idx, w_out = outliers
         out = out.addmm_(flat[:, idx], w_out.to(out.dtype).T)

@@ -4,23 +4,18 @@ The kernels read the stored tensors in place (`triton_kernels.py`).  Batches
 of up to GEMV_ROWS rows run the GEMV; larger ones dequantize into a temporary
 float16 weight and call cuBLAS (the tuner also tries that for small batches).
 Launch parameters are tuned per (kernel, bits, group, shape, batch bucket) the first
-time a shape is seen, by timing every candidate with a cold L2 cache, split-K's
-zeroing and cast included, and kept for the process.  Outlier columns (fp16)
+time a shape is seen (`tuner.py`: every candidate timed with a cold L2 cache,
+split-K's zeroing and cast included) and kept for the process.  Outlier columns (fp16)
 are added by a small dense correction: x[:, idx] @ (W_outlier - W_codes[:, idx])^T.
 With TRITON_INTERPRET=1 the kernels run on CPU tensors (slowly), which the CPU
 tests use to check the kernels' logic.
 """
 from __future__ import annotations
 
-import logging
-import os
-
 import torch
 
+from . import tuner
 from .backends import Fallback, add_bias, divide_act_scale, register_backend
-from .timing import time_cuda
-
-log = logging.getLogger(__name__)
 
 BITS = (2, 3, 4, 8)
 ONE_GROUP = 1 << 30  # group size for per-channel scales: every column falls in group 0
@@ -34,16 +29,6 @@ GEMV_CONFIGS = [(64, 128, 16, 4), (128, 128, 16, 4), (32, 128, 16, 2), (64, 128,
                 (16, 128, 64, 1), (16, 1024, 4, 4), (64, 128, 32, 4)]
 ARRANGE_BLOCK = 128
 DEQUANT_TILE = (32, 256)  # (BLOCK_N, BLOCK_K) of the dequantization pass
-_tuned: dict[tuple, tuple] = {}
-
-
-def interpreting() -> bool:
-    return os.environ.get("TRITON_INTERPRET") == "1"
-
-
-def tuning() -> bool:
-    """BITALLOC_TRITON_TUNE=0 takes each kernel's first configuration (tests: fewer compilations)."""
-    return os.environ.get("BITALLOC_TRITON_TUNE", "1") != "0" and not interpreting()
 
 
 def available() -> str | None:
@@ -52,7 +37,7 @@ def available() -> str | None:
         import triton  # noqa: F401
     except ImportError:
         return "triton is not installed"
-    if not torch.cuda.is_available() and not interpreting():
+    if not torch.cuda.is_available() and not tuner.interpreting():
         return "needs a CUDA device (or TRITON_INTERPRET=1)"
     return None
 
@@ -108,28 +93,9 @@ def quant_matmul(x: torch.Tensor, qweight, scales, zeros, bits: int, group_size:
     """x [M, K] (contiguous) @ dequantized(qweight)^T -> [M, N] in x's dtype."""
     group = group_size if 0 < group_size < in_features else ONE_GROUP
     configs = candidates(x.shape[0], group)
-    key = (bits, group, zeros is not None, qweight.shape, min(x.shape[0], GEMV_ROWS + 1), x.dtype)
-    choice = _tuned.get(key)
-    if choice is None:
-        choice = _tune(configs, x, qweight, scales, zeros, bits, group, in_features) if tuning() else configs[0]
-        _tuned[key] = choice
+    key = ("triton", bits, group, zeros is not None, qweight.shape, min(x.shape[0], GEMV_ROWS + 1), x.dtype)
+    choice = tuner.choose(key, configs, lambda c: _launch(*c, x, qweight, scales, zeros, bits, group, in_features))
     return _launch(*choice, x, qweight, scales, zeros, bits, group, in_features)
-
-
-def _tune(configs, x, qweight, scales, zeros, bits, group, in_features) -> tuple:
-    timings = {}
-    for kind, config in configs:
-        try:
-            timings[(kind, config)] = time_cuda(lambda: _launch(kind, config, x, qweight, scales, zeros, bits, group,
-                                                                in_features), reps=10, warmup=2)
-        except Exception as err:  # a configuration the compiler rejects (resources): skip it
-            log.warning("triton %s %s failed: %s", kind, config, str(err).splitlines()[0][:200])
-    if not timings:
-        raise RuntimeError(f"no Triton configuration compiled for bits={bits} group={group} {tuple(qweight.shape)}")
-    best = min(timings, key=timings.get)
-    log.debug("tuned bits=%d group=%d %s x %s: %s (%.1f us)", bits, group, tuple(x.shape), tuple(qweight.shape),
-              best, timings[best] * 1e6)
-    return best
 
 
 @register_backend("triton")

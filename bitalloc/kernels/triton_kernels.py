@@ -1,4 +1,4 @@
-"""Triton kernels for weight-only quantized linears (W2/W3/W4/W8, A16), on the stored layout.
+"""Triton kernels for quantized linears: weight-only (W2/W3/W4/W8, A16) on the stored layout, and W8A8.
 
 The weight stays as stored (`layout.py`): codes as a little-endian bit stream of
 int32 words along each row, float16 scales and zeros per group.  Nothing is
@@ -9,6 +9,8 @@ repacked, so the GPU holds exactly the bytes the cost model counts.
   becomes a float with one shift and one AND-OR (`_code_float`), one FMA with
   x; offsets and zeros come out per unit from sums the activation pass made;
   split-K programs add float32 partial sums atomically.
+- `scaled_int_matmul`: W8A8 (and W4A8/W4A4 codes held in int8): the int8 tensor-core
+  product with the per-token and per-channel rescaling fused into its epilogue.
 - `dequantize_codes`: larger batches (and group sizes that are not multiples
   of 32): the weight is dequantized to the activation dtype by one fully
   parallel pass (codes gathered from the word(s) holding them) into a
@@ -292,4 +294,50 @@ def scale_int_product(acc_ptr, sx_ptr, rowsum_ptr, sw_ptr, corr_ptr, bias_ptr, o
         out += (sx * rowsum)[:, None] * corr[None, :]
     if HAS_BIAS:
         out += tl.load(bias_ptr + rn, mask=rn < N, other=0.0).to(tl.float32)[None, :]
+    tl.store(out_ptr + rm[:, None] * N + rn[None, :], out.to(out_ptr.dtype.element_ty), mask=ok)
+
+
+@triton.jit
+def scaled_int_matmul(q_ptr, w_ptr, sx_ptr, rowsum_ptr, sw_ptr, corr_ptr, bias_ptr, out_ptr, M, N, K,
+                      HAS_CORR: tl.constexpr, HAS_BIAS: tl.constexpr, EVEN_K: tl.constexpr, BLOCK_M: tl.constexpr,
+                      BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr):
+    """int8 q [M, K] @ int8 w [N, K]^T on the tensor cores, rescaled as `scale_int_product` does, in registers:
+    the int32 product never goes through memory.  Programs walk GROUP_M row blocks per column block, so
+    neighbouring programs share weight tiles in L2."""
+    pid = tl.program_id(0)
+    blocks_m = tl.cdiv(M, BLOCK_M)
+    blocks_n = tl.cdiv(N, BLOCK_N)
+    per_group = GROUP_M * blocks_n
+    first_m = (pid // per_group) * GROUP_M
+    size_m = tl.minimum(blocks_m - first_m, GROUP_M)
+    pid_m = first_m + (pid % per_group) % size_m
+    pid_n = (pid % per_group) // size_m
+    rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    rk = tl.arange(0, BLOCK_K)
+    # rows past M or N read row 0 again (their results are never stored): no masks in the K loop
+    a_ptrs = q_ptr + (rm % M)[:, None] * K + rk[None, :]
+    b_ptrs = w_ptr + (rn % N)[None, :] * K + rk[:, None]
+    acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.int32)
+    for start in range(0, K, BLOCK_K):
+        if EVEN_K:
+            a = tl.load(a_ptrs)
+            b = tl.load(b_ptrs)
+        else:
+            left = K - start
+            a = tl.load(a_ptrs, mask=rk[None, :] < left, other=0)
+            b = tl.load(b_ptrs, mask=rk[:, None] < left, other=0)
+        acc = tl.dot(a, b, acc, out_dtype=tl.int32)
+        a_ptrs += BLOCK_K
+        b_ptrs += BLOCK_K
+    sx = tl.load(sx_ptr + rm, mask=rm < M, other=0.0)
+    sw = tl.load(sw_ptr + rn, mask=rn < N, other=0.0)
+    out = acc.to(tl.float32) * sx[:, None] * sw[None, :]
+    if HAS_CORR:
+        rowsum = tl.load(rowsum_ptr + rm, mask=rm < M, other=0).to(tl.float32)
+        corr = tl.load(corr_ptr + rn, mask=rn < N, other=0.0)
+        out += (sx * rowsum)[:, None] * corr[None, :]
+    if HAS_BIAS:
+        out += tl.load(bias_ptr + rn, mask=rn < N, other=0.0).to(tl.float32)[None, :]
+    ok = (rm[:, None] < M) & (rn[None, :] < N)
     tl.store(out_ptr + rm[:, None] * N + rn[None, :], out.to(out_ptr.dtype.element_ty), mask=ok)

@@ -1,0 +1,51 @@
+"""Which way to launch a kernel call: measured once per key, kept for the process.
+
+Several layers have more than one way to run (the weight-only GEMV or
+dequantize + cuBLAS; the fused W8A8 matmul or `_int_mm` + an epilogue kernel;
+each with launch parameters), and which is fastest depends on the GPU and the
+shape.  So the first call of a key times every choice with a cold L2 cache
+(`timing.time_cuda`) and keeps the fastest.  BITALLOC_TRITON_TUNE=0 takes the
+first choice (tests: one compilation per kernel), and so does Triton's CPU
+interpreter.
+"""
+from __future__ import annotations
+
+import logging
+import os
+from typing import Callable, Hashable, Sequence
+
+from .timing import time_cuda
+
+log = logging.getLogger(__name__)
+
+CHOSEN: dict[tuple, Hashable] = {}
+
+
+def interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET") == "1"
+
+
+def tuning() -> bool:
+    return os.environ.get("BITALLOC_TRITON_TUNE", "1") != "0" and not interpreting()
+
+
+def choose(key: tuple, choices: Sequence[Hashable], run: Callable[[Hashable], object]) -> Hashable:
+    """The choice for `key` (timing `run(choice)` for each on first sight)."""
+    choice = CHOSEN.get(key)
+    if choice is None:
+        choice = CHOSEN[key] = _fastest(key, choices, run) if tuning() else choices[0]
+    return choice
+
+
+def _fastest(key, choices, run):
+    timings = {}
+    for choice in choices:
+        try:
+            timings[choice] = time_cuda(lambda: run(choice), reps=10, warmup=2)
+        except Exception as err:  # a configuration the compiler rejects (resources): skip it
+            log.warning("%s %s failed: %s", key[0], choice, str(err).splitlines()[0][:200])
+    if not timings:
+        raise RuntimeError(f"no launch choice compiled for {key}")
+    best = min(timings, key=timings.get)
+    log.debug("tuned %s: %s (%.1f us)", key, best, timings[best] * 1e6)
+    return best
