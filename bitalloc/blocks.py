@@ -71,8 +71,12 @@ def move_outside_blocks(model: nn.Module, device) -> None:
 
 
 @torch.no_grad()
-def capture_inputs(model: nn.Module, ids: torch.Tensor, batch_size: int, device="cpu") -> list[BlockBatch]:
-    """Inputs of decoder block 0 for each batch of `ids` (the rest of the model is not run)."""
+def capture_inputs(model: nn.Module, ids: torch.Tensor, batch_size: int, device="cpu",
+                   host: bool = False) -> list[BlockBatch]:
+    """Inputs of decoder block 0 for each batch of `ids` (the rest of the model is not run).
+
+    `host`: each batch's hidden states go to host memory as soon as they are made (`to_host`), so the
+    device never holds the whole calibration set (2.1 GB for 128 x 2048 tokens of an 8B model)."""
     _, blocks = find_blocks(model)
     captured: list[BlockBatch] = []
 
@@ -86,7 +90,7 @@ def capture_inputs(model: nn.Module, ids: torch.Tensor, batch_size: int, device=
         kept = {k: v for k, v in {**bound, **extra}.items() if k not in ("cache", "past_key_values", "layer_past")}
         if var_keyword or "use_cache" in signature.parameters:
             kept["use_cache"] = False
-        captured.append(BlockBatch(hidden.detach(), kept))
+        captured.append(BlockBatch(to_host(hidden.detach()) if host else hidden.detach(), kept))
         raise _Stop
 
     move_outside_blocks(model, device)

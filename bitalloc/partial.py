@@ -17,7 +17,7 @@ identity; no per-architecture tables).  The reference pass of every batch
 records what the shortcuts need (`record`), and each candidate then runs the
 block with those submodules answering from the recording (`replaying`), so it
 costs only the work downstream of the change.  Results are bit-identical to a
-full recompute (tests/test_profile_partial.py checks Llama, OPT and GPT-2).
+full recompute (tests/test_profile_modes.py checks Llama, OPT and GPT-2).
 """
 from __future__ import annotations
 
@@ -62,6 +62,8 @@ class _Call:
     calls: int = 0
     input_id: int | None = None
     output_id: int | None = None
+    input_numel: int = 0
+    output_numel: int = 0
 
 
 @dataclass
@@ -96,6 +98,7 @@ class BlockTrace:
             if isinstance(x, torch.Tensor):
                 alive.append(x)
                 entry.input_id = id(x)
+                entry.input_numel = x.numel()
 
         def after(name, output):
             entry = self.calls[name]
@@ -105,6 +108,7 @@ class BlockTrace:
             if first is not None:
                 alive.append(first)
                 entry.output_id = id(first)
+                entry.output_numel = first.numel()
 
         handles = []
         for name, module in block.named_modules():
@@ -118,10 +122,20 @@ class BlockTrace:
         entry = self.calls.get(name)
         return entry is not None and entry.calls == 1 and entry.end >= 0
 
-    def shortcuts(self, unit: list[str]) -> Shortcuts:
-        """The replayable submodules of the block when the linears in `unit` change."""
+    def shortcuts(self, unit: list[str], narrow: bool = False) -> Shortcuts:
+        """The replayable submodules of the block when the linears in `unit` change.
+
+        `narrow`: only shortcuts whose recorded tensors are no larger than the block's input, so a
+        recording holds no MLP-wide intermediates (for an 8B model at 4 x 2048 tokens that is ~1 GB
+        less device memory); what is left out is recomputed, which changes no result.
+        """
         if not all(self._once(name) for name in unit):
             return Shortcuts()
+        widest = min(self.calls.values(), key=lambda e: e.start).input_numel if narrow else None
+
+        def fits(numel):
+            return widest is None or numel <= widest
+
         leader = min(unit, key=lambda name: self.calls[name].start)
         first = self.calls[leader].start
         shared_input = self.calls[leader].input_id  # existed before the unit ran, so unchanged by it
@@ -135,7 +149,7 @@ class BlockTrace:
                 continue
             finished_before = entry.end < first
             sibling = name in self.linears and entry.input_id == shared_input
-            if finished_before or sibling:
+            if (finished_before or sibling) and fits(entry.output_numel):
                 replayable.append(name)
         frozen = [n for n in replayable if not any(n.startswith(other + ".") for other in replayable)]
         through = {}
@@ -144,7 +158,7 @@ class BlockTrace:
             produced = self.calls[member].output_id
             owners = [name for name, entry in self.calls.items()
                       if member.startswith(name + ".") and self._once(name) and entry.output_id == produced]
-            if owners:
+            if owners and fits(self.calls[member].input_numel):
                 outer = min(owners, key=len)
                 through[outer] = member
                 frozen = [n for n in frozen if not n.startswith(outer + ".")]  # never called any more

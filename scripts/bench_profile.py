@@ -122,6 +122,7 @@ def main() -> None:
     parser.add_argument("--space", default="rtn:int2:g64:asym,rtn:int3:g64:asym,rtn:int4:g64:asym,rtn:int8:g64:asym")
     parser.add_argument("--metrics", default="fisher;rel", help="metric groups, each profiled fresh and timed")
     parser.add_argument("--baseline-blocks", default="0,15", help="blocks on which the full recompute is timed")
+    parser.add_argument("--lean-memory", action="store_true", help="profile(lean_memory=True): see bitalloc.profile")
     parser.add_argument("--json", default=None, help="also write the figures here")
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(message)s")
@@ -138,6 +139,7 @@ def main() -> None:
         loaded, weights = load_model(args.model, dtype), InMemory()
         ids = calibration_ids(loaded.tokenizer, "wiki", args.nsamples, args.calib_seqlen, 0, args.data_dir)
     figures = {"model": loaded.spec, "device": str(device), "dtype": str(dtype), "tokens": int(ids.numel()),
+               "batch_size": args.batch_size, "lean_memory": args.lean_memory,
                "options": [str(o) for o in options], "load_s": round(time.perf_counter() - started, 1)}
     model = loaded.model
     block_param_bytes = sum(p.numel() * p.element_size() for p in find_blocks(model)[1][0].parameters())
@@ -150,7 +152,8 @@ def main() -> None:
             torch.cuda.reset_peak_memory_stats()
         _sync(device)
         start = time.perf_counter()
-        profile(loaded, ids, options, None, args.batch_size, device, progress=False, metrics=metrics, weights=weights)
+        profile(loaded, ids, options, None, args.batch_size, device, progress=False, metrics=metrics, weights=weights,
+                lean_memory=args.lean_memory)
         _sync(device)
         figures[f"profile_s[{group}]"] = round(time.perf_counter() - start, 1)
         if device.type == "cuda":

@@ -21,9 +21,35 @@ IDS = torch.randint(0, 300, (4, 32), generator=torch.Generator().manual_seed(0))
 def test_partial_recompute_equals_full_recompute(make, monkeypatch):
     loaded = from_module(make(seed=3))
     fast = profile(loaded, IDS, OPTIONS, None, 2, progress=False, metrics=["rel", "mse"])
-    monkeypatch.setattr(partial.BlockTrace, "shortcuts", lambda self, unit: partial.Shortcuts())
+    lean = profile(loaded, IDS, OPTIONS, None, 2, progress=False, metrics=["rel", "mse"], lean_memory=True)
+    monkeypatch.setattr(partial.BlockTrace, "shortcuts", lambda self, unit, narrow=False: partial.Shortcuts())
     full = profile(loaded, IDS, OPTIONS, None, 2, progress=False, metrics=["rel", "mse"])
-    assert fast.rows == full.rows
+    assert fast.rows == full.rows == lean.rows
+
+
+def test_lean_memory_records_no_tensor_wider_than_the_blocks_input():
+    from transformers.models.llama.modeling_llama import LlamaRotaryEmbedding
+
+    from bitalloc.blocks import BlockBatch, run_block
+
+    block = tiny_llama(seed=3).model.layers[0]  # MLP 160 wide, hidden 96
+    hidden = torch.randn(2, 8, 96)
+    rotary = LlamaRotaryEmbedding(block.self_attn.config)
+    cos_sin = rotary(hidden, torch.arange(8)[None].expand(2, -1))
+    batch = BlockBatch(hidden, {"position_embeddings": cos_sin, "attention_mask": None})
+    trace = partial.BlockTrace(block, lambda: run_block(block, batch))
+    for unit in (["mlp.gate_proj"], ["mlp.up_proj"], ["mlp.down_proj"]):
+        wide, narrow = trace.shortcuts(unit), trace.shortcuts(unit, narrow=True)
+        _, recorded = partial.record(block, lambda: run_block(block, batch), [narrow])
+        assert all(_first(v).numel() <= hidden.numel() for v in [*recorded.outputs.values(),
+                                                                   *recorded.inputs.values()]), unit
+        _, full_recording = partial.record(block, lambda: run_block(block, batch), [wide])
+        assert any(_first(v).numel() > hidden.numel() for v in [*full_recording.outputs.values(),
+                                                                 *full_recording.inputs.values()]), unit
+
+
+def _first(value):
+    return value if isinstance(value, torch.Tensor) else value[0]
 
 
 def test_tie_group_and_block_units_share_one_value_among_their_layers():
