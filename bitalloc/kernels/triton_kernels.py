@@ -245,6 +245,15 @@ def dequantize_codes(qw_ptr, s_ptr, z_ptr, w_ptr, N, K, KW, NG, BITS: tl.constex
 
 
 @triton.jit
+def _kept_chunk(row_ptr, keep_ptr, k, K, HAS_KEEP: tl.constexpr):
+    """Columns k of one activation row as float32, outlier channels (keep == 0) zeroed."""
+    x = tl.load(row_ptr + k, mask=k < K, other=0.0).to(tl.float32)
+    if HAS_KEEP:
+        x = x * tl.load(keep_ptr + k, mask=k < K, other=0.0)
+    return x
+
+
+@triton.jit
 def quantize_rows(x_ptr, keep_ptr, q_ptr, scale_ptr, rowsum_ptr, K, stride_x, QMAX: tl.constexpr,
                   HAS_KEEP: tl.constexpr, BLOCK: tl.constexpr):
     """Per-token symmetric quantization of one row: int8 codes, float32 scale and the codes' sum.
@@ -257,18 +266,13 @@ def quantize_rows(x_ptr, keep_ptr, q_ptr, scale_ptr, rowsum_ptr, K, stride_x, QM
     cols = tl.arange(0, BLOCK)
     absmax = tl.zeros([BLOCK], dtype=tl.float32)
     for start in range(0, K, BLOCK):
-        k = start + cols
-        x = tl.load(x_ptr + row * stride_x + k, mask=k < K, other=0.0).to(tl.float32)
-        if HAS_KEEP:
-            x = x * tl.load(keep_ptr + k, mask=k < K, other=0.0)
+        x = _kept_chunk(x_ptr + row * stride_x, keep_ptr, start + cols, K, HAS_KEEP)
         absmax = tl.maximum(absmax, tl.abs(x))
     scale = (tl.maximum(tl.max(absmax, axis=0), 1e-8) / QMAX).to(x_ptr.dtype.element_ty).to(tl.float32)
     total = tl.zeros([BLOCK], dtype=tl.int32)
     for start in range(0, K, BLOCK):
         k = start + cols
-        x = tl.load(x_ptr + row * stride_x + k, mask=k < K, other=0.0).to(tl.float32)
-        if HAS_KEEP:
-            x = x * tl.load(keep_ptr + k, mask=k < K, other=0.0)
+        x = _kept_chunk(x_ptr + row * stride_x, keep_ptr, k, K, HAS_KEEP)
         ratio = (x / scale).to(x_ptr.dtype.element_ty).to(tl.float32)
         q = tl.minimum(tl.maximum(libdevice.rint(ratio), -QMAX - 1.0), QMAX * 1.0).to(tl.int32)
         tl.store(q_ptr + row * K + k, q.to(tl.int8), mask=k < K)
@@ -284,16 +288,24 @@ def scale_int_product(acc_ptr, sx_ptr, rowsum_ptr, sw_ptr, corr_ptr, bias_ptr, o
     rm = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     rn = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
     ok = (rm[:, None] < M) & (rn[None, :] < N)
-    acc = tl.load(acc_ptr + rm[:, None] * N + rn[None, :], mask=ok, other=0).to(tl.float32)
+    acc = tl.load(acc_ptr + rm[:, None] * N + rn[None, :], mask=ok, other=0)
+    _store_rescaled(acc, rm, rn, M, N, sx_ptr, rowsum_ptr, sw_ptr, corr_ptr, bias_ptr, out_ptr, HAS_CORR, HAS_BIAS)
+
+
+@triton.jit
+def _store_rescaled(acc, rm, rn, M, N, sx_ptr, rowsum_ptr, sw_ptr, corr_ptr, bias_ptr, out_ptr,
+                    HAS_CORR: tl.constexpr, HAS_BIAS: tl.constexpr):
+    """out[rm, rn] = acc * sx[m] * sw[n] (+ sx[m] * rowsum[m] * corr[n]) (+ bias[n]), in out's dtype."""
     sx = tl.load(sx_ptr + rm, mask=rm < M, other=0.0)
     sw = tl.load(sw_ptr + rn, mask=rn < N, other=0.0)
-    out = acc * sx[:, None] * sw[None, :]
+    out = acc.to(tl.float32) * sx[:, None] * sw[None, :]
     if HAS_CORR:
         rowsum = tl.load(rowsum_ptr + rm, mask=rm < M, other=0).to(tl.float32)
         corr = tl.load(corr_ptr + rn, mask=rn < N, other=0.0)
         out += (sx * rowsum)[:, None] * corr[None, :]
     if HAS_BIAS:
         out += tl.load(bias_ptr + rn, mask=rn < N, other=0.0).to(tl.float32)[None, :]
+    ok = (rm[:, None] < M) & (rn[None, :] < N)
     tl.store(out_ptr + rm[:, None] * N + rn[None, :], out.to(out_ptr.dtype.element_ty), mask=ok)
 
 
@@ -330,14 +342,4 @@ def scaled_int_matmul(q_ptr, w_ptr, sx_ptr, rowsum_ptr, sw_ptr, corr_ptr, bias_p
         acc = tl.dot(a, b, acc, out_dtype=tl.int32)
         a_ptrs += BLOCK_K
         b_ptrs += BLOCK_K
-    sx = tl.load(sx_ptr + rm, mask=rm < M, other=0.0)
-    sw = tl.load(sw_ptr + rn, mask=rn < N, other=0.0)
-    out = acc.to(tl.float32) * sx[:, None] * sw[None, :]
-    if HAS_CORR:
-        rowsum = tl.load(rowsum_ptr + rm, mask=rm < M, other=0).to(tl.float32)
-        corr = tl.load(corr_ptr + rn, mask=rn < N, other=0.0)
-        out += (sx * rowsum)[:, None] * corr[None, :]
-    if HAS_BIAS:
-        out += tl.load(bias_ptr + rn, mask=rn < N, other=0.0).to(tl.float32)[None, :]
-    ok = (rm[:, None] < M) & (rn[None, :] < N)
-    tl.store(out_ptr + rm[:, None] * N + rn[None, :], out.to(out_ptr.dtype.element_ty), mask=ok)
+    _store_rescaled(acc, rm, rn, M, N, sx_ptr, rowsum_ptr, sw_ptr, corr_ptr, bias_ptr, out_ptr, HAS_CORR, HAS_BIAS)
