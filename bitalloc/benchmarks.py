@@ -120,6 +120,19 @@ def time_layer(layer: nn.Module, batch: int, device) -> float:
     return time_cpu(lambda: layers[next(turn) % len(layers)](x), reps=max(20, 2 * len(layers)))
 
 
+SPEC_BANDWIDTH = {"NVIDIA H100 80GB HBM3": 3.35e12, "NVIDIA H200": 4.8e12}  # HBM bytes/s by device name
+
+
+def roofline_bandwidth(device) -> tuple[float, str]:
+    """(bytes/s the roofline uses, a line saying where it comes from): the data sheet's figure for known
+    GPUs, else a measured device copy."""
+    copied = measure_bandwidth(device)
+    spec = SPEC_BANDWIDTH.get(torch.cuda.get_device_name(device))
+    bandwidth = spec or copied
+    return bandwidth, (f"roofline: {bandwidth / 1e12:.2f} TB/s ({'spec' if spec else 'measured copy'}); "
+                       f"measured device copy {copied / 1e12:.2f} TB/s")
+
+
 def measure_bandwidth(device) -> float:
     """Bytes/s of a 1 GiB device-to-device copy, read plus write counted."""
     src = torch.empty(1 << 28, dtype=torch.float32, device=device)

@@ -13,14 +13,13 @@ import sys
 
 import torch
 
-from bitalloc.benchmarks import random_layer, time_layer, weight_bytes
+from bitalloc.benchmarks import random_layer, roofline_bandwidth, time_layer, weight_bytes
 from bitalloc.errors import BitallocError, cli_entry
 from bitalloc.kernels import triton_backend as tb
 from bitalloc.kernels import triton_kernels as tk
 from bitalloc.kernels import tuner
 from bitalloc.kernels.timing import time_cuda_graph
 
-SPEC_BANDWIDTH = 3.35e12  # H100 SXM HBM3
 
 
 def parse_args(argv):
@@ -57,6 +56,8 @@ def main(argv=None):
     if not torch.cuda.is_available():
         raise BitallocError("gemv_configs needs a CUDA GPU")
     device = torch.device("cuda")
+    bandwidth, note = roofline_bandwidth(device)
+    print(note, flush=True)
     configs = (tb.GEMV_CONFIGS if args.configs is None else
                [tuple(int(v) for v in c.split("/")) for c in args.configs.split(",")])
     for shape in args.shapes.split(","):
@@ -77,7 +78,7 @@ def main(argv=None):
             best = timings[0][0]
             cells = "  ".join(f"{'/'.join(map(str, c))}: {t * 1e6:.1f}" for t, c in timings[:args.top])
             print(f"int{bits}: {cells} | best {best * 1e6:.1f} us, {fp16 / best:.2f}x fp16, "
-                  f"{100 * moved / best / SPEC_BANDWIDTH:.0f} % roofline; activation pass "
+                  f"{100 * moved / best / bandwidth:.0f} % roofline; activation pass "
                   f"{arrangement_seconds(in_features, bits, out_features) * 1e6:.2f} us", flush=True)
             tuner.CHOSEN.pop(key, None)
             del layer

@@ -16,7 +16,7 @@ from pathlib import Path
 import torch
 
 from bitalloc import atomic
-from bitalloc.benchmarks import (BATCHES, LAYER_SHAPES, kernel_rows, measure_bandwidth, plot_speedups, summary,
+from bitalloc.benchmarks import (BATCHES, LAYER_SHAPES, kernel_rows, plot_speedups, roofline_bandwidth, summary,
                                  write_csv, write_latency_table)
 from bitalloc.errors import BitallocError, cli_entry
 
@@ -26,7 +26,6 @@ GPU_BACKENDS = {
     "mixed-outlier": ["rtn:int8:pc:sym:a8:outliers=128", "rtn:int4:pc:sym:a4:outliers=128"],
 }
 CPU_BACKENDS = {"cpu": ["rtn:int8:pc:sym", "rtn:int4:g128:asym", "rtn:int4:g32:asym"]}
-SPEC_BANDWIDTH = {"NVIDIA H100 80GB HBM3": 3.35e12, "NVIDIA H200": 4.8e12}
 
 
 def parse_args(argv):
@@ -61,11 +60,7 @@ def main(argv=None):
     backends = json.loads(args.backends) if args.backends else GPU_BACKENDS if device.type == "cuda" else CPU_BACKENDS
     bandwidth, note = None, "no roofline on the CPU"
     if device.type == "cuda":
-        copy_bw = measure_bandwidth(device)
-        spec = SPEC_BANDWIDTH.get(torch.cuda.get_device_name(device))
-        bandwidth = spec or copy_bw
-        note = (f"roofline: {bandwidth / 1e12:.2f} TB/s ({'spec' if spec else 'measured copy'}); "
-                f"measured device copy {copy_bw / 1e12:.2f} TB/s")
+        bandwidth, note = roofline_bandwidth(device)
     logging.info(note)
     out.parent.mkdir(parents=True, exist_ok=True)
     rows = []
