@@ -115,9 +115,23 @@ def test_moving_a_layer_rebuilds_its_kernel():
 
 
 TRITON_CHECK = """
-import sys, torch
+import sys, numpy, torch, triton
+import triton.language as tl
 sys.path.insert(0, {tests!r})
 from test_kernels_backends import WEIGHT_ONLY, BATCHES, inputs, make_layer, relative_error
+
+
+@triton.jit
+def loop_over_an_argument(x_ptr, n, STEP: tl.constexpr):
+    for start in range(0, n, STEP):
+        tl.store(x_ptr + start // STEP, start)
+
+
+try:  # some interpreter/numpy pairs cannot run such loops (int() of a 1-element array): nothing to check then
+    loop_over_an_argument[(1,)](torch.zeros(2, dtype=torch.int32), 2, STEP=1)
+except Exception as err:
+    print(f"SKIP triton {{triton.__version__}}'s interpreter with numpy {{numpy.__version__}}: {{str(err)[:150]}}")
+    raise SystemExit(0)
 worst = 0.0
 for option in WEIGHT_ONLY + ["rtn:int4:g100:asym", "rtn:int2:g128:sym"]:
     reference, layer = make_layer(option, "triton", outliers=1 if "g100" in option else 0)
@@ -130,11 +144,14 @@ print(worst)
 
 
 @pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="triton is not installed")
-def test_triton_kernels_match_reference_in_the_interpreter():
+def test_triton_kernels_match_reference_in_the_interpreter(tmp_path):
     """The Triton kernels' logic, run by Triton's CPU interpreter (the GPU run is test_kernels_gpu.py)."""
-    tests = str(Path(__file__).parent)
+    script = tmp_path / "check_triton.py"  # a file, not -c: triton.jit reads its kernels' source
+    script.write_text(TRITON_CHECK.format(tests=str(Path(__file__).parent)))
     env = dict(os.environ, TRITON_INTERPRET="1", PYTHONPATH=os.pathsep.join(sys.path))
-    done = subprocess.run([sys.executable, "-c", TRITON_CHECK.format(tests=tests)], env=env, capture_output=True,
-                          text=True, timeout=300)
+    done = subprocess.run([sys.executable, str(script)], env=env, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-2000:]
+    last = done.stdout.strip().splitlines()[-1]
+    if last.startswith("SKIP "):
+        pytest.skip(last.removeprefix("SKIP "))
     assert float(done.stdout.strip().splitlines()[-1]) < TOLERANCE["triton"]
