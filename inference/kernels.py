@@ -5,7 +5,9 @@
 
 Writes <out>.csv (every timing, GB/s, % of the memory roofline, speed-up),
 <out>.txt (the same as a table), <out>_latency.csv (the cost model's latency
-table, bitalloc.cost) and <out>.png (speed-up against batch per shape).
+table, bitalloc.cost), <out>.png (speed-up against batch per shape) and, on a
+GPU, <out>_tuner.json (the launch choice the tuner made per kernel, shape and
+batch bucket, e.g. the fused W8A8 matmul or `_int_mm`).
 """
 import argparse
 import json
@@ -19,6 +21,7 @@ from bitalloc import atomic
 from bitalloc.benchmarks import (BATCHES, LAYER_SHAPES, kernel_rows, plot_speedups, roofline_bandwidth, summary,
                                  write_csv, write_latency_table)
 from bitalloc.errors import BitallocError, cli_entry
+from bitalloc.kernels import tuner
 
 GPU_BACKENDS = {
     "triton": [f"rtn:int{b}:g128:asym" for b in (2, 3, 4, 8)],
@@ -73,6 +76,9 @@ def main(argv=None):
             text = f"{rows[0]['device']}, torch {torch.__version__}; {note}\n" + summary(rows)
             atomic.write_text(out.with_suffix(".txt"), text)
             plot_speedups(rows, out.with_suffix(".png"), f"{rows[0]['device']}: speed-up over the dense layer")
+            if tuner.CHOSEN:  # which launch choice each tuned (kernel, shape, batch bucket) got
+                atomic.write_json(out.parent / f"{out.name}_tuner.json",
+                                  {" ".join(map(str, key)): str(choice) for key, choice in tuner.CHOSEN.items()})
     print(text)
     return 0
 
