@@ -54,8 +54,9 @@ def _to_host(batch: BlockBatch, hidden: torch.Tensor) -> BlockBatch:
 
 @torch.no_grad()
 def forward_sweep(blocks, weights, batches: list[BlockBatch], device, upto: int, progress: bool, prefix: str = ""):
-    """Hidden states entering blocks 0..upto (index i: the inputs of block i), kept on the host."""
-    boundaries = [[_to_host(b, b.hidden) for b in batches]]  # as they are when captured with host=True
+    """Hidden states entering blocks 0..upto (index i: the inputs of block i), kept on the host
+    (`batches`: block 0's inputs as `capture_inputs(host=True)` gives them)."""
+    boundaries = [list(batches)]
     for index in tqdm(range(upto), desc="forward sweep", unit="block", disable=not progress):
         block = weights.load(index, blocks[index], device)
         outputs = [run_block(block, b, device) for b in boundaries[-1]]

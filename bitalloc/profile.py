@@ -213,7 +213,7 @@ class _Setup:
     """Everything one profile call decided: names, units, cache, settings."""
 
     def __init__(self, loaded, calib_ids, options, metrics, granularity, plan, kl_windows, kl_stride,
-                 fisher_samples, seed, cache_dir, batch_size, measured):
+                 fisher_samples, seed, cache_dir, batch_size, measured, lean_memory):
         self.model = loaded.model
         self.prefix, self.blocks = find_blocks(self.model)
         self.measured = _block_range(measured, len(self.blocks))
@@ -233,7 +233,7 @@ class _Setup:
             self.plan_hash = None
         whole = self.measured == range(len(self.blocks))
         self.cache = BlockCache(cache_dir, key, "" if whole else f"-{self.measured.start}-{self.measured.stop - 1}")
-        self.batch_size = batch_size
+        self.batch_size, self.lean_memory = batch_size, lean_memory
 
     def full(self, index: int, name: str) -> str:
         return f"{self.prefix}.{index}.{name}"
@@ -457,8 +457,7 @@ def profile(loaded: LoadedModel, calib_ids: torch.Tensor, options: list[Option],
     weights = weights or InMemory()
     check_weights(loaded.model)
     setup = _Setup(loaded, calib_ids, options, metrics, granularity, plan, kl_windows, kl_stride, fisher_samples,
-                   seed, cache_dir, batch_size, blocks)
-    setup.lean_memory = lean_memory
+                   seed, cache_dir, batch_size, blocks, lean_memory)
     if plan:
         missing = [n for n in setup.shapes if n not in plan]
         if missing:
