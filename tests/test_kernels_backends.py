@@ -143,15 +143,47 @@ print(worst)
 """
 
 
-@pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="triton is not installed")
-def test_triton_kernels_match_reference_in_the_interpreter(tmp_path):
-    """The Triton kernels' logic, run by Triton's CPU interpreter (the GPU run is test_kernels_gpu.py)."""
+DENSE_CHECK = """
+import sys, torch
+sys.path.insert(0, {tests!r})
+from test_kernels_backends import WEIGHT_ONLY, make_layer
+from bitalloc.kernels.triton_backend import dense_weight
+
+checked = 0
+for option in WEIGHT_ONLY + ["rtn:int4:g100:asym", "rtn:int3:g64:asym"]:
+    _, layer = make_layer(option, "reference", outliers=1 if "g100" in option else 0)
+    if layer.zeros is not None and option.endswith("g64:asym") and "int3" in option:
+        layer.zeros.add_(0.3)  # fractional zero-points (HQQ's) are reproduced exactly too
+    for dtype in (torch.float16, torch.float32):  # the interpreter truncates to bfloat16 (GPUs round: GPU test)
+        assert torch.equal(dense_weight(layer, dtype), layer.dequantize_codes(dtype)), (option, dtype)
+        checked += 1
+print(checked)
+"""
+
+
+def _interpreted(tmp_path, text: str) -> str:
+    """The last line a script printed when run by Triton's CPU interpreter (skips when it says SKIP)."""
     script = tmp_path / "check_triton.py"  # a file, not -c: triton.jit reads its kernels' source
-    script.write_text(TRITON_CHECK.format(tests=str(Path(__file__).parent)))
+    script.write_text(text.format(tests=str(Path(__file__).parent)))
     env = dict(os.environ, TRITON_INTERPRET="1", PYTHONPATH=os.pathsep.join(sys.path))
     done = subprocess.run([sys.executable, str(script)], env=env, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-2000:]
     last = done.stdout.strip().splitlines()[-1]
     if last.startswith("SKIP "):
         pytest.skip(last.removeprefix("SKIP "))
-    assert float(done.stdout.strip().splitlines()[-1]) < TOLERANCE["triton"]
+    return last
+
+
+needs_triton = pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="triton is not installed")
+
+
+@needs_triton
+def test_triton_kernels_match_reference_in_the_interpreter(tmp_path):
+    """The Triton kernels' logic, run by Triton's CPU interpreter (the GPU run is test_kernels_gpu.py)."""
+    assert float(_interpreted(tmp_path, TRITON_CHECK)) < TOLERANCE["triton"]
+
+
+@needs_triton
+def test_triton_dequantization_is_bit_identical_to_the_reference_in_the_interpreter(tmp_path):
+    """The profiler's candidates use it in place of `dequantize_codes`: the same bits, every dtype."""
+    assert int(_interpreted(tmp_path, DENSE_CHECK)) == (len(WEIGHT_ONLY) + 2) * 2

@@ -51,6 +51,16 @@ def test_triton_matches_reference_on_cuda(option):
 
 
 @pytest.mark.parametrize("backend", ["int8", "mixed-outlier"])
+@pytest.mark.parametrize("option", WEIGHT_ONLY)
+def test_triton_dequantization_is_bit_identical_on_cuda(option):
+    """What the profiler's candidates use instead of `dequantize_codes` (bfloat16 rounding included)."""
+    from bitalloc.kernels.triton_backend import dense_weight
+
+    _, layer = layers(option, "reference", outliers=2 if "g128:asym" in option else 0)
+    for dtype in (torch.float16, torch.bfloat16, torch.float32):
+        assert torch.equal(dense_weight(layer, dtype), layer.dequantize_codes(dtype)), dtype
+
+
 @pytest.mark.parametrize("option", INTEGER)
 def test_integer_backends_match_reference_on_cuda(backend, option):
     # float16 rounding of x / scale may move a code by one step: a few 1e-3 of relative error

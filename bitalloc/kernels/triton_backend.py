@@ -49,12 +49,7 @@ def _launch(kind: str, config: tuple, x, qweight, scales, zeros, bits: int, grou
     zeros_arg = zeros if zeros is not None else scales
     common = dict(BITS=bits, GROUP=group, HAS_ZEROS=zeros is not None)
     if kind == DEQUANT:
-        block_n, block_k = config
-        weight = torch.empty(n, in_features, device=x.device, dtype=x.dtype)
-        grid = (triton_cdiv(n, block_n), triton_cdiv(in_features, block_k))
-        tk.dequantize_codes[grid](qweight, scales, zeros_arg, weight, n, in_features, kw, ng, BLOCK_N=block_n,
-                                  BLOCK_K=block_k, num_warps=4, **common)
-        return x @ weight.T
+        return x @ dequantize(qweight, scales, zeros, bits, group, in_features, x.dtype, config).T
     block_n, block_k, split, warps = config
     # split-K adds float32 partial sums (native atomics; float16 ones are compare-and-swap loops)
     out = torch.empty(m, n, device=x.device, dtype=torch.float32 if split > 1 else x.dtype)
@@ -77,6 +72,43 @@ def _launch(kind: str, config: tuple, x, qweight, scales, zeros, bits: int, grou
     return out.to(x.dtype) if split > 1 else out
 
 
+def dequantize(qweight, scales, zeros, bits: int, group: int, in_features: int, dtype: torch.dtype,
+               tile: tuple[int, int] = DEQUANT_TILE) -> torch.Tensor:
+    """The stored codes as a dense [N, K] weight in `dtype`, by one Triton pass."""
+    from . import triton_kernels as tk
+
+    n, kw, ng = qweight.shape[0], qweight.shape[1], scales.shape[1]
+    weight = torch.empty(n, in_features, device=qweight.device, dtype=dtype)
+    block_n, block_k = tile
+    grid = (triton_cdiv(n, block_n), triton_cdiv(in_features, block_k))
+    tk.dequantize_codes[grid](qweight, scales, zeros if zeros is not None else scales, weight, n, in_features, kw,
+                              ng, BITS=bits, GROUP=group, HAS_ZEROS=zeros is not None, BLOCK_N=block_n,
+                              BLOCK_K=block_k, num_warps=4)
+    return weight
+
+
+def dense_weight(layer, dtype: torch.dtype) -> torch.Tensor:
+    """`layer.dequantize_codes(dtype)`, bit-identical, by the Triton pass where it covers the layer.
+
+    The profiler rebuilds each candidate's dense weight for every calibration batch; on a GPU one
+    pass over the codes replaces a dozen torch operations per slice of rows.
+    """
+    opt = layer.option
+    covered = opt.quantized and opt.fmt == "int" and opt.bits in BITS
+    if not covered or available() is not None or not (layer.qweight.is_cuda or tuner.interpreting()):
+        return layer.dequantize_codes(dtype)
+    weight = dequantize(layer.qweight, layer.scales, layer.zeros, opt.bits, kernel_group(opt.group_size,
+                        layer.in_features), layer.in_features, dtype)
+    if layer.outlier_idx is not None:
+        weight[:, layer.outlier_idx.long()] = layer.outlier_weight.to(dtype)
+    return weight
+
+
+def kernel_group(group_size: int, in_features: int) -> int:
+    """The kernels' group size: per-channel scales (no group, or one as wide as the row) are one group."""
+    return group_size if 0 < group_size < in_features else ONE_GROUP
+
+
 def triton_cdiv(a: int, b: int) -> int:
     return -(-a // b)
 
@@ -91,7 +123,7 @@ def candidates(m: int, group: int) -> list[tuple[str, tuple]]:
 
 def quant_matmul(x: torch.Tensor, qweight, scales, zeros, bits: int, group_size: int, in_features: int):
     """x [M, K] (contiguous) @ dequantized(qweight)^T -> [M, N] in x's dtype."""
-    group = group_size if 0 < group_size < in_features else ONE_GROUP
+    group = kernel_group(group_size, in_features)
     configs = candidates(x.shape[0], group)
     key = ("triton", bits, group, zeros is not None, qweight.shape, min(x.shape[0], GEMV_ROWS + 1), x.dtype)
     choice = tuner.choose(key, configs, lambda c: _launch(*c, x, qweight, scales, zeros, bits, group, in_features))

@@ -229,7 +229,8 @@ def _gather_codes(row_base, k, KW, ok, BITS: tl.constexpr):
 @triton.jit
 def dequantize_codes(qw_ptr, s_ptr, z_ptr, w_ptr, N, K, KW, NG, BITS: tl.constexpr, GROUP: tl.constexpr,
                      HAS_ZEROS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
-    """w[n, k] = (q - z) * s in w's dtype: one [BLOCK_N, BLOCK_K] tile per program, no loop."""
+    """w[n, k] = (q - z) * s in w's dtype: one [BLOCK_N, BLOCK_K] tile per program, no loop.  The same
+    float32 operations as `QuantizedWeight.dequantize_codes`, so the result is bit-identical to it."""
     rn = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     k = tl.program_id(1) * BLOCK_K + tl.arange(0, BLOCK_K)
     ok = (rn[:, None] < N) & (k[None, :] < K)
@@ -240,7 +241,8 @@ def dequantize_codes(qw_ptr, s_ptr, z_ptr, w_ptr, N, K, KW, NG, BITS: tl.constex
         z = tl.load(z_ptr + where, mask=ok, other=0.0).to(tl.float32)
     else:
         z = (1 << (BITS - 1)) * 1.0
-    w = ((codes | MAGIC).to(tl.float32, bitcast=True) - (z + MAGIC_FLOAT)) * s
+    q = (codes | MAGIC).to(tl.float32, bitcast=True) - MAGIC_FLOAT  # exact; then the reference's arithmetic
+    w = (q - z) * s
     tl.store(w_ptr + rn[:, None] * K + k[None, :], w.to(w_ptr.dtype.element_ty), mask=ok)
 
 
