@@ -22,6 +22,15 @@ def _flush(device: torch.device) -> None:
     buffer.zero_()
 
 
+def time_cuda_graph_cold(fn) -> float:
+    """Seconds of one call of `fn` as a model decoded with CUDA graphs runs it: replayed from a graph
+    (no launch overhead) right after other work that evicted its weights from L2 (an L2 flush, whose
+    own replay time is subtracted)."""
+    device = torch.device("cuda", torch.cuda.current_device())
+    flush = lambda: _flush(device)  # noqa: E731
+    return 2 * time_cuda_graph([flush, fn]) - time_cuda_graph([flush])
+
+
 def time_cuda(fn, reps: int = 20, warmup: int = 3) -> float:
     """Median seconds of one call of `fn` on the current CUDA device, cold L2."""
     device = torch.device("cuda", torch.cuda.current_device())

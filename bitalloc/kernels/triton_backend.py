@@ -26,7 +26,8 @@ GEMV_ROWS = 4  # batches up to this size may run as one GEMV per row (the tuner 
 # tile load one scale per row.  Split-K gives every SM several programs with short K loops (measured on the
 # H100: 8-32 splits of 128-code steps are best for 4096-8192 wide layers; few long loops are latency-bound).
 GEMV_CONFIGS = [(64, 128, 16, 4), (128, 128, 16, 4), (32, 128, 16, 2), (64, 128, 8, 4), (128, 128, 32, 4),
-                (16, 128, 64, 1), (16, 1024, 4, 4), (64, 128, 32, 4)]
+                (16, 128, 64, 1), (16, 1024, 4, 4), (64, 128, 32, 4), (256, 128, 16, 4), (256, 128, 8, 8),
+                (512, 128, 8, 8)]
 ARRANGE_BLOCK = 128
 DEQUANT_TILE = (32, 256)  # (BLOCK_N, BLOCK_K) of the dequantization pass
 

@@ -23,12 +23,27 @@ Codes become floats with the exponent trick (code | 0x4B000000 is the float
 """
 from __future__ import annotations
 
+import os
+
 import triton
 import triton.language as tl
 from triton.language.extra import libdevice
 
+INTERPRETED = tl.constexpr(os.environ.get("TRITON_INTERPRET") == "1")  # no inline PTX on the CPU
 MAGIC = tl.constexpr(0x4B000000)  # bits of float32 2**23: OR-ing a small integer into the mantissa gives 2**23 + code
 MAGIC_FLOAT = tl.constexpr(8388608.0)
+
+
+@triton.jit
+def _and_or(value, MASK: tl.constexpr, BITS: tl.constexpr):
+    """(value & MASK) | BITS as one LOP3 instruction: from the plain expression ptxas makes two, as one
+    instruction cannot take two immediates; this is half the integer work of each code in the GEMV."""
+    if INTERPRETED:
+        return (value & MASK) | BITS
+    mask = tl.full(value.shape, MASK, tl.uint32)
+    bits = tl.full(value.shape, BITS, tl.uint32)
+    return tl.inline_asm_elementwise("lop3.b32 $0, $1, $2, $3, 0xEA;", "=r,r,r,r", [value, mask, bits],
+                                     dtype=tl.uint32, is_pure=True, pack=1)
 
 
 @triton.jit
@@ -72,8 +87,7 @@ def _code_float(w0, w1, w2, J: tl.constexpr, BITS: tl.constexpr, PER_SHIFT: tl.c
         d: tl.constexpr = base - (23 - span)
         t: tl.constexpr = o - d
         placed = _shifted(word, d)
-    bits = (placed & (MASK << t)) | ((150 - t) << 23)
-    return bits.to(tl.float32, bitcast=True)
+    return _and_or(placed, MASK << t, (150 - t) << 23).to(tl.float32, bitcast=True)
 
 
 @triton.jit

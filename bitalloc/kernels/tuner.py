@@ -3,8 +3,11 @@
 Several layers have more than one way to run (the weight-only GEMV or
 dequantize + cuBLAS; the fused W8A8 matmul or `_int_mm` + an epilogue kernel;
 each with launch parameters), and which is fastest depends on the GPU and the
-shape.  So the first call of a key times every choice with a cold L2 cache
-(`timing.time_cuda`) and keeps the fastest.  BITALLOC_TRITON_TUNE=0 takes the
+shape.  So the first call of a key times every choice as a decode step with
+CUDA graphs runs it, replayed from a graph after an L2 flush
+(`timing.time_cuda_graph_cold`), and keeps the fastest.  (Timing single calls
+with events picked configurations up to 1.8x slower under graph replay on the
+H200.)  BITALLOC_TRITON_TUNE=0 takes the
 first choice (tests: one compilation per kernel), and so does Triton's CPU
 interpreter.
 """
@@ -14,7 +17,7 @@ import logging
 import os
 from typing import Callable, Hashable, Sequence
 
-from .timing import time_cuda
+from .timing import time_cuda_graph_cold
 
 log = logging.getLogger(__name__)
 
@@ -41,7 +44,7 @@ def _fastest(key, choices, run):
     timings = {}
     for choice in choices:
         try:
-            timings[choice] = time_cuda(lambda: run(choice), reps=10, warmup=2)
+            timings[choice] = time_cuda_graph_cold(lambda: run(choice))
         except Exception as err:  # a configuration the compiler rejects (resources): skip it
             log.warning("%s %s failed: %s", key[0], choice, str(err).splitlines()[0][:200])
     if not timings:
