@@ -187,3 +187,17 @@ def test_triton_kernels_match_reference_in_the_interpreter(tmp_path):
 def test_triton_dequantization_is_bit_identical_to_the_reference_in_the_interpreter(tmp_path):
     """The profiler's candidates use it in place of `dequantize_codes`: the same bits, every dtype."""
     assert int(_interpreted(tmp_path, DENSE_CHECK)) == (len(WEIGHT_ONLY) + 2) * 2
+
+
+@needs_triton
+def test_gemv_loop_is_counted_from_sass_compiled_without_a_gpu():
+    """inference/gemv_sass.py: each code's AND-OR stays one LOP3 (two when ptxas sees two immediates)."""
+    sys.path.insert(0, str(Path(__file__).parents[1] / "inference"))
+    try:
+        import gemv_sass
+    finally:
+        sys.path.pop(0)
+    body = gemv_sass.loop_body(gemv_sass.sass_of(4, (64, 128, 16, 4)))
+    codes_per_thread = 64 * 128 // 128
+    assert sum(t.startswith("LOP3") for t in body) == codes_per_thread
+    assert len(body) / codes_per_thread < 4.5

@@ -1,0 +1,92 @@
+"""Instructions per code in the Triton GEMV's inner loop, from SASS compiled here: no GPU needed.
+
+    python inference/gemv_sass.py --bits 4,2,3,8 --configs 64/128/16/4,128/128/16/4
+    python inference/gemv_sass.py --bits 4 --configs 128/128/16/4 --dump /tmp/gemv4.sass
+
+Triton compiles `gemv_units` for sm_90 (H100/H200) with the launch's
+specializations (pointers and sizes divisible by 16, as an 8192x8192 layer
+has), its bundled cuobjdump disassembles the result, and the loop (the
+backward branch) is counted per thread and code.  Keeping up with HBM at
+4 bits takes at most ~3.7 instructions per code with every issue slot busy
+(an H200 SM must consume ~35 codes per clock and issues 128 thread
+instructions); Nsight Compute measured 57 % of issue slots busy on the H200
+(2026-12-02, `results/ncu_gemv_int4_8192_h200.txt`, 5.2 per code then).
+Configurations are BLOCK_N/BLOCK_K/SPLIT_K/num_warps as in
+`triton_backend.GEMV_CONFIGS`.
+"""
+from __future__ import annotations
+
+import argparse
+import collections
+import os
+import re
+import subprocess
+import sys
+import tempfile
+
+import triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+
+from bitalloc.kernels import triton_kernels as tk
+
+SIGNATURE = {"xt_ptr": "*fp32", "xb_ptr": "*fp32", "qw_ptr": "*i32", "s_ptr": "*fp16", "z_ptr": "*fp16",
+             "out_ptr": "*fp32", "N": "i32", "U": "i32", "KW": "i32", "NG": "i32", "stride_om": "i32"}
+CONSTEXPRS = ("BITS", "GROUP", "HAS_ZEROS", "PER_SHIFT", "BLOCK_N", "BLOCK_U", "SPLIT_K", "EVEN")
+ADDRESS = re.compile(r"/\*([0-9a-f]{4,})\*/\s+(.*?)\s*;")
+
+
+def sass_of(bits: int, config: tuple[int, int, int, int], group: int = 128) -> str:
+    block_n, block_k, split, warps = config
+    codes = 32 * (1 if 32 % bits == 0 else bits) // bits
+    values = dict(BITS=bits, GROUP=group, HAS_ZEROS=True, PER_SHIFT=max(1, 8 // bits), BLOCK_N=block_n,
+                  BLOCK_U=max(1, block_k // codes), SPLIT_K=split, EVEN=True)
+    signature = {**SIGNATURE, **{name: "constexpr" for name in CONSTEXPRS}}
+    divisible = {(i,): [["tt.divisibility", 16]] for i in range(len(SIGNATURE))}
+    kernel = triton.compile(ASTSource(fn=tk.gemv_units, signature=signature, constexprs=values, attrs=divisible),
+                            target=GPUTarget("cuda", 90, 32), options={"num_warps": warps})
+    with tempfile.NamedTemporaryFile(suffix=".cubin", delete=False) as handle:
+        handle.write(kernel.asm["cubin"])
+    try:
+        tool = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
+        return subprocess.run([tool, "-sass", handle.name], capture_output=True, text=True, check=True).stdout
+    finally:
+        os.unlink(handle.name)
+
+
+def loop_body(sass: str) -> list[str]:
+    """The instructions between a backward branch's target and the branch (the K loop)."""
+    code = [(int(m.group(1), 16), m.group(2)) for m in map(ADDRESS.search, sass.splitlines()) if m]
+    for address, text in code:
+        jump = re.search(r"BRA (?:`\(\.L_x_\d+\) |0x)([0-9a-f]+)", text)
+        if jump and int(jump.group(1), 16) < address:
+            start = int(jump.group(1), 16)
+            return [t for a, t in code if start <= a <= address]
+    raise SystemExit("no loop found in the SASS")
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0],
+                                     formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
+    parser.add_argument("--bits", default="4,2,3,8")
+    parser.add_argument("--configs", default="64/128/16/4,128/128/16/4,256/128/16/4")
+    parser.add_argument("--dump", default=None, help="also write the last SASS compiled here")
+    args = parser.parse_args(argv)
+    for bits in (int(b) for b in args.bits.split(",")):
+        for text in args.configs.split(","):
+            config = tuple(int(v) for v in text.split("/"))
+            sass = sass_of(bits, config)
+            body = loop_body(sass)
+            per_thread = config[0] * config[1] / (32 * config[3])  # codes of one loop step per thread
+            ops = collections.Counter(re.sub(r"^@!?U?P\w+\s+", "", t).split()[0].split(".")[0] for t in body)
+            top = ", ".join(f"{name} {count}" for name, count in ops.most_common(6))
+            print(f"int{bits} {text}: {len(body)} instructions per loop step, {per_thread:.0f} codes per thread, "
+                  f"{len(body) / per_thread:.2f} per code ({top})", flush=True)
+            if args.dump:
+                with open(args.dump, "w") as handle:
+                    handle.write(sass)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
