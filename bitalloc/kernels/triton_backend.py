@@ -4,8 +4,8 @@ The kernels read the stored tensors in place (`triton_kernels.py`).  Batches
 of up to GEMV_ROWS rows run the GEMV; larger ones dequantize into a temporary
 float16 weight and call cuBLAS (the tuner also tries that for small batches).
 Launch parameters are tuned per (kernel, bits, group, shape, batch bucket) the first
-time a shape is seen (`tuner.py`: every candidate timed with a cold L2 cache,
-split-K's zeroing and cast included) and kept for the process.  Outlier columns (fp16)
+time a shape is seen (`tuner.py`: every candidate replayed from a CUDA graph after an
+L2 flush, split-K's zeroing and cast included) and kept for the process.  Outlier columns (fp16)
 are added by a small dense correction: x[:, idx] @ (W_outlier - W_codes[:, idx])^T.
 With TRITON_INTERPRET=1 the kernels run on CPU tensors (slowly), which the CPU
 tests use to check the kernels' logic.
