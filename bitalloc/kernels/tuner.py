@@ -7,9 +7,8 @@ shape.  So the first call of a key times every choice as a decode step with
 CUDA graphs runs it, replayed from a graph after an L2 flush
 (`timing.time_cuda_graph_cold`), and keeps the fastest.  (Timing single calls
 with events picked configurations up to 1.8x slower under graph replay on the
-H200.)  BITALLOC_TRITON_TUNE=0 takes the
-first choice (tests: one compilation per kernel), and so does Triton's CPU
-interpreter.
+H200.)  BITALLOC_TRITON_TUNE=0 takes the first choice (tests: one compilation
+per kernel), and so does Triton's CPU interpreter.
 """
 from __future__ import annotations
 
