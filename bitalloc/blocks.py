@@ -182,8 +182,10 @@ def to_host(tensor: torch.Tensor) -> torch.Tensor:
 
 
 def advance(batches: list[BlockBatch], outputs: list[torch.Tensor]) -> list[BlockBatch]:
-    """The next block's inputs: same arguments, new hidden states."""
-    return [BlockBatch(out, b.kwargs) for b, out in zip(batches, outputs)]
+    """The next block's inputs: same arguments, new hidden states, held where the previous ones were
+    (batches captured to the host stay there)."""
+    return [BlockBatch(to_host(out) if b.hidden.device.type == "cpu" else out, b.kwargs)
+            for b, out in zip(batches, outputs)]
 
 
 def replace_module(root: nn.Module, name: str, new: nn.Module) -> nn.Module:

@@ -50,8 +50,8 @@ from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
 from . import atomic
-from .blocks import (BlockBatch, capture_inputs, collect_calibration, move_outside_blocks, returns_tuple, run_block,
-                     to_host)
+from .blocks import (BlockBatch, advance, capture_inputs, collect_calibration, move_outside_blocks, returns_tuple,
+                     run_block, to_host)
 from .candidates import Candidates
 from .cost import layer_bytes, layer_shapes
 from .data import ids_hash
@@ -345,7 +345,7 @@ def _block_pass(setup, blocks_needed, units, valid, weights, calib_ids, device, 
             cache.save_rows(index, _merge(setup, index, valid[index], values, units_of))
         if setup.plan:
             outputs = _quantized_outputs(setup, index, block, batches, device)
-        batches = [BlockBatch(out, b.kwargs) for b, out in zip(batches, outputs)]
+        batches = advance(batches, outputs)
         weights.release(index, blocks[index])
         if index < last:
             cache.save_tensors("frontier", index + 1, [b.hidden for b in batches])

@@ -130,7 +130,7 @@ def quantize_model(loaded: LoadedModel, assignment: dict[str, Option], calib_ids
     calibrate = needs_calibration(assignment)
     if calibrate and calib_ids is None:
         raise BitallocError("the plan uses a calibrated method but no calibration data was given")
-    batches = capture_inputs(model, calib_ids, batch_size, device) if calibrate else None
+    batches = capture_inputs(model, calib_ids, batch_size, device, host=True) if calibrate else None
     originals: dict[str, nn.Module] = {}
     for index, block in enumerate(tqdm(blocks, desc="quantize", unit="block", disable=not progress)):
         block.to(device)

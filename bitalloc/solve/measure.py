@@ -41,7 +41,7 @@ class LayerBank:
         self.originals: dict[str, torch.nn.Module] = {}
         calibrate = any(needs_calibration(o) for opts in wanted.values() for o in opts)
         prefix, blocks = find_blocks(self.model)
-        batches = capture_inputs(self.model, calib_ids, batch_size, device) if calibrate else None
+        batches = capture_inputs(self.model, calib_ids, batch_size, device, host=True) if calibrate else None
         for index, block in enumerate(tqdm(blocks, desc="layer bank", unit="block", disable=not progress)):
             linears = block_linears(block)
             calibs = collect_calibration(block.to(device), batches, list(linears)) if calibrate else {}
