@@ -184,8 +184,18 @@ def to_host(tensor: torch.Tensor) -> torch.Tensor:
 def advance(batches: list[BlockBatch], outputs: list[torch.Tensor]) -> list[BlockBatch]:
     """The next block's inputs: same arguments, new hidden states, held where the previous ones were
     (batches captured to the host stay there)."""
-    return [BlockBatch(to_host(out) if b.hidden.device.type == "cpu" else out, b.kwargs)
-            for b, out in zip(batches, outputs)]
+    return [BlockBatch(_held_like(b, out), b.kwargs) for b, out in zip(batches, outputs)]
+
+
+@torch.no_grad()
+def advance_through(block: nn.Module, batches: list[BlockBatch]) -> list[BlockBatch]:
+    """`advance` by running `block`, one batch at a time: a host-held batch's output goes to the host
+    before the next batch runs, so the device never holds them all."""
+    return [BlockBatch(_held_like(b, run_block(block, b)), b.kwargs) for b in batches]
+
+
+def _held_like(batch: BlockBatch, hidden: torch.Tensor) -> torch.Tensor:
+    return to_host(hidden) if batch.hidden.device.type == "cpu" else hidden
 
 
 def replace_module(root: nn.Module, name: str, new: nn.Module) -> nn.Module:

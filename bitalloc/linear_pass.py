@@ -27,7 +27,7 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from .blocks import BlockBatch, final_logits, run_block, to_host
+from .blocks import BlockBatch, advance, final_logits, run_block
 from .guards import check_activations
 from .metrics import LinearTerms, weight_fisher_terms
 from .models import block_linears, weight_matrix
@@ -48,10 +48,6 @@ def _frozen(module):
             p.requires_grad_(flag)
 
 
-def _to_host(batch: BlockBatch, hidden: torch.Tensor) -> BlockBatch:
-    return BlockBatch(to_host(hidden.detach()), batch.kwargs)
-
-
 @torch.no_grad()
 def forward_sweep(blocks, weights, batches: list[BlockBatch], device, upto: int, progress: bool, prefix: str = ""):
     """Hidden states entering blocks 0..upto (index i: the inputs of block i), kept on the host
@@ -62,7 +58,7 @@ def forward_sweep(blocks, weights, batches: list[BlockBatch], device, upto: int,
         outputs = [run_block(block, b, device) for b in boundaries[-1]]
         check_activations(block, outputs, f"block {index}",
                           lambda: [run_block(block, b, device) for b in boundaries[-1]], f"{prefix}.{index}")
-        boundaries.append([_to_host(b, out) for b, out in zip(boundaries[-1], outputs)])
+        boundaries.append(advance(boundaries[-1], outputs))
         weights.release(index, blocks[index])
     return boundaries
 

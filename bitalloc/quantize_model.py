@@ -25,7 +25,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from .blocks import BlockBatch, advance, block_outputs, capture_inputs, replace_module, run_block
+from .blocks import BlockBatch, advance_through, capture_inputs, replace_module, run_block
 from .errors import BitallocError
 from .guards import check_weights
 from .hooks import run_hooked
@@ -149,7 +149,7 @@ def quantize_model(loaded: LoadedModel, assignment: dict[str, Option], calib_ids
                 layer = _replacement(module, qw, weight, mode, backend, full)
                 originals[full] = replace_module(block, name, layer.to(device))
         if calibrate:
-            batches = advance(batches, block_outputs(block, batches))
+            batches = advance_through(block, batches)
     for layer in model.modules():
         if isinstance(layer, QuantLinear):
             layer.set_backend(backend)

@@ -21,7 +21,6 @@ from bitalloc.kernels import tuner
 from bitalloc.kernels.timing import time_cuda_graph
 
 
-
 def parse_args(argv):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
@@ -69,7 +68,7 @@ def main(argv=None):
         for bits in (int(b) for b in args.bits.split(",")):
             layer = random_layer(out_features, in_features, f"rtn:int{bits}:g128:asym", device, "triton")
             moved = weight_bytes(layer) + 2 * (out_features + in_features)
-            key = ("triton", bits, 128, True, layer.qweight.shape, 1, torch.float16)  # the tuner's key (quant_matmul)
+            key = tb.tuner_key(bits, 128, True, layer.qweight.shape, 1, torch.float16)
             timings = []
             for config in configs:
                 tuner.CHOSEN[key] = (tb.GEMV, config)

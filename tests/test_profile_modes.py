@@ -41,15 +41,11 @@ def test_lean_memory_records_no_tensor_wider_than_the_blocks_input():
     for unit in (["mlp.gate_proj"], ["mlp.up_proj"], ["mlp.down_proj"]):
         wide, narrow = trace.shortcuts(unit), trace.shortcuts(unit, narrow=True)
         _, recorded = partial.record(block, lambda: run_block(block, batch), [narrow])
-        assert all(_first(v).numel() <= hidden.numel() for v in [*recorded.outputs.values(),
+        assert all(partial._first_tensor(v).numel() <= hidden.numel() for v in [*recorded.outputs.values(),
                                                                    *recorded.inputs.values()]), unit
         _, full_recording = partial.record(block, lambda: run_block(block, batch), [wide])
-        assert any(_first(v).numel() > hidden.numel() for v in [*full_recording.outputs.values(),
+        assert any(partial._first_tensor(v).numel() > hidden.numel() for v in [*full_recording.outputs.values(),
                                                                  *full_recording.inputs.values()]), unit
-
-
-def _first(value):
-    return value if isinstance(value, torch.Tensor) else value[0]
 
 
 def test_tie_group_and_block_units_share_one_value_among_their_layers():

@@ -122,11 +122,16 @@ def candidates(m: int, group: int) -> list[tuple[str, tuple]]:
     return configs + [(DEQUANT, DEQUANT_TILE)]
 
 
+def tuner_key(bits: int, group: int, has_zeros: bool, packed_shape, rows: int, dtype) -> tuple:
+    """What the tuner keys a launch choice on: batches above GEMV_ROWS share one bucket."""
+    return ("triton", bits, group, has_zeros, tuple(packed_shape), min(rows, GEMV_ROWS + 1), dtype)
+
+
 def quant_matmul(x: torch.Tensor, qweight, scales, zeros, bits: int, group_size: int, in_features: int):
     """x [M, K] (contiguous) @ dequantized(qweight)^T -> [M, N] in x's dtype."""
     group = kernel_group(group_size, in_features)
     configs = candidates(x.shape[0], group)
-    key = ("triton", bits, group, zeros is not None, qweight.shape, min(x.shape[0], GEMV_ROWS + 1), x.dtype)
+    key = tuner_key(bits, group, zeros is not None, qweight.shape, x.shape[0], x.dtype)
     choice = tuner.choose(key, configs, lambda c: _launch(*c, x, qweight, scales, zeros, bits, group, in_features))
     return _launch(*choice, x, qweight, scales, zeros, bits, group, in_features)
 

@@ -19,7 +19,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from ..blocks import advance, block_outputs, capture_inputs, collect_calibration, replace_module
+from ..blocks import advance_through, capture_inputs, collect_calibration, replace_module
 from ..evaluate import ReferenceCache, evaluate
 from ..kernels.quant_linear import QuantLinear
 from ..models import LoadedModel, block_linears, find_blocks, weight_matrix
@@ -53,7 +53,7 @@ class LayerBank:
                     qw = quantize(weight, option, calibs.get(name), layer=full) if option.quantized else None
                     self.modules[(full, str(option))] = QuantLinear.from_weight(qw, bias, dense=weight).to(device)
             if calibrate:
-                batches = advance(batches, block_outputs(block, batches))
+                batches = advance_through(block, batches)
         self.current: dict[str, str] = {}
 
     def install(self, assignment: dict[str, Option]) -> None:
