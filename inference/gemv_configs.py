@@ -2,8 +2,10 @@
 
     python inference/gemv_configs.py --shapes 8192x8192,4096x4096 --bits 4,2,3,8
     python inference/gemv_configs.py --configs 64/128/16/4,16/1024/4/4
+    python inference/gemv_configs.py --kernel gemv-pairs --bits 4,2,8
 
-A configuration is BLOCK_N/BLOCK_K/SPLIT_K/num_warps (`triton_backend.GEMV_CONFIGS` by default).
+A configuration is BLOCK_N/BLOCK_K/SPLIT_K/num_warps (`triton_backend.GEMV_CONFIGS` by default), and
+for the float16-pair GEMV also /VEC (`triton_backend.PAIR_CONFIGS`).
 Same timing as inference/kernels.py: CUDA-graph replay over weight copies that exceed the L2
 cache; options rtn:intN:g128:asym.  Prints, per shape and bit width, the fastest configurations,
 the speed-up over fp16 cuBLAS and the % of the memory roofline; then the activation pass alone.
@@ -26,7 +28,8 @@ def parse_args(argv):
                                      formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
     parser.add_argument("--shapes", default="8192x8192,4096x4096", help="out x in, comma separated")
     parser.add_argument("--bits", default="4,2,3,8")
-    parser.add_argument("--configs", default=None, help="BLOCK_N/BLOCK_K/SPLIT_K/num_warps, comma separated")
+    parser.add_argument("--kernel", choices=["gemv", "gemv-pairs"], default="gemv")
+    parser.add_argument("--configs", default=None, help="BLOCK_N/BLOCK_K/SPLIT_K/num_warps[/VEC], comma separated")
     parser.add_argument("--top", type=int, default=6, help="how many configurations to print per case")
     return parser.parse_args(argv)
 
@@ -57,7 +60,8 @@ def main(argv=None):
     device = torch.device("cuda")
     bandwidth, note = roofline_bandwidth(device)
     print(note, flush=True)
-    configs = (tb.GEMV_CONFIGS if args.configs is None else
+    defaults = tb.GEMV_CONFIGS if args.kernel == tb.GEMV else tb.PAIR_CONFIGS
+    configs = ([c for c in defaults if args.kernel == tb.GEMV or 128 % c[1] == 0] if args.configs is None else
                [tuple(int(v) for v in c.split("/")) for c in args.configs.split(",")])
     for shape in args.shapes.split(","):
         out_features, in_features = (int(v) for v in shape.split("x"))
@@ -71,7 +75,7 @@ def main(argv=None):
             key = tb.tuner_key(bits, 128, True, layer.qweight.shape, 1, torch.float16)
             timings = []
             for config in configs:
-                tuner.CHOSEN[key] = (tb.GEMV, config)
+                tuner.CHOSEN[key] = (args.kernel, config)
                 timings.append((time_layer(layer, 1, device), config))
             timings.sort()
             best = timings[0][0]

@@ -27,26 +27,37 @@ import tempfile
 import triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
+from triton.experimental.gluon._runtime import GluonASTSource
 
 from bitalloc.kernels import triton_kernels as tk
+from bitalloc.kernels import triton_pairs as tp
 
-SIGNATURE = {"xt_ptr": "*fp32", "xb_ptr": "*fp32", "qw_ptr": "*i32", "s_ptr": "*fp16", "z_ptr": "*fp16",
-             "out_ptr": "*fp32", "N": "i32", "U": "i32", "KW": "i32", "NG": "i32", "stride_om": "i32"}
-CONSTEXPRS = ("BITS", "GROUP", "HAS_ZEROS", "PER_SHIFT", "BLOCK_N", "BLOCK_U", "SPLIT_K", "EVEN")
+SIGNATURES = {  # kernel -> (pointer and size arguments, constexpr names)
+    "units": ({"xt_ptr": "*fp32", "xb_ptr": "*fp32", "qw_ptr": "*i32", "s_ptr": "*fp16", "z_ptr": "*fp16",
+               "out_ptr": "*fp32", "N": "i32", "U": "i32", "KW": "i32", "NG": "i32", "stride_om": "i32"},
+              ("BITS", "GROUP", "HAS_ZEROS", "PER_SHIFT", "BLOCK_N", "BLOCK_U", "SPLIT_K", "EVEN")),
+    "pairs": ({"xp_ptr": "*i32", "xs_ptr": "*fp32", "qw_ptr": "*i32", "s_ptr": "*fp16", "z_ptr": "*fp16",
+               "out_ptr": "*fp32", "N": "i32", "U": "i32", "NG": "i32", "stride_om": "i32"},
+              ("BITS", "GROUP", "HAS_ZEROS", "BLOCK_N", "BLOCK_U", "VEC", "STAGES", "SPLIT_K", "EVEN")),
+}
 ADDRESS = re.compile(r"/\*([0-9a-f]{4,})\*/\s+(.*?)\s*;")
 
 
-def sass_of(bits: int, config: tuple[int, int, int, int], group: int = 128) -> str:
-    block_n, block_k, split, warps = config
+def sass_of(bits: int, config: tuple[int, ...], group: int = 128, kernel: str = "units") -> str:
+    block_n, block_k, split, warps, vec, stages = (*config, 4, 3)[:6]
     codes = 32 * (1 if 32 % bits == 0 else bits) // bits
+    arguments, names = SIGNATURES[kernel]
     values = dict(BITS=bits, GROUP=group, HAS_ZEROS=True, PER_SHIFT=max(1, 8 // bits), BLOCK_N=block_n,
-                  BLOCK_U=max(1, block_k // codes), SPLIT_K=split, EVEN=True)
-    signature = {**SIGNATURE, **{name: "constexpr" for name in CONSTEXPRS}}
-    divisible = {(i,): [["tt.divisibility", 16]] for i in range(len(SIGNATURE))}
-    kernel = triton.compile(ASTSource(fn=tk.gemv_units, signature=signature, constexprs=values, attrs=divisible),
-                            target=GPUTarget("cuda", 90, 32), options={"num_warps": warps})
+                  BLOCK_U=max(1, block_k // codes), VEC=min(vec, max(1, block_k // codes)), STAGES=stages, SPLIT_K=split, EVEN=True)
+    values = {name: values[name] for name in names}
+    signature = {**arguments, **{name: "constexpr" for name in names}}
+    divisible = {(i,): [["tt.divisibility", 16]] for i in range(len(arguments))}
+    fn = tk.gemv_units if kernel == "units" else tp.gemv_pairs
+    source = ASTSource if kernel == "units" else GluonASTSource
+    compiled = triton.compile(source(fn=fn, signature=signature, constexprs=values, attrs=divisible),
+                              target=GPUTarget("cuda", 90, 32), options={"num_warps": warps})
     with tempfile.NamedTemporaryFile(suffix=".cubin", delete=False) as handle:
-        handle.write(kernel.asm["cubin"])
+        handle.write(compiled.asm["cubin"])
     try:
         tool = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
         return subprocess.run([tool, "-sass", handle.name], capture_output=True, text=True, check=True).stdout
@@ -70,17 +81,19 @@ def main(argv=None) -> int:
                                      formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
     parser.add_argument("--bits", default="4,2,3,8")
     parser.add_argument("--configs", default="64/128/16/4,128/128/16/4,256/128/16/4")
+    parser.add_argument("--kernel", choices=sorted(SIGNATURES), default="units",
+                        help="gemv_units (float32 arithmetic) or gemv_pairs (float16 pairs, 2/4/8 bits)")
     parser.add_argument("--dump", default=None, help="also write the last SASS compiled here")
     args = parser.parse_args(argv)
     for bits in (int(b) for b in args.bits.split(",")):
         for text in args.configs.split(","):
             config = tuple(int(v) for v in text.split("/"))
-            sass = sass_of(bits, config)
+            sass = sass_of(bits, config, kernel=args.kernel)
             body = loop_body(sass)
             per_thread = config[0] * config[1] / (32 * config[3])  # codes of one loop step per thread
             ops = collections.Counter(re.sub(r"^@!?U?P\w+\s+", "", t).split()[0].split(".")[0] for t in body)
             top = ", ".join(f"{name} {count}" for name, count in ops.most_common(6))
-            print(f"int{bits} {text}: {len(body)} instructions per loop step, {per_thread:.0f} codes per thread, "
+            print(f"{args.kernel} int{bits} {text}: {len(body)} instructions per loop step, {per_thread:.0f} codes per thread, "
                   f"{len(body) / per_thread:.2f} per code ({top})", flush=True)
             if args.dump:
                 with open(args.dump, "w") as handle:

@@ -50,6 +50,30 @@ def test_triton_matches_reference_on_cuda(option):
     check(*layers(option, "triton", outliers=2 if "g128:asym" in option else 0), "triton", 3e-3)
 
 
+@pytest.mark.parametrize("option", ["rtn:int4:g128:asym", "rtn:int2:g32:sym", "rtn:int8:pc:asym"])
+def test_every_gemv_choice_matches_reference(option):
+    """The tuner may pick any GEMV configuration (float16-pair or float32 kernel) or dequantize + cuBLAS."""
+    from bitalloc.kernels import triton_backend as tb
+    from bitalloc.kernels import tuner
+
+    reference, layer = layers(option, "triton")
+    opt = layer.option
+    group = tb.kernel_group(opt.group_size, IN_FEATURES)
+    key = tb.tuner_key(opt.bits, group, layer.zeros is not None, layer.qweight.shape, 1, torch.float16)
+    choices = tb.candidates(1, group, opt.bits, torch.float16)
+    assert any(kind == tb.PAIRS for kind, _ in choices)
+    x = torch.randn(1, IN_FEATURES, device="cuda", dtype=torch.float16)
+    x[:, 37] *= 30
+    ref = reference(x).float()
+    try:
+        for choice in choices:
+            tuner.CHOSEN[key] = choice
+            error = float((layer(x).float() - ref).norm() / ref.norm())
+            assert error < 3e-3, (choice, error)
+    finally:
+        tuner.CHOSEN.pop(key, None)
+
+
 @pytest.mark.parametrize("option", WEIGHT_ONLY)
 def test_triton_dequantization_is_bit_identical_on_cuda(option):
     """What the profiler's candidates use instead of `dequantize_codes` (bfloat16 rounding included)."""

@@ -1,7 +1,9 @@
 """`triton`: weight-only integer layers (2, 3, 4, 8 bits; A16) through this repo's Triton kernels.
 
-The kernels read the stored tensors in place (`triton_kernels.py`).  Batches
-of up to GEMV_ROWS rows run the GEMV; larger ones dequantize into a temporary
+The kernels read the stored tensors in place (`triton_kernels.py`, `triton_pairs.py`).
+Batches of up to GEMV_ROWS rows run a GEMV: with float16 activations and 2, 4
+or 8 bits the float16-pair one (two codes per instruction), otherwise (and as
+a further choice) the float32 one; larger batches dequantize into a temporary
 float16 weight and call cuBLAS (the tuner also tries that for small batches).
 Launch parameters are tuned per (kernel, bits, group, shape, batch bucket) the first
 time a shape is seen (`tuner.py`: every candidate replayed from a CUDA graph after an
@@ -20,6 +22,7 @@ from .backends import Fallback, add_bias, divide_act_scale, register_backend
 BITS = (2, 3, 4, 8)
 ONE_GROUP = 1 << 30  # group size for per-channel scales: every column falls in group 0
 GEMV = "gemv"
+PAIRS = "gemv-pairs"
 DEQUANT = "dequantize+cublas"
 GEMV_ROWS = 4  # batches up to this size may run as one GEMV per row (the tuner decides)
 # (BLOCK_N rows, BLOCK_K codes per row and step, SPLIT_K, num_warps); BLOCK_K dividing the group size lets a
@@ -28,6 +31,12 @@ GEMV_ROWS = 4  # batches up to this size may run as one GEMV per row (the tuner 
 GEMV_CONFIGS = [(64, 128, 16, 4), (128, 128, 16, 4), (32, 128, 16, 2), (64, 128, 8, 4), (128, 128, 32, 4),
                 (16, 128, 64, 1), (16, 1024, 4, 4), (64, 128, 32, 4), (256, 128, 16, 4), (256, 128, 8, 8),
                 (512, 128, 8, 8)]
+# the float16-pair GEMV: (BLOCK_N, BLOCK_K, SPLIT_K, num_warps, VEC words per thread, STAGES of its copy ring);
+# BLOCK_K must divide the group, so the last ones serve groups of 32 and 64
+PAIR_CONFIGS = [(256, 128, 16, 8, 4, 3), (128, 128, 16, 4, 4, 4), (256, 128, 8, 8, 4, 4), (128, 128, 32, 4, 4, 3),
+                (256, 128, 16, 4, 4, 3), (128, 128, 8, 4, 4, 6), (64, 128, 16, 2, 4, 4), (512, 128, 8, 8, 4, 3),
+                (256, 64, 16, 8, 4, 4), (256, 32, 16, 8, 4, 4)]
+PAIR_BITS = (2, 4, 8)
 ARRANGE_BLOCK = 128
 DEQUANT_TILE = (32, 256)  # (BLOCK_N, BLOCK_K) of the dequantization pass
 
@@ -51,6 +60,8 @@ def _launch(kind: str, config: tuple, x, qweight, scales, zeros, bits: int, grou
     common = dict(BITS=bits, GROUP=group, HAS_ZEROS=zeros is not None)
     if kind == DEQUANT:
         return x @ dequantize(qweight, scales, zeros, bits, group, in_features, x.dtype, config).T
+    if kind == PAIRS:
+        return _launch_pairs(config, x, qweight, scales, zeros_arg, bits, group, in_features, common)
     block_n, block_k, split, warps = config
     # split-K adds float32 partial sums (native atomics; float16 ones are compare-and-swap loops)
     out = torch.empty(m, n, device=x.device, dtype=torch.float32 if split > 1 else x.dtype)
@@ -70,6 +81,26 @@ def _launch(kind: str, config: tuple, x, qweight, scales, zeros, bits: int, grou
     grid = (triton_cdiv(n, block_n), split, m)
     tk.gemv_units[grid](xt, xb, qweight, scales, zeros_arg, out, n, units, kw, ng, out.stride(0), BLOCK_N=block_n,
                         BLOCK_U=block_u, SPLIT_K=split, EVEN=even, PER_SHIFT=per_shift, num_warps=warps, **common)
+    return out.to(x.dtype) if split > 1 else out
+
+
+def _launch_pairs(config, x, qweight, scales, zeros_arg, bits, group, in_features, common):
+    from . import triton_pairs as tp
+
+    m, n, units, ng = x.shape[0], qweight.shape[0], qweight.shape[1], scales.shape[1]
+    block_n, block_k, split, warps, vec, stages = config
+    block_u = block_k * bits // 32
+    out = torch.empty(m, n, device=x.device, dtype=torch.float32 if split > 1 else x.dtype)
+    xp = torch.empty(m, 16 // bits, units, device=x.device, dtype=torch.int32)
+    xs = torch.empty(m, triton_cdiv(units, block_u), device=x.device, dtype=torch.float32)
+    arrange = max(ARRANGE_BLOCK, block_u)
+    tp.arrange_pairs[(triton_cdiv(units, arrange), m)](x, xp, xs, out, in_features, units, n, x.stride(0),
+                                                        out.stride(0), BITS=bits, TILE=block_u, ZERO_OUT=split > 1,
+                                                        BLOCK=arrange)
+    even = n % block_n == 0 and units % (block_u * split) == 0
+    tp.gemv_pairs[(triton_cdiv(n, block_n), split, m)](
+        xp, xs, qweight, scales, zeros_arg, out, n, units, ng, out.stride(0), BLOCK_N=block_n, BLOCK_U=block_u,
+        VEC=min(vec, block_u), STAGES=stages, SPLIT_K=split, EVEN=even, num_warps=warps, **common)
     return out.to(x.dtype) if split > 1 else out
 
 
@@ -114,9 +145,12 @@ def triton_cdiv(a: int, b: int) -> int:
     return -(-a // b)
 
 
-def candidates(m: int, group: int) -> list[tuple[str, tuple]]:
-    """(kernel, launch parameters) worth trying for a batch of m rows."""
+def candidates(m: int, group: int, bits: int, dtype: torch.dtype) -> list[tuple[str, tuple]]:
+    """(kernel, launch parameters) worth trying for a batch of m rows; the float16-pair GEMV first (the
+    choice without tuning).  Gluon kernels do not run in Triton's CPU interpreter."""
     configs = []
+    if m <= GEMV_ROWS and dtype == torch.float16 and bits in PAIR_BITS and not tuner.interpreting():
+        configs += [(PAIRS, c) for c in PAIR_CONFIGS if group % c[1] == 0]
     if m <= GEMV_ROWS and group % 32 == 0:
         configs += [(GEMV, c) for c in GEMV_CONFIGS]
     return configs + [(DEQUANT, DEQUANT_TILE)]
@@ -130,7 +164,7 @@ def tuner_key(bits: int, group: int, has_zeros: bool, packed_shape, rows: int, d
 def quant_matmul(x: torch.Tensor, qweight, scales, zeros, bits: int, group_size: int, in_features: int):
     """x [M, K] (contiguous) @ dequantized(qweight)^T -> [M, N] in x's dtype."""
     group = kernel_group(group_size, in_features)
-    configs = candidates(x.shape[0], group)
+    configs = candidates(x.shape[0], group, bits, x.dtype)
     key = tuner_key(bits, group, zeros is not None, qweight.shape, x.shape[0], x.dtype)
     choice = tuner.choose(key, configs, lambda c: _launch(*c, x, qweight, scales, zeros, bits, group, in_features))
     return _launch(*choice, x, qweight, scales, zeros, bits, group, in_features)

@@ -113,10 +113,15 @@ def arrange_activations(x_ptr, xt_ptr, xb_ptr, out_ptr, K, U, N, stride_xm, stri
     tl.store(xb_ptr + m * 2 * U + u, total, mask=u_ok)
     tl.store(xb_ptr + (m * 2 + 1) * U + u, offsets, mask=u_ok)
     if ZERO_OUT:
-        step = tl.num_programs(0) * BLOCK
-        for start in range(tl.program_id(0) * BLOCK, N, step):
-            n = start + tl.arange(0, BLOCK)
-            tl.store(out_ptr + m * stride_om + n, tl.zeros([BLOCK], dtype=out_ptr.dtype.element_ty), mask=n < N)
+        _zero_rows(out_ptr + m * stride_om, N, BLOCK)
+
+
+@triton.jit
+def _zero_rows(out_ptr, N, BLOCK: tl.constexpr):
+    """out[:N] = 0, shared by the programs of axis 0 (a split-K output, before the GEMV adds into it)."""
+    for start in range(tl.program_id(0) * BLOCK, N, tl.num_programs(0) * BLOCK):
+        n = start + tl.arange(0, BLOCK)
+        tl.store(out_ptr + n, tl.zeros([BLOCK], dtype=out_ptr.dtype.element_ty), mask=n < N)
 
 
 @triton.jit
@@ -156,7 +161,7 @@ def gemv_units(xt_ptr, xb_ptr, qw_ptr, s_ptr, z_ptr, out_ptr, N, U, KW, NG, stri
     sum M_J x - z sum x, then times the group's scale.  When a tile lies in one
     group (GROUP a multiple of its codes) scales and zeros are one load per row.
     Split-K adds the partial sums atomically into a float32 output zeroed by
-    `arrange_activations` (no memset launch); relaxed order (acq_rel costs a fence per add).
+    `arrange_activations` (no memset launch).
     """
     WORDS: tl.constexpr = 1 if 32 % BITS == 0 else BITS
     CODES: tl.constexpr = 32 * WORDS // BITS
@@ -219,10 +224,16 @@ def gemv_units(xt_ptr, xb_ptr, qw_ptr, s_ptr, z_ptr, out_ptr, N, U, KW, NG, stri
         total_rows = dots
     else:
         total_rows = tl.sum(acc, axis=1)
+    _store_rows(out_ptr + m * stride_om, rows, row_ok, total_rows, SPLIT_K)
+
+
+@triton.jit
+def _store_rows(out_ptr, rows, row_ok, values, SPLIT_K: tl.constexpr):
+    """A GEMV's results: stored, or with split-K added atomically (relaxed: acq_rel costs a fence per add)."""
     if SPLIT_K == 1:
-        tl.store(out_ptr + m * stride_om + rows, total_rows.to(out_ptr.dtype.element_ty), mask=row_ok)
+        tl.store(out_ptr + rows, values.to(out_ptr.dtype.element_ty), mask=row_ok)
     else:
-        tl.atomic_add(out_ptr + m * stride_om + rows, total_rows, mask=row_ok, sem="relaxed")
+        tl.atomic_add(out_ptr + rows, values, mask=row_ok, sem="relaxed")
 
 
 @triton.jit
