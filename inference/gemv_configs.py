@@ -4,11 +4,12 @@
     python inference/gemv_configs.py --configs 64/128/16/4,16/1024/4/4
     python inference/gemv_configs.py --kernel gemv-pairs --bits 4,2,8
 
-A configuration is BLOCK_N/BLOCK_K/SPLIT_K/num_warps (`triton_backend.GEMV_CONFIGS` by default), and
-for the float16-pair GEMV also /VEC (`triton_backend.PAIR_CONFIGS`).
+A configuration is BLOCK_N/BLOCK_K/SPLIT_K/num_warps (`triton_backend.GEMV_CONFIGS` by default); for
+the float16-pair GEMV it is BLOCK_N/VEC/SPLIT_K/num_warps (`triton_backend.PAIR_CONFIGS`).
 Same timing as inference/kernels.py: CUDA-graph replay over weight copies that exceed the L2
 cache; options rtn:intN:g128:asym.  Prints, per shape and bit width, the fastest configurations,
-the speed-up over fp16 cuBLAS and the % of the memory roofline; then the activation pass alone.
+the speed-up over fp16 cuBLAS and the % of the memory roofline; for gemv_units also its activation
+pass (`arrange_activations`) alone.
 """
 import argparse
 import sys
@@ -29,7 +30,8 @@ def parse_args(argv):
     parser.add_argument("--shapes", default="8192x8192,4096x4096", help="out x in, comma separated")
     parser.add_argument("--bits", default="4,2,3,8")
     parser.add_argument("--kernel", choices=["gemv", "gemv-pairs"], default="gemv")
-    parser.add_argument("--configs", default=None, help="BLOCK_N/BLOCK_K/SPLIT_K/num_warps[/VEC], comma separated")
+    parser.add_argument("--configs", default=None, help="BLOCK_N/BLOCK_K (gemv-pairs: VEC)/SPLIT_K/num_warps, "
+                        "comma separated")
     parser.add_argument("--top", type=int, default=6, help="how many configurations to print per case")
     return parser.parse_args(argv)
 
@@ -61,7 +63,7 @@ def main(argv=None):
     bandwidth, note = roofline_bandwidth(device)
     print(note, flush=True)
     defaults = tb.GEMV_CONFIGS if args.kernel == tb.GEMV else tb.PAIR_CONFIGS
-    configs = ([c for c in defaults if args.kernel == tb.GEMV or 128 % c[1] == 0] if args.configs is None else
+    configs = (defaults if args.configs is None else
                [tuple(int(v) for v in c.split("/")) for c in args.configs.split(",")])
     for shape in args.shapes.split(","):
         out_features, in_features = (int(v) for v in shape.split("x"))
@@ -76,13 +78,17 @@ def main(argv=None):
             timings = []
             for config in configs:
                 tuner.CHOSEN[key] = (args.kernel, config)
-                timings.append((time_layer(layer, 1, device), config))
+                try:
+                    timings.append((time_layer(layer, 1, device), config))
+                except Exception as err:  # resources the GPU lacks (shared memory, registers): skip it
+                    print(f"  {'/'.join(map(str, config))} failed: {str(err).splitlines()[0][:120]}", flush=True)
             timings.sort()
             best = timings[0][0]
             cells = "  ".join(f"{'/'.join(map(str, c))}: {t * 1e6:.1f}" for t, c in timings[:args.top])
+            arrange = (f"; activation pass {arrangement_seconds(in_features, bits, out_features) * 1e6:.2f} us"
+                       if args.kernel == tb.GEMV else "")
             print(f"int{bits}: {cells} | best {best * 1e6:.1f} us, {fp16 / best:.2f}x fp16, "
-                  f"{100 * moved / best / bandwidth:.0f} % roofline; activation pass "
-                  f"{arrangement_seconds(in_features, bits, out_features) * 1e6:.2f} us", flush=True)
+                  f"{100 * moved / best / bandwidth:.0f} % roofline{arrange}", flush=True)
             tuner.CHOSEN.pop(key, None)
             del layer
             torch.cuda.empty_cache()

@@ -1,18 +1,22 @@
-"""Instructions per code in the Triton GEMV's inner loop, from SASS compiled here: no GPU needed.
+"""Instructions per code in a Triton GEMV's inner loop, from SASS compiled here: no GPU needed.
 
     python inference/gemv_sass.py --bits 4,2,3,8 --configs 64/128/16/4,128/128/16/4
     python inference/gemv_sass.py --bits 4 --configs 128/128/16/4 --dump /tmp/gemv4.sass
+    python inference/gemv_sass.py --kernel pairs --bits 4,2,8 --configs 4/4/1/2,8/4/1/4
 
-Triton compiles `gemv_units` for sm_90 (H100/H200) with the launch's
-specializations (pointers and sizes divisible by 16, as an 8192x8192 layer
-has), its bundled cuobjdump disassembles the result, and the loop (the
-backward branch) is counted per thread and code.  Keeping up with HBM at
-4 bits takes at most ~3.7 instructions per code with every issue slot busy
-(an H200 SM must consume ~35 codes per clock and issues 128 thread
-instructions); Nsight Compute measured 57 % of issue slots busy on the H200
-(2026-12-02, `results/ncu_gemv_int4_8192_h200.txt`, 5.2 per code then).
-Configurations are BLOCK_N/BLOCK_K/SPLIT_K/num_warps as in
-`triton_backend.GEMV_CONFIGS`.
+Triton compiles `gemv_units` (or, with --kernel pairs, the Gluon `gemv_pairs`)
+for sm_90 (H100/H200) with the launch's specializations (pointers and sizes
+divisible by 16, as an 8192x8192 layer has), its bundled cuobjdump
+disassembles the result, and the loop (the backward branch) is counted per
+thread and code.  Keeping up with HBM at 4 bits takes at most ~3.7
+instructions per code with every issue slot busy (an H200 SM must consume ~35
+codes per clock and issues 128 thread instructions); Nsight Compute measured
+57 % of issue slots busy on the H200 (2026-12-02,
+`results/ncu_gemv_int4_8192_h200.txt`, 5.2 per code then).  Configurations
+are BLOCK_N/BLOCK_K/SPLIT_K/num_warps as in `triton_backend.GEMV_CONFIGS`, or
+BLOCK_N/VEC/SPLIT_K/num_warps as in `triton_backend.PAIR_CONFIGS`.  The pairs
+loop also holds the float16-to-float32 step it takes every 8 // (16 / bits)
+steps, so its count is an upper bound.
 """
 from __future__ import annotations
 
@@ -38,17 +42,17 @@ SIGNATURES = {  # kernel -> (pointer and size arguments, constexpr names)
               ("BITS", "GROUP", "HAS_ZEROS", "PER_SHIFT", "BLOCK_N", "BLOCK_U", "SPLIT_K", "EVEN")),
     "pairs": ({"xp_ptr": "*i32", "xs_ptr": "*fp32", "qw_ptr": "*i32", "s_ptr": "*fp16", "z_ptr": "*fp16",
                "out_ptr": "*fp32", "N": "i32", "U": "i32", "NG": "i32", "stride_om": "i32"},
-              ("BITS", "GROUP", "HAS_ZEROS", "BLOCK_N", "BLOCK_U", "VEC", "STAGES", "SPLIT_K", "EVEN")),
+              ("BITS", "GROUP", "HAS_ZEROS", "BLOCK_N", "VEC", "SPLIT_K")),
 }
 ADDRESS = re.compile(r"/\*([0-9a-f]{4,})\*/\s+(.*?)\s*;")
 
 
 def sass_of(bits: int, config: tuple[int, ...], group: int = 128, kernel: str = "units") -> str:
-    block_n, block_k, split, warps, vec, stages = (*config, 4, 3)[:6]
+    block_n, block_k, split, warps = config[:4]
     codes = 32 * (1 if 32 % bits == 0 else bits) // bits
     arguments, names = SIGNATURES[kernel]
     values = dict(BITS=bits, GROUP=group, HAS_ZEROS=True, PER_SHIFT=max(1, 8 // bits), BLOCK_N=block_n,
-                  BLOCK_U=max(1, block_k // codes), VEC=min(vec, max(1, block_k // codes)), STAGES=stages, SPLIT_K=split, EVEN=True)
+                  BLOCK_U=max(1, block_k // codes), VEC=block_k, SPLIT_K=split, EVEN=True)  # pairs: VEC = config[1]
     values = {name: values[name] for name in names}
     signature = {**arguments, **{name: "constexpr" for name in names}}
     divisible = {(i,): [["tt.divisibility", 16]] for i in range(len(arguments))}
@@ -63,6 +67,14 @@ def sass_of(bits: int, config: tuple[int, ...], group: int = 128, kernel: str = 
         return subprocess.run([tool, "-sass", handle.name], capture_output=True, text=True, check=True).stdout
     finally:
         os.unlink(handle.name)
+
+
+def codes_per_thread(kernel: str, bits: int, config: tuple[int, ...]) -> float:
+    """Codes one thread handles per loop step: gemv_units spreads a BLOCK_N x BLOCK_K tile over the
+    program's threads; gemv_pairs gives each thread VEC words of each of its BLOCK_N rows."""
+    if kernel == "units":
+        return config[0] * config[1] / (32 * config[3])
+    return config[0] * config[1] * 32 // bits
 
 
 def loop_body(sass: str) -> list[str]:
@@ -90,11 +102,11 @@ def main(argv=None) -> int:
             config = tuple(int(v) for v in text.split("/"))
             sass = sass_of(bits, config, kernel=args.kernel)
             body = loop_body(sass)
-            per_thread = config[0] * config[1] / (32 * config[3])  # codes of one loop step per thread
+            per_thread = codes_per_thread(args.kernel, bits, config)
             ops = collections.Counter(re.sub(r"^@!?U?P\w+\s+", "", t).split()[0].split(".")[0] for t in body)
             top = ", ".join(f"{name} {count}" for name, count in ops.most_common(6))
-            print(f"{args.kernel} int{bits} {text}: {len(body)} instructions per loop step, {per_thread:.0f} codes per thread, "
-                  f"{len(body) / per_thread:.2f} per code ({top})", flush=True)
+            print(f"{args.kernel} int{bits} {text}: {len(body)} instructions per loop step, "
+                  f"{per_thread:.0f} codes per thread, {len(body) / per_thread:.2f} per code ({top})", flush=True)
             if args.dump:
                 with open(args.dump, "w") as handle:
                     handle.write(sass)

@@ -189,15 +189,35 @@ def test_triton_dequantization_is_bit_identical_to_the_reference_in_the_interpre
     assert int(_interpreted(tmp_path, DENSE_CHECK)) == (len(WEIGHT_ONLY) + 2) * 2
 
 
-@needs_triton
-def test_gemv_loop_is_counted_from_sass_compiled_without_a_gpu():
-    """inference/gemv_sass.py: each code's AND-OR stays one LOP3 (two when ptxas sees two immediates)."""
+def _gemv_sass():
     sys.path.insert(0, str(Path(__file__).parents[1] / "inference"))
     try:
         import gemv_sass
     finally:
         sys.path.pop(0)
-    body = gemv_sass.loop_body(gemv_sass.sass_of(4, (64, 128, 16, 4)))
-    codes_per_thread = 64 * 128 // 128
+    return gemv_sass
+
+
+@needs_triton
+def test_gemv_loop_is_counted_from_sass_compiled_without_a_gpu():
+    """inference/gemv_sass.py: each code's AND-OR stays one LOP3 (two when ptxas sees two immediates)."""
+    gemv_sass = _gemv_sass()
+    config = (64, 128, 16, 4)
+    body = gemv_sass.loop_body(gemv_sass.sass_of(4, config))
+    codes_per_thread = gemv_sass.codes_per_thread("units", 4, config)
     assert sum(t.startswith("LOP3") for t in body) == codes_per_thread
     assert len(body) / codes_per_thread < 4.5
+
+
+@needs_triton
+def test_pair_gemv_spends_one_float16_pair_instruction_per_code():
+    """gemv_pairs (Gluon, compiled for sm_90 here): per pair of codes one LOP3 builds both floats and two
+    HFMA2 dequantize and accumulate both, so per code about one HFMA2 and half a LOP3."""
+    gemv_sass = _gemv_sass()
+    for bits in (2, 4, 8):
+        config = (4, 4, 1, 2)
+        body = gemv_sass.loop_body(gemv_sass.sass_of(bits, config, kernel="pairs"))
+        codes = gemv_sass.codes_per_thread("pairs", bits, config)
+        hfma2 = sum(t.startswith("HFMA2") for t in body)
+        lop3 = sum(t.startswith("LOP3") for t in body)
+        assert codes <= hfma2 <= 1.1 * codes and lop3 <= 0.65 * codes, (bits, hfma2, lop3, codes)

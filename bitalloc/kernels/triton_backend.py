@@ -31,11 +31,10 @@ GEMV_ROWS = 4  # batches up to this size may run as one GEMV per row (the tuner 
 GEMV_CONFIGS = [(64, 128, 16, 4), (128, 128, 16, 4), (32, 128, 16, 2), (64, 128, 8, 4), (128, 128, 32, 4),
                 (16, 128, 64, 1), (16, 1024, 4, 4), (64, 128, 32, 4), (256, 128, 16, 4), (256, 128, 8, 8),
                 (512, 128, 8, 8)]
-# the float16-pair GEMV: (BLOCK_N, BLOCK_K, SPLIT_K, num_warps, VEC words per thread, STAGES of its copy ring);
-# BLOCK_K must divide the group, so the last ones serve groups of 32 and 64
-PAIR_CONFIGS = [(256, 128, 16, 8, 4, 3), (128, 128, 16, 4, 4, 4), (256, 128, 8, 8, 4, 4), (128, 128, 32, 4, 4, 3),
-                (256, 128, 16, 4, 4, 3), (128, 128, 8, 4, 4, 6), (64, 128, 16, 2, 4, 4), (512, 128, 8, 8, 4, 3),
-                (256, 64, 16, 8, 4, 4), (256, 32, 16, 8, 4, 4)]
+# the float16-pair GEMV: (BLOCK_N rows per program and thread, VEC words per thread and row, SPLIT_K, num_warps);
+# a chunk of VEC words must lie in one group (VEC = 2 serves 2-bit codes in groups of 32).  The ones that were
+# fastest somewhere of nine timed on the H200 (results/gemv_pairs_h200.txt); 4/4/1/2 was fastest everywhere
+PAIR_CONFIGS = [(4, 4, 1, 2), (4, 4, 1, 4), (2, 4, 1, 4), (8, 4, 1, 4), (8, 2, 1, 4)]
 PAIR_BITS = (2, 4, 8)
 ARRANGE_BLOCK = 128
 DEQUANT_TILE = (32, 256)  # (BLOCK_N, BLOCK_K) of the dequantization pass
@@ -88,19 +87,16 @@ def _launch_pairs(config, x, qweight, scales, zeros_arg, bits, group, in_feature
     from . import triton_pairs as tp
 
     m, n, units, ng = x.shape[0], qweight.shape[0], qweight.shape[1], scales.shape[1]
-    block_n, block_k, split, warps, vec, stages = config
-    block_u = block_k * bits // 32
+    block_n, vec, split, warps = config
     out = torch.empty(m, n, device=x.device, dtype=torch.float32 if split > 1 else x.dtype)
     xp = torch.empty(m, 16 // bits, units, device=x.device, dtype=torch.int32)
-    xs = torch.empty(m, triton_cdiv(units, block_u), device=x.device, dtype=torch.float32)
-    arrange = max(ARRANGE_BLOCK, block_u)
-    tp.arrange_pairs[(triton_cdiv(units, arrange), m)](x, xp, xs, out, in_features, units, n, x.stride(0),
-                                                        out.stride(0), BITS=bits, TILE=block_u, ZERO_OUT=split > 1,
-                                                        BLOCK=arrange)
-    even = n % block_n == 0 and units % (block_u * split) == 0
+    xs = torch.empty(m, triton_cdiv(units, vec), device=x.device, dtype=torch.float32)
+    tp.arrange_pairs[(triton_cdiv(units, ARRANGE_BLOCK), m)](x, xp, xs, out, in_features, units, n, x.stride(0),
+                                                              out.stride(0), BITS=bits, TILE=vec, ZERO_OUT=split > 1,
+                                                              BLOCK=ARRANGE_BLOCK)
     tp.gemv_pairs[(triton_cdiv(n, block_n), split, m)](
-        xp, xs, qweight, scales, zeros_arg, out, n, units, ng, out.stride(0), BLOCK_N=block_n, BLOCK_U=block_u,
-        VEC=min(vec, block_u), STAGES=stages, SPLIT_K=split, EVEN=even, num_warps=warps, **common)
+        xp, xs, qweight, scales, zeros_arg, out, n, units, ng, out.stride(0), BLOCK_N=block_n, VEC=vec, SPLIT_K=split,
+        num_warps=warps, **common)
     return out.to(x.dtype) if split > 1 else out
 
 
@@ -150,7 +146,7 @@ def candidates(m: int, group: int, bits: int, dtype: torch.dtype) -> list[tuple[
     choice without tuning).  Gluon kernels do not run in Triton's CPU interpreter."""
     configs = []
     if m <= GEMV_ROWS and dtype == torch.float16 and bits in PAIR_BITS and not tuner.interpreting():
-        configs += [(PAIRS, c) for c in PAIR_CONFIGS if group % c[1] == 0]
+        configs += [(PAIRS, c) for c in PAIR_CONFIGS if group % (c[1] * 32 // bits) == 0]
     if m <= GEMV_ROWS and group % 32 == 0:
         configs += [(GEMV, c) for c in GEMV_CONFIGS]
     return configs + [(DEQUANT, DEQUANT_TILE)]

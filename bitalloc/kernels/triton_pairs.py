@@ -1,10 +1,9 @@
 """The float16 GEMV for 2, 4 and 8 bits: two codes per instruction (half2), on the stored layout.
 
-`gemv_units` (triton_kernels.py) spends about three float32 instructions per
-code, more than a batch-1 GEMV may spend and still keep up with HBM at 4 bits
-(~3.7 per code with every issue slot busy, and an H200 kept 57 % busy).  Here
-each 32-bit register holds two float16 values, so one instruction serves two
-codes, the way Marlin and ExLlama dequantize:
+`gemv_units` (triton_kernels.py) spends about 3.5 float32 instructions per code
+and spreads each tile over many threads.  Here each 32-bit register holds two
+float16 values, so one instruction serves two codes, the way Marlin and ExLlama
+dequantize:
 
 - code j of a word and code j + 16/bits (its twin in the upper half-word) sit at
   the same bit of their halves; one shift (shared by neighbouring codes) and one
@@ -12,15 +11,20 @@ codes, the way Marlin and ExLlama dequantize:
   a code at bit b: the `_pair_codes` exponent trick);
 - one HFMA2 turns that into q * s: (M + q) s - M s, exact before its one
   rounding, as M s is exact; a second HFMA2 adds q s x to a pair of partial sums;
-- per word the pair of sums becomes one float32, so float16 sums only ever hold
-  16/bits products; the zero-point term s z sum(x) is taken out per tile in
-  float32.
+- float16 sums hold 8 products before they become float32; the zero-point term
+  s z sum(x) is taken out per chunk in float32.
 
 Weights are scaled before they meet the activations, so the float16 products
 stay small (|q s| is about the weight's size), as they do in a float16 matmul.
 Activations must be float16 (bfloat16 ones would overflow float16's range):
-the backend offers this kernel only for them.  A tile never crosses a group,
-so the scale is one per row and step.
+the backend offers this kernel only for them.
+
+The GEMV is written in Gluon (Triton's layout-explicit dialect) so that lanes
+and warps run along the row and every thread keeps its chunk of a few whole
+rows: each thread's activations serve all its rows, per-row values are one per
+row and chunk, and nothing moves between layouts.  Measured on the H200
+(docs/RESULTS.md), this beat the layouts plain Triton chose, a shared-memory
+ring of cp.async copies, and whole tile rows per thread.
 """
 from __future__ import annotations
 
@@ -28,7 +32,6 @@ import triton
 import triton.language as tl
 from triton.experimental import gluon
 from triton.experimental.gluon import language as gl
-from triton.experimental.gluon.language.nvidia.ampere import async_copy
 
 from .triton_kernels import _zero_rows
 
@@ -119,100 +122,92 @@ def _pair_codes(w, J: gl.constexpr, BITS: gl.constexpr):
 
 @gluon.jit
 def gemv_pairs(xp_ptr, xs_ptr, qw_ptr, s_ptr, z_ptr, out_ptr, N, U, NG, stride_om, BITS: gl.constexpr,
-               GROUP: gl.constexpr, HAS_ZEROS: gl.constexpr, BLOCK_N: gl.constexpr, BLOCK_U: gl.constexpr,
-               VEC: gl.constexpr, STAGES: gl.constexpr, SPLIT_K: gl.constexpr, EVEN: gl.constexpr):
-    """One row of float16 activations (arranged by `arrange_pairs`) against [rows, words] of packed codes:
-    per row and tile, s * (sum_j q_j x_j - z sum_j x_j), two codes per instruction (module docstring).
+               GROUP: gl.constexpr, HAS_ZEROS: gl.constexpr, BLOCK_N: gl.constexpr, VEC: gl.constexpr,
+               SPLIT_K: gl.constexpr):
+    """One row of float16 activations (arranged by `arrange_pairs`, sums per VEC words) against BLOCK_N rows
+    of packed codes: s * (sum_j q_j x_j - z sum_j x_j), two codes per instruction (module docstring).
 
-    Gluon, for its explicit layouts and asynchronous copies.  Each thread holds VEC consecutive words
-    of a row, and per-row values live in the tile layout's row slice, so nothing moves between layouts
-    (plain Triton moved scales through shared memory, with barriers, at every step).  Tiles stream
-    through a ring of STAGES shared-memory buffers by cp.async, STAGES - 1 ahead: the bytes in flight
-    cost no registers (a register prefetch held 169 per thread and ran at 12 % occupancy on the H200).
-    Every thread copies exactly the words it later reads, so no barrier is needed.  Tiles and
-    split-K as in `gemv_units`.
+    Lanes and warps run along the row: a step covers 32 * num_warps chunks of VEC words (one 16-byte
+    load per row and thread at VEC = 4), each thread holds its chunk of all BLOCK_N rows.  So a warp
+    reads 512 contiguous bytes of a row per load, each thread's activation pairs serve BLOCK_N rows
+    and are loaded by no other thread, and per-row values are one per row and chunk.  The next step's
+    words, scales, zeros and activations are loaded before this one is computed.  Float16 sums run
+    over GATHER steps (8 products per half; the scale is in each product, so they may cross groups);
+    rows are reduced over lanes and warps once, at the end.
     """
     PAIRS: gl.constexpr = 16 // BITS
     CODES: gl.constexpr = 32 // BITS
-    LANES_U: gl.constexpr = min(32, BLOCK_U // VEC)  # VEC <= BLOCK_U (the launcher's clamp)
-    TILE: gl.constexpr = gl.BlockedLayout([1, VEC], [32 // LANES_U, LANES_U], [gl.num_warps(), 1], [1, 0])
-    ROWS: gl.constexpr = gl.SliceLayout(1, TILE)
-    COLS: gl.constexpr = gl.SliceLayout(0, TILE)
-    gl.static_assert(GROUP % (BLOCK_U * CODES) == 0, "a tile must lie in one group")
+    GATHER: gl.constexpr = max(1, 8 // PAIRS)
+    WARPS: gl.constexpr = gl.num_warps()
+    CHUNKS: gl.constexpr = 32 * WARPS
+    STEP: gl.constexpr = CHUNKS * VEC  # words per row and step
+    TILE: gl.constexpr = gl.BlockedLayout([BLOCK_N, 1, VEC], [1, 32, 1], [1, WARPS, 1], [2, 1, 0])
+    PER_CHUNK: gl.constexpr = gl.SliceLayout(2, TILE)  # [BLOCK_N, CHUNKS]
+    ROWS: gl.constexpr = gl.SliceLayout(1, PER_CHUNK)
+    gl.static_assert(GROUP % (VEC * CODES) == 0, "a chunk must lie in one group")
     pid_n = gl.program_id(0)
     pid_k = gl.program_id(1)
     m = gl.program_id(2)
     xp_ptr += m * PAIRS * U
-    xs_ptr += m * gl.cdiv(U, BLOCK_U)
+    xs_ptr += m * gl.cdiv(U, VEC)
     rows = pid_n * BLOCK_N + gl.arange(0, BLOCK_N, layout=ROWS)
-    row_ok = rows < N
-    lanes = gl.arange(0, BLOCK_U, layout=COLS)
-    tiles = gl.cdiv(U, BLOCK_U)
-    per_split = gl.cdiv(tiles, SPLIT_K)
+    chunks = gl.arange(0, CHUNKS, layout=gl.SliceLayout(0, PER_CHUNK))
+    CHUNK_WORDS: gl.constexpr = gl.SliceLayout(0, TILE)  # [CHUNKS, VEC]
+    lanes = (gl.expand_dims(gl.arange(0, CHUNKS, layout=gl.SliceLayout(1, CHUNK_WORDS)), 1) * VEC
+             + gl.expand_dims(gl.arange(0, VEC, layout=gl.SliceLayout(0, CHUNK_WORDS)), 0))  # words of a step
+    steps = gl.cdiv(U, STEP)
+    per_split = gl.cdiv(steps, SPLIT_K)
     first = pid_k * per_split
-    last = gl.minimum(first + per_split, tiles)
-    dots = gl.zeros([BLOCK_N], gl.float32, ROWS)
-    row_words = qw_ptr + gl.expand_dims(rows, 1) * U
-    ring = gl.allocate_shared_memory(gl.int32, [STAGES, BLOCK_N, BLOCK_U], gl.SwizzledSharedLayout(1, 1, 1, [1, 0]))
-    for early in gl.static_range(STAGES - 1):
-        _copy_tile(ring.index(early), row_words, row_ok, first + early, last, lanes, U, BLOCK_U, EVEN)
-    side = _side_data(xp_ptr, xs_ptr, s_ptr, z_ptr, rows, row_ok, NG, first, lanes, U, BITS, GROUP, HAS_ZEROS,
-                      BLOCK_U, EVEN)
-    for tile in range(first, last):
-        ahead = tile + STAGES - 1
-        _copy_tile(ring.index((ahead - first) % STAGES), row_words, row_ok, ahead, last, lanes, U, BLOCK_U, EVEN)
-        s, z, total, x = side
-        # scales, zeros and activations of the next tile are loaded now, used one step later (the last tile
-        # loads itself again: cache hits): every load of the step is in flight while it computes
-        side = _side_data(xp_ptr, xs_ptr, s_ptr, z_ptr, rows, row_ok, NG, gl.minimum(tile + 1, last - 1), lanes, U,
-                          BITS, GROUP, HAS_ZEROS, BLOCK_U, EVEN)
-        async_copy.wait_group(STAGES - 1)  # this tile's words have landed
-        w = ring.index((tile - first) % STAGES).load(TILE).to(gl.uint32, bitcast=True)
-        scale = gl.expand_dims(_half_pair(s), 1)
-        part = gl.zeros([BLOCK_N, BLOCK_U], gl.uint32, TILE)  # float16 pairs (+0, +0)
+    last = gl.minimum(first + per_split, steps)
+    row_ok = gl.expand_dims(rows < N, 1)  # [BLOCK_N, 1]
+    rows2 = gl.expand_dims(rows, 1)
+    step_data = _step_data(qw_ptr, xp_ptr, xs_ptr, s_ptr, z_ptr, rows2, row_ok, chunks, lanes, NG, U, first,
+                           first < last, BITS, GROUP, HAS_ZEROS, VEC, STEP)
+    acc = gl.zeros([BLOCK_N, CHUNKS], gl.float32, PER_CHUNK)
+    part = gl.zeros([BLOCK_N, CHUNKS, VEC], gl.uint32, TILE)  # float16 pairs (+0, +0)
+    for step in range(first, last):
+        w, x, s, z, total = step_data
+        # the next step's loads are issued before this one computes (masked off after the last)
+        step_data = _step_data(qw_ptr, xp_ptr, xs_ptr, s_ptr, z_ptr, rows2, row_ok, chunks, lanes, NG, U, step + 1,
+                               step + 1 < last, BITS, GROUP, HAS_ZEROS, VEC, STEP)
+        scale = gl.expand_dims(_half_pair(s), 2)
         for j in gl.static_range(PAIRS):
             codes, M = _pair_codes(w, j, BITS)
-            dequantized = _fma_f16x2(codes, scale, gl.expand_dims(_half_pair(-M * s), 1))  # q s, one rounding
+            dequantized = _fma_f16x2(codes, scale, gl.expand_dims(_half_pair(-M * s), 2))  # q s, one rounding
             part = _fma_f16x2(dequantized, gl.expand_dims(x[j], 0), part)
-        dots += gl.sum(_sum_f16x2(part), axis=1) - z * s * total
-    async_copy.wait_group(0)
+        acc -= z * s * gl.expand_dims(total, 0)
+        if (step - first) % GATHER == GATHER - 1:
+            acc += gl.sum(_sum_f16x2(part), axis=2)
+            part = gl.zeros([BLOCK_N, CHUNKS, VEC], gl.uint32, TILE)
+    dots = gl.sum(acc + gl.sum(_sum_f16x2(part), axis=2), axis=1)
     if SPLIT_K == 1:
-        gl.store(out_ptr + m * stride_om + rows, dots.to(out_ptr.dtype.element_ty), mask=row_ok)
+        gl.store(out_ptr + m * stride_om + rows, dots.to(out_ptr.dtype.element_ty), mask=rows < N)
     else:
-        gl.atomic_add(out_ptr + m * stride_om + rows, dots, mask=row_ok, sem="relaxed")
+        gl.atomic_add(out_ptr + m * stride_om + rows, dots, mask=rows < N, sem="relaxed")
 
 
 @gluon.jit
-def _side_data(xp_ptr, xs_ptr, s_ptr, z_ptr, rows, row_ok, NG, tile, lanes, U, BITS: gl.constexpr,
-               GROUP: gl.constexpr, HAS_ZEROS: gl.constexpr, BLOCK_U: gl.constexpr, EVEN: gl.constexpr):
-    """What a tile needs besides its words: per-row scale and zero (float32), the tile's sum of x, and its
-    PAIRS activation pairs (a tuple of uint32 vectors)."""
-    CODES: gl.constexpr = 32 // BITS
-    where = rows * NG + (tile * BLOCK_U * CODES) // GROUP
-    s = gl.load(s_ptr + where, mask=row_ok, other=0.0).to(gl.float32)
+def _step_data(qw_ptr, xp_ptr, xs_ptr, s_ptr, z_ptr, rows2, row_ok, chunks, lanes, NG, U, step, live, BITS: gl.constexpr,
+               GROUP: gl.constexpr, HAS_ZEROS: gl.constexpr, VEC: gl.constexpr, STEP: gl.constexpr):
+    """A step's words [BLOCK_N, CHUNKS, VEC] (uint32), its PAIRS activation pairs [CHUNKS, VEC] (a tuple),
+    scales and zeros [BLOCK_N, CHUNKS] (float32) and the chunks' sums of x [CHUNKS]; zeros unless `live`."""
+    u = step * STEP + lanes  # [CHUNKS, VEC]
+    chunk = step * (STEP // VEC) + chunks  # [CHUNKS]
+    where = rows2 * NG + gl.expand_dims((chunk * VEC * (32 // BITS)) // GROUP, 0)  # [BLOCK_N, CHUNKS]
+    u_ok = (u < U) & live
+    chunk_ok = (chunk * VEC < U) & live
+    row_live = row_ok & live
+    w = gl.load(qw_ptr + gl.expand_dims(rows2, 2) * U + gl.expand_dims(u, 0),
+                mask=gl.expand_dims(row_live, 2) & gl.expand_dims(u_ok, 0), other=0)
+    per_chunk_ok = row_live & gl.expand_dims(chunk_ok, 0)
+    s = gl.load(s_ptr + where, mask=per_chunk_ok, other=0.0).to(gl.float32)
     if HAS_ZEROS:
-        z = gl.load(z_ptr + where, mask=row_ok, other=0.0).to(gl.float32)
+        z = gl.load(z_ptr + where, mask=per_chunk_ok, other=0.0).to(gl.float32)
     else:
         z = gl.full(s.shape, (1 << (BITS - 1)) * 1.0, gl.float32, s.type.layout)
-    total = gl.load(xs_ptr + tile)  # the tile's sum of x (`arrange_pairs`)
-    cols = tile * BLOCK_U + lanes
+    total = gl.load(xs_ptr + chunk, mask=chunk_ok, other=0.0)
     x = ()
     for j in gl.static_range(16 // BITS):
-        if EVEN:
-            pair = gl.load(xp_ptr + j * U + cols)
-        else:
-            pair = gl.load(xp_ptr + j * U + cols, mask=cols < U, other=0)
+        pair = gl.load(xp_ptr + j * U + u, mask=u_ok, other=0)
         x = x + (pair.to(gl.uint32, bitcast=True),)
-    return s, z, total, x
-
-
-@gluon.jit
-def _copy_tile(buffer, row_words, row_ok, tile, last, lanes, U, BLOCK_U: gl.constexpr, EVEN: gl.constexpr):
-    """Start copying words [tile * BLOCK_U, +BLOCK_U) of the rows at `row_words` into `buffer` (zeros past
-    the split's last tile, past U and for rows past N), as one cp.async group."""
-    cols = tile * BLOCK_U + lanes
-    ok = gl.expand_dims(row_ok & (tile < last), 1)
-    if not EVEN:
-        ok = ok & gl.expand_dims(cols < U, 0)
-    async_copy.async_copy_global_to_shared(buffer, row_words + gl.expand_dims(cols, 0), mask=ok)
-    async_copy.commit_group()
+    return w.to(gl.uint32, bitcast=True), x, s, z, total
