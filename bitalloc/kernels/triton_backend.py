@@ -33,8 +33,9 @@ GEMV_CONFIGS = [(64, 128, 16, 4), (128, 128, 16, 4), (32, 128, 16, 2), (64, 128,
                 (512, 128, 8, 8)]
 # the float16-pair GEMV: (BLOCK_N rows per program and thread, VEC words per thread and row, SPLIT_K, num_warps);
 # a chunk of VEC words must lie in one group (VEC = 2 serves 2-bit codes in groups of 32).  The ones that were
-# fastest somewhere of nine timed on the H200 (results/gemv_pairs_h200.txt); 4/4/1/2 was fastest everywhere
-PAIR_CONFIGS = [(4, 4, 1, 2), (4, 4, 1, 4), (2, 4, 1, 4), (8, 4, 1, 4), (8, 2, 1, 4)]
+# fastest somewhere of nine timed on the H200 (results/gemv_pairs_h200.txt; 4/4/1/2 in 8 of 9 cases),
+# and a split-K one for layers with few rows (GQA k/v projections: too few programs otherwise; not yet timed there)
+PAIR_CONFIGS = [(4, 4, 1, 2), (4, 4, 1, 4), (2, 4, 1, 4), (8, 4, 1, 4), (8, 2, 1, 4), (4, 4, 2, 4)]
 PAIR_BITS = (2, 4, 8)
 ARRANGE_BLOCK = 128
 DEQUANT_TILE = (32, 256)  # (BLOCK_N, BLOCK_K) of the dequantization pass
