@@ -8,7 +8,7 @@ Triton compiles `gemv_units` (or, with --kernel pairs, the Gluon `gemv_pairs`)
 for sm_90 (H100/H200) with the launch's specializations (pointers and sizes
 divisible by 16, as an 8192x8192 layer has), its bundled cuobjdump
 disassembles the result, and the loop (the backward branch) is counted per
-thread and code.  Keeping up with HBM at 4 bits takes at most ~3.7
+thread and code, beside the registers per thread.  Keeping up with HBM at 4 bits takes at most ~3.7
 instructions per code with every issue slot busy (an H200 SM must consume ~35
 codes per clock and issues 128 thread instructions); Nsight Compute measured
 57 % of issue slots busy on the H200 (2026-12-02,
@@ -64,9 +64,15 @@ def sass_of(bits: int, config: tuple[int, ...], group: int = 128, kernel: str = 
         handle.write(compiled.asm["cubin"])
     try:
         tool = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
-        return subprocess.run([tool, "-sass", handle.name], capture_output=True, text=True, check=True).stdout
+        return subprocess.run([tool, "-res-usage", "-sass", handle.name], capture_output=True, text=True,
+                              check=True).stdout
     finally:
         os.unlink(handle.name)
+
+
+def registers(sass: str) -> int:
+    """Registers per thread (cuobjdump's resource usage): with the block size, what bounds occupancy."""
+    return int(re.search(r"REG:(\d+)", sass).group(1))
 
 
 def codes_per_thread(kernel: str, bits: int, config: tuple[int, ...]) -> float:
@@ -105,8 +111,9 @@ def main(argv=None) -> int:
             per_thread = codes_per_thread(args.kernel, bits, config)
             ops = collections.Counter(re.sub(r"^@!?U?P\w+\s+", "", t).split()[0].split(".")[0] for t in body)
             top = ", ".join(f"{name} {count}" for name, count in ops.most_common(6))
-            print(f"{args.kernel} int{bits} {text}: {len(body)} instructions per loop step, "
-                  f"{per_thread:.0f} codes per thread, {len(body) / per_thread:.2f} per code ({top})", flush=True)
+            print(f"{args.kernel} int{bits} {text}: {registers(sass)} registers, {len(body)} instructions per loop "
+                  f"step, {per_thread:.0f} codes per thread, {len(body) / per_thread:.2f} per code ({top})",
+                  flush=True)
             if args.dump:
                 with open(args.dump, "w") as handle:
                     handle.write(sass)

@@ -14,6 +14,9 @@ tests use to check the kernels' logic.
 """
 from __future__ import annotations
 
+import functools
+import importlib.util
+
 import torch
 
 from . import tuner
@@ -144,13 +147,21 @@ def triton_cdiv(a: int, b: int) -> int:
 
 def candidates(m: int, group: int, bits: int, dtype: torch.dtype) -> list[tuple[str, tuple]]:
     """(kernel, launch parameters) worth trying for a batch of m rows; the float16-pair GEMV first (the
-    choice without tuning).  Gluon kernels do not run in Triton's CPU interpreter."""
+    choice without tuning).  Gluon kernels need triton >= 3.5 and do not run in Triton's CPU interpreter."""
     configs = []
-    if m <= GEMV_ROWS and dtype == torch.float16 and bits in PAIR_BITS and not tuner.interpreting():
+    if m <= GEMV_ROWS and dtype == torch.float16 and bits in PAIR_BITS and _gluon() and not tuner.interpreting():
         configs += [(PAIRS, c) for c in PAIR_CONFIGS if group % (c[1] * 32 // bits) == 0]
     if m <= GEMV_ROWS and group % 32 == 0:
         configs += [(GEMV, c) for c in GEMV_CONFIGS]
     return configs + [(DEQUANT, DEQUANT_TILE)]
+
+
+@functools.cache
+def _gluon() -> bool:
+    try:
+        return importlib.util.find_spec("triton.experimental.gluon") is not None
+    except ImportError:  # no triton, or one without its experimental package
+        return False
 
 
 def tuner_key(bits: int, group: int, has_zeros: bool, packed_shape, rows: int, dtype) -> tuple:

@@ -48,7 +48,7 @@ def arrange_pairs(x_ptr, xp_ptr, xs_ptr, out_ptr, K, U, N, stride_xm, stride_om,
                   TILE: tl.constexpr, ZERO_OUT: tl.constexpr, BLOCK: tl.constexpr):
     """float16 x [M, K] -> xp [M, PAIRS, U] uint32 with xp[m, j, u] = (x[m, CODES u + j], x[m, CODES u + j +
     PAIRS]) as a float16 pair (zero past K), and xs[m, t] = the sum of x over units [TILE t, TILE (t + 1)) in
-    float32: the GEMV's tiles.  ZERO_OUT: also zero out[m, :N], which a split-K GEMV then adds into."""
+    float32: the GEMV's chunks.  ZERO_OUT: also zero out[m, :N], which a split-K GEMV then adds into."""
     PAIRS: tl.constexpr = 16 // BITS
     CODES: tl.constexpr = 32 // BITS
     tl.static_assert(BLOCK % TILE == 0)
@@ -70,7 +70,8 @@ def arrange_pairs(x_ptr, xp_ptr, xs_ptr, out_ptr, K, U, N, stride_xm, stride_om,
 
 @gluon.jit
 def _and_or(value, MASK: gl.constexpr, BITS: gl.constexpr):
-    """(value & MASK) | BITS as one LOP3 (ptxas makes two of the plain expression: two immediates)."""
+    """(value & MASK) | BITS as one LOP3: the Gluon twin of `triton_kernels._and_or` (Gluon's constants
+    need the operand's layout)."""
     mask = gl.full(value.shape, MASK, gl.uint32, value.type.layout)
     bits = gl.full(value.shape, BITS, gl.uint32, value.type.layout)
     return gl.inline_asm_elementwise("lop3.b32 $0, $1, $2, $3, 0xEA;", "=r,r,r,r", [value, mask, bits],
@@ -187,8 +188,9 @@ def gemv_pairs(xp_ptr, xs_ptr, qw_ptr, s_ptr, z_ptr, out_ptr, N, U, NG, stride_o
 
 
 @gluon.jit
-def _step_data(qw_ptr, xp_ptr, xs_ptr, s_ptr, z_ptr, rows2, row_ok, chunks, lanes, NG, U, step, live, BITS: gl.constexpr,
-               GROUP: gl.constexpr, HAS_ZEROS: gl.constexpr, VEC: gl.constexpr, STEP: gl.constexpr):
+def _step_data(qw_ptr, xp_ptr, xs_ptr, s_ptr, z_ptr, rows2, row_ok, chunks, lanes, NG, U, step, live,
+               BITS: gl.constexpr, GROUP: gl.constexpr, HAS_ZEROS: gl.constexpr, VEC: gl.constexpr,
+               STEP: gl.constexpr):
     """A step's words [BLOCK_N, CHUNKS, VEC] (uint32), its PAIRS activation pairs [CHUNKS, VEC] (a tuple),
     scales and zeros [BLOCK_N, CHUNKS] (float32) and the chunks' sums of x [CHUNKS]; zeros unless `live`."""
     u = step * STEP + lanes  # [CHUNKS, VEC]
