@@ -37,6 +37,9 @@ def parse_args(argv):
     parser.add_argument("--prompt", type=int, default=32, help="prompt tokens")
     parser.add_argument("--new-tokens", type=int, default=128)
     parser.add_argument("--no-graphs", action="store_true", help="eager decode steps (no CUDA graphs)")
+    parser.add_argument("--compile", action="store_true",
+                        help="torch.compile the decode step (fuses the small operations between linears; "
+                             "packed layers run outside the compiled code); compiling takes minutes")
     parser.add_argument("--out", default="results/decode")
     return parser.parse_args(argv)
 
@@ -69,24 +72,25 @@ def main(argv=None):
     prompt = torch.randint(0, model.config.vocab_size, (1, args.prompt), device=device)
     torch.cuda.reset_peak_memory_stats()
     if args.config:
-        dense = decode(model, prompt, args.new_tokens, graphs=graphs)
+        dense = decode(model, prompt, args.new_tokens, graphs=graphs, compile=args.compile)
         dense_memory = memory()
         pack_in_place(model, assignment, args.backend)
     else:
         for layer in model.modules():  # dense float16 weights through cuBLAS: the baseline
             if hasattr(layer, "kernel_state"):
                 layer.set_backend("reference")
-        dense = decode(model, prompt, args.new_tokens, graphs=graphs)
+        dense = decode(model, prompt, args.new_tokens, graphs=graphs, compile=args.compile)
         dense_memory = memory()
         for layer in model.modules():
             if hasattr(layer, "kernel_state"):
                 layer.set_backend(args.backend)
     torch.cuda.empty_cache()
     torch.cuda.reset_peak_memory_stats()
-    packed = decode(model, prompt, args.new_tokens, graphs=graphs)
+    packed = decode(model, prompt, args.new_tokens, graphs=graphs, compile=args.compile)
     kernels = sorted({getattr(m, "kernel", None) for m in model.modules() if hasattr(m, "kernel_state")})
     result = {"model": args.config or args.saved, "mix": args.mix if args.config else None, "avg_bits": bits,
               "device": torch.cuda.get_device_name(device), "torch": torch.__version__, "cuda_graphs": graphs,
+              "compiled": args.compile,
               "dense_fp16": dense.as_dict() | {"peak_cuda_bytes": dense_memory},
               "packed": packed.as_dict() | {"peak_cuda_bytes": memory(), "kernels": kernels},
               "speedup": packed.tokens_per_second / dense.tokens_per_second}

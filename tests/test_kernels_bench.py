@@ -24,3 +24,24 @@ def test_kernel_rows_feed_the_latency_table(tmp_path):
     plot_speedups(rows, tmp_path / "speedups.png", "tiny")
     assert (tmp_path / "speedups.png").stat().st_size > 0
     assert "rtn:int3:g64:sym" in summary(rows)
+
+
+def test_compiled_decoding_gives_the_eager_tokens():
+    """decode(compile=True): torch.compile around the step, a graph break at each packed layer (whose
+    kernels run eagerly), the same greedy tokens as the eager step."""
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from bitalloc.benchmarks import pack_in_place
+    from bitalloc.decode import decode
+    from bitalloc.models import linear_layers
+    from bitalloc.quant import parse
+
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=1,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64)
+    model = LlamaForCausalLM(config).eval()
+    pack_in_place(model, {n: parse("rtn:int4:g32:asym") for n in linear_layers(model)}, "reference", progress=False)
+    prompt = torch.randint(0, 256, (1, 6))
+    eager = decode(model, prompt, 4, graphs=False).tokens
+    assert decode(model, prompt, 4, graphs=False, compile=True).tokens == eager

@@ -109,9 +109,11 @@ def test_every_w8a8_product_choice_is_the_same_product():
             assert ((out - expected).abs() <= 1e-3 * expected.abs() + 1e-3).all(), (rows, config)
 
 
-def test_graph_decoding_follows_the_full_forward():
-    """Each token decoded by graph replay on the static cache is the full (uncached) forward's argmax,
-    up to float16 near-ties (cuBLAS may pick other algorithms inside a graph)."""
+@pytest.mark.parametrize("compile", [False, True])
+def test_graph_decoding_follows_the_full_forward(compile):
+    """Each token decoded by graph replay on the static cache (of a torch.compile'd step with `compile`)
+    is the full (uncached) forward's argmax, up to float16 near-ties (cuBLAS may pick other algorithms
+    inside a graph)."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
     from bitalloc.benchmarks import pack_in_place
@@ -124,7 +126,7 @@ def test_graph_decoding_follows_the_full_forward():
     model = LlamaForCausalLM(config).cuda().half().eval()
     pack_in_place(model, {n: parse("rtn:int4:g64:asym") for n in linear_layers(model)}, "triton", progress=False)
     prompt = torch.randint(0, 512, (1, 12), device="cuda")
-    tokens = decode(model, prompt, 16, graphs=True).tokens
+    tokens = decode(model, prompt, 16, graphs=True, compile=compile).tokens
     sequence = torch.cat([prompt, torch.tensor([tokens], device="cuda")], dim=1)
     with torch.no_grad():
         logits = model(input_ids=sequence).logits[0, prompt.shape[1] - 1:-1].float()

@@ -95,6 +95,7 @@ class QuantLinear(nn.Module):
         self.reset_kernel()
         backend.prepare(self)
 
+    @torch.compiler.disable  # torch.compile'd callers break here: the backends launch, tune and cache eagerly
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.backend == AUTO:
             self.set_backend(AUTO)
