@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
 # Every GPU figure of docs/RESULTS.md (issue 8), in one go on the device machine:
-#   bash inference/run_gpu.sh OUT_DIR [check|full]
+#   bash inference/run_gpu.sh OUT_DIR [check|full|gemv|decode]
 # check: GPU tests, the 8192x8192 kernels, the Llama-2-7B decode.  full: every shape, layer and decode benchmark.
+# gemv: GPU tests and the batch-1 GEMV of every width on the 7B/70B shapes (tuner choices included).
+# decode: the Llama-2-7B mixed4 decode, eager steps in graphs and torch.compile'd steps in graphs.
 set -uo pipefail
 out=${1:?output directory}; phase=${2:-full}
 mkdir -p "$out"
@@ -16,6 +18,17 @@ if [ "$phase" = check ]; then
   python inference/int8_layouts.py --out "$out/int8_layouts.txt" 2>&1 | tail -14
   python inference/decode.py --config llama-2-7b --mix mixed4 --out "$out/decode_llama2_7b" 2>&1 | tail -8
   rm -f "$out"/*.png "$out"/*_latency.csv "$out"/*_plan.json "$out"/*.csv  # at most 8 files come back
+elif [ "$phase" = gemv ]; then
+  timeout 200 python -m pytest -q -p no:cacheprovider tests/test_kernels_gpu.py 2>&1 | tee "$out/pytest_gpu.txt" | tail -3
+  timeout 360 python inference/kernels.py --layers "q/k/v/o_proj,gate/up_proj,down_proj,q/o_proj" --batches 1 \
+    --backends '{"triton": ["rtn:int2:g128:asym","rtn:int3:g128:asym","rtn:int4:g128:asym","rtn:int8:g128:asym"]}' \
+    --out "$out/kernels_gemv" 2>&1 | grep -E "roofline|triton|dense"
+  rm -f "$out"/*.png "$out"/*_latency.csv
+elif [ "$phase" = decode ]; then
+  timeout 150 python inference/decode.py --config llama-2-7b --mix mixed4 --out "$out/decode" 2>&1 | tail -4
+  timeout 420 python inference/decode.py --config llama-2-7b --mix mixed4 --compile --out "$out/decode_compiled" 2>&1 \
+    | tail -4
+  rm -f "$out"/*.png "$out"/*_plan.json
 else
   timeout 90 python -m pytest -q -p no:cacheprovider tests/test_kernels_gpu.py 2>&1 | tee "$out/pytest_gpu.txt" | tail -3
   timeout 150 python inference/kernels.py --layers "q/k/v/o_proj,gate/up_proj,down_proj,q/o_proj" \
