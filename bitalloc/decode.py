@@ -28,6 +28,7 @@ class DecodeResult:
     prefill_seconds: float
     step_seconds: list[float]
     tokens: list[int]  # every generated token: the prefill's, the warm-up steps' and the timed steps'
+    kernels: str = ""  # with `profile`: GPU time per kernel over the profiled steps (torch.profiler table)
 
     @property
     def tokens_per_second(self) -> float:
@@ -86,13 +87,14 @@ def _sync(device) -> None:
 
 @torch.no_grad()
 def decode(model, prompt: torch.Tensor, new_tokens: int, warmup: int = 3, graphs: bool = True,
-           compile: bool = False) -> DecodeResult:
+           compile: bool = False, profile: int = 0) -> DecodeResult:
     """Greedy-decode `new_tokens` after `prompt` [1, L]; times the prefill and every decode step
-    (compiled by torch.compile with `compile`: the warm-up steps compile it)."""
+    (compiled by torch.compile with `compile`: the warm-up steps compile it).  With `profile`, that
+    many further steps run under torch.profiler: where the step's GPU time goes, kernel by kernel."""
     from transformers import StaticCache
 
     device = prompt.device
-    total = prompt.shape[1] + warmup + new_tokens + 1
+    total = prompt.shape[1] + warmup + new_tokens + profile + 1
     cache = StaticCache(config=model.config, max_cache_len=total)
     start = time.perf_counter()
     logits = model(input_ids=prompt, cache_position=torch.arange(prompt.shape[1], device=device),
@@ -117,4 +119,17 @@ def decode(model, prompt: torch.Tensor, new_tokens: int, warmup: int = 3, graphs
         times.append(time.perf_counter() - start)
         tokens.append(int(token))
         position += 1
-    return DecodeResult(prompt.shape[1], new_tokens, prefill, times, tokens)
+    kernels = _profile(step, token, position, profile) if profile else ""
+    return DecodeResult(prompt.shape[1], new_tokens, prefill, times, tokens, kernels)
+
+
+def _profile(step: _Step, token: torch.Tensor, position: int, steps: int) -> str:
+    from torch.profiler import ProfilerActivity, profile
+
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if torch.cuda.is_available() else [])
+    with profile(activities=activities) as prof:
+        for offset in range(steps):
+            token = step(token, position + offset).argmax(-1)
+        _sync(token.device)
+    sort = "cuda_time_total" if torch.cuda.is_available() else "cpu_time_total"
+    return prof.key_averages().table(sort_by=sort, row_limit=25, max_name_column_width=70)

@@ -40,6 +40,9 @@ def parse_args(argv):
     parser.add_argument("--compile", action="store_true",
                         help="torch.compile the decode step (fuses the small operations between linears; "
                              "packed layers run outside the compiled code); compiling takes minutes")
+    parser.add_argument("--profile", type=int, default=0, metavar="STEPS",
+                        help="profile this many further steps per model (torch.profiler): <out>_profile.txt "
+                             "lists the GPU time of each kernel")
     parser.add_argument("--out", default="results/decode")
     return parser.parse_args(argv)
 
@@ -72,21 +75,21 @@ def main(argv=None):
     prompt = torch.randint(0, model.config.vocab_size, (1, args.prompt), device=device)
     torch.cuda.reset_peak_memory_stats()
     if args.config:
-        dense = decode(model, prompt, args.new_tokens, graphs=graphs, compile=args.compile)
+        dense = decode(model, prompt, args.new_tokens, graphs=graphs, compile=args.compile, profile=args.profile)
         dense_memory = memory()
         pack_in_place(model, assignment, args.backend)
     else:
         for layer in model.modules():  # dense float16 weights through cuBLAS: the baseline
             if hasattr(layer, "kernel_state"):
                 layer.set_backend("reference")
-        dense = decode(model, prompt, args.new_tokens, graphs=graphs, compile=args.compile)
+        dense = decode(model, prompt, args.new_tokens, graphs=graphs, compile=args.compile, profile=args.profile)
         dense_memory = memory()
         for layer in model.modules():
             if hasattr(layer, "kernel_state"):
                 layer.set_backend(args.backend)
     torch.cuda.empty_cache()
     torch.cuda.reset_peak_memory_stats()
-    packed = decode(model, prompt, args.new_tokens, graphs=graphs, compile=args.compile)
+    packed = decode(model, prompt, args.new_tokens, graphs=graphs, compile=args.compile, profile=args.profile)
     kernels = sorted({getattr(m, "kernel", None) for m in model.modules() if hasattr(m, "kernel_state")})
     result = {"model": args.config or args.saved, "mix": args.mix if args.config else None, "avg_bits": bits,
               "device": torch.cuda.get_device_name(device), "torch": torch.__version__, "cuda_graphs": graphs,
@@ -103,6 +106,9 @@ def main(argv=None):
             f"packed {packed.tokens_per_second:8.1f} tok/s  p50 {packed.latency_ms['p50']:.3f} ms  "
             f"speed-up {result['speedup']:.2f}x  kernels {kernels}\n")
     atomic.write_text(out.with_suffix(".txt"), text)
+    if args.profile:
+        atomic.write_text(out.parent / f"{out.name}_profile.txt",
+                          f"fp16, {args.profile} steps\n{dense.kernels}\npacked, {args.profile} steps\n{packed.kernels}\n")
     plot(result, out.with_suffix(".png"))
     print(text)
     return 0

@@ -3,7 +3,8 @@
 #   bash inference/run_gpu.sh OUT_DIR [check|full|gemv|decode]
 # check: GPU tests, the 8192x8192 kernels, the Llama-2-7B decode.  full: every shape, layer and decode benchmark.
 # gemv: GPU tests and the batch-1 GEMV of every width on the 7B/70B shapes (tuner choices included).
-# decode: the Llama-2-7B mixed4 decode, eager steps in graphs and torch.compile'd steps in graphs.
+# decode: the Llama-2-7B mixed4 decode, eager steps in graphs and torch.compile'd steps in graphs, with
+#   a per-kernel GPU-time profile of a few steps of each.
 set -uo pipefail
 out=${1:?output directory}; phase=${2:-full}
 mkdir -p "$out"
@@ -25,9 +26,10 @@ elif [ "$phase" = gemv ]; then
     --out "$out/kernels_gemv" 2>&1 | grep -E "roofline|triton|dense"
   rm -f "$out"/*.png "$out"/*_latency.csv
 elif [ "$phase" = decode ]; then
-  timeout 150 python inference/decode.py --config llama-2-7b --mix mixed4 --out "$out/decode" 2>&1 | tail -4
-  timeout 420 python inference/decode.py --config llama-2-7b --mix mixed4 --compile --out "$out/decode_compiled" 2>&1 \
-    | tail -4
+  timeout 120 python -m pytest -q -p no:cacheprovider tests/test_kernels_gpu.py -k graph_decoding 2>&1 | tail -3
+  timeout 150 python inference/decode.py --config llama-2-7b --mix mixed4 --profile 3 --out "$out/decode" 2>&1 | tail -4
+  timeout 300 python inference/decode.py --config llama-2-7b --mix mixed4 --compile --profile 3 \
+    --out "$out/decode_compiled" 2>&1 | tail -4
   rm -f "$out"/*.png "$out"/*_plan.json
 else
   timeout 90 python -m pytest -q -p no:cacheprovider tests/test_kernels_gpu.py 2>&1 | tee "$out/pytest_gpu.txt" | tail -3
