@@ -10,8 +10,10 @@ happens in the warm-up steps, before capture.
 With `compile`, torch.compile fuses the small operations between the linear
 layers (norms, rotary embedding, residuals, SiLU * up): in eager mode a decoder
 block launches a few dozen tiny kernels, and in a graph each still costs a few
-microseconds.  Packed layers stay outside the compiled code (a graph break at
-each `QuantLinear`): their kernels and their tuner run as they do eagerly.
+microseconds.  The first warm-up step runs eagerly, so every packed layer has
+built its kernel state and tuned its launches; traced after that, a `triton`
+layer is one opaque operator inside the graph, and other backends are graph
+breaks.
 """
 from __future__ import annotations
 
@@ -52,6 +54,7 @@ class _Step:
     def __init__(self, model, cache, device, compile: bool = False):
         self.model, self.cache = model, cache
         self.forward = torch.compile(self._forward, dynamic=False) if compile else self._forward
+        self.prepared = not compile  # a compiled step is traced after one eager step has built the kernels
         self.ids = torch.zeros(1, 1, dtype=torch.long, device=device)
         self.position = torch.zeros(1, dtype=torch.long, device=device)
         self.graph = None
@@ -74,6 +77,9 @@ class _Step:
     def __call__(self, token: torch.Tensor, position: int) -> torch.Tensor:
         self.ids.copy_(token.view(1, 1))
         self.position.fill_(position)
+        if not self.prepared:
+            self.prepared = True
+            return self._forward()
         if self.graph is None:
             return self.forward()
         self.graph.replay()

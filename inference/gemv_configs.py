@@ -5,7 +5,7 @@
     python inference/gemv_configs.py --kernel gemv-pairs --bits 4,2,8
 
 A configuration is BLOCK_N/BLOCK_K/SPLIT_K/num_warps (`triton_backend.GEMV_CONFIGS` by default); for
-the float16-pair GEMV it is BLOCK_N/VEC/SPLIT_K/num_warps (`triton_backend.PAIR_CONFIGS`).
+the float16-pair GEMV it is BLOCK_N/VEC/SPLIT_K/num_warps (`triton_backend.pair_configs`).
 Same timing as inference/kernels.py: CUDA-graph replay over weight copies that exceed the L2
 cache; options rtn:intN:g128:asym.  Prints, per shape and bit width, the fastest configurations,
 the speed-up over fp16 cuBLAS and the % of the memory roofline; for gemv_units also its activation
@@ -40,8 +40,8 @@ def arrangement_seconds(in_features: int, bits: int, out_features: int) -> float
     """The per-call activation pass (`arrange_activations`, zeroing a split-K output) alone."""
     device = torch.device("cuda")
     x = torch.randn(1, in_features, device=device, dtype=torch.float16)
-    words = 1 if 32 % bits == 0 else bits
-    codes, units = 32 * words // bits, -(-in_features // 32) * bits // words
+    codes = tb.unit_codes(bits)
+    units = -(-in_features // 32) * 32 // codes  # rows are packed in chunks of 32 codes
     xt = torch.empty(1, codes, units, device=device)
     xb = torch.empty(1, 2, units, device=device)
     out = torch.empty(1, out_features, device=device)
@@ -62,9 +62,7 @@ def main(argv=None):
     device = torch.device("cuda")
     bandwidth, note = roofline_bandwidth(device)
     print(note, flush=True)
-    defaults = tb.GEMV_CONFIGS if args.kernel == tb.GEMV else tb.PAIR_CONFIGS
-    configs = (defaults if args.configs is None else
-               [tuple(int(v) for v in c.split("/")) for c in args.configs.split(",")])
+    chosen = None if args.configs is None else [tuple(int(v) for v in c.split("/")) for c in args.configs.split(",")]
     for shape in args.shapes.split(","):
         out_features, in_features = (int(v) for v in shape.split("x"))
         dense = random_layer(out_features, in_features, "fp16", device, "dense")
@@ -76,7 +74,8 @@ def main(argv=None):
             moved = weight_bytes(layer) + 2 * (out_features + in_features)
             key = tb.tuner_key(bits, 128, True, layer.qweight.shape, 1, torch.float16)
             timings = []
-            for config in configs:
+            defaults = tb.GEMV_CONFIGS if args.kernel == tb.GEMV else tb.pair_configs(bits)
+            for config in chosen or defaults:
                 tuner.CHOSEN[key] = (args.kernel, config)
                 try:
                     timings.append((time_layer(layer, 1, device), config))

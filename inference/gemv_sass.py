@@ -80,7 +80,7 @@ def codes_per_thread(kernel: str, bits: int, config: tuple[int, ...]) -> float:
     program's threads; gemv_pairs gives each thread VEC words of each of its BLOCK_N rows."""
     if kernel == "units":
         return config[0] * config[1] / (32 * config[3])
-    return config[0] * config[1] * 32 // bits
+    return config[0] * config[1] * (32 if bits == 3 else 32 // bits)
 
 
 def loop_body(sass: str) -> list[str]:
@@ -100,7 +100,7 @@ def main(argv=None) -> int:
     parser.add_argument("--bits", default="4,2,3,8")
     parser.add_argument("--configs", default="64/128/16/4,128/128/16/4,256/128/16/4")
     parser.add_argument("--kernel", choices=sorted(SIGNATURES), default="units",
-                        help="gemv_units (float32 arithmetic) or gemv_pairs (float16 pairs, 2/4/8 bits)")
+                        help="gemv_units (float32 arithmetic) or gemv_pairs (float16 pairs)")
     parser.add_argument("--dump", default=None, help="also write the last SASS compiled here")
     args = parser.parse_args(argv)
     for bits in (int(b) for b in args.bits.split(",")):

@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
-# Every GPU figure of docs/RESULTS.md (issue 8), in one go on the device machine:
-#   bash inference/run_gpu.sh OUT_DIR [check|full|gemv|decode]
+# Every GPU figure of docs/RESULTS.md (issue 8), on the device machine:
+#   bash inference/run_gpu.sh OUT_DIR [PHASE[,PHASE...]]      (default: full)
 # check: GPU tests, the 8192x8192 kernels, the Llama-2-7B decode.  full: every shape, layer and decode benchmark.
-# gemv: GPU tests and the batch-1 GEMV of every width on the 7B/70B shapes (tuner choices included).
+# tests: the GPU tests.  configs: float16-pair GEMV configurations at 3 and 4 bits on three shapes.
+# gemv: the batch-1 GEMV of every width on the 7B/70B shapes (tuner choices included).
 # decode: the Llama-2-7B mixed4 decode, eager steps in graphs and torch.compile'd steps in graphs, with
 #   a per-kernel GPU-time profile of a few steps of each.
 set -uo pipefail
@@ -13,30 +14,49 @@ export PYTHONUNBUFFERED=1 PYTHONPATH=$PWD
 if [ -f triton_cache.tgz ]; then mkdir -p ~/.triton && tar xzf triton_cache.tgz -C ~/.triton; fi
 python -c "import torch, triton, transformers; print(torch.__version__, triton.__version__, transformers.__version__, torch.cuda.get_device_name())"
 nvidia-smi --query-gpu=name,clocks.sm,clocks.mem,power.draw,temperature.gpu --format=csv
-if [ "$phase" = check ]; then
+run_phase() {
+case "$1" in
+check)
   python -m pytest -q -p no:cacheprovider tests/test_kernels_gpu.py 2>&1 | tee "$out/pytest_gpu.txt"
   python inference/kernels.py --models llama-2-70b --layers q/o_proj --out "$out/kernels_8192" 2>&1 | tail -45
   python inference/int8_layouts.py --out "$out/int8_layouts.txt" 2>&1 | tail -14
   python inference/decode.py --config llama-2-7b --mix mixed4 --out "$out/decode_llama2_7b" 2>&1 | tail -8
   rm -f "$out"/*.png "$out"/*_latency.csv "$out"/*_plan.json "$out"/*.csv  # at most 8 files come back
-elif [ "$phase" = gemv ]; then
+  ;;
+tests)
   timeout 200 python -m pytest -q -p no:cacheprovider tests/test_kernels_gpu.py 2>&1 | tee "$out/pytest_gpu.txt" | tail -3
+  ;;
+configs)
+  shapes=8192x8192,4096x4096,11008x4096
+  timeout 200 python inference/gemv_configs.py --kernel gemv-pairs --bits 3 --shapes $shapes --top 8 --configs \
+    4/1/1/2,4/1/1/4,2/1/1/4,2/2/1/4,4/2/1/2,4/2/1/4,8/1/1/4,8/1/1/2,2/1/1/8,4/1/2/4,1/2/1/4,2/2/1/2 \
+    2>&1 | tee "$out/gemv_pairs_configs.txt"
+  timeout 100 python inference/gemv_configs.py --kernel gemv-pairs --bits 4 --shapes $shapes --top 8 --configs \
+    4/4/1/2,4/4/1/1,2/4/1/2,2/4/1/1,4/2/1/2,2/8/1/2,1/4/1/4,8/4/1/2 2>&1 | tee -a "$out/gemv_pairs_configs.txt"
+  ;;
+gemv)
   timeout 360 python inference/kernels.py --layers "q/k/v/o_proj,gate/up_proj,down_proj,q/o_proj" --batches 1 \
     --backends '{"triton": ["rtn:int2:g128:asym","rtn:int3:g128:asym","rtn:int4:g128:asym","rtn:int8:g128:asym"]}' \
     --out "$out/kernels_gemv" 2>&1 | grep -E "roofline|triton|dense"
   rm -f "$out"/*.png "$out"/*_latency.csv
-elif [ "$phase" = decode ]; then
-  timeout 120 python -m pytest -q -p no:cacheprovider tests/test_kernels_gpu.py -k graph_decoding 2>&1 | tail -3
+  ;;
+decode)
   timeout 150 python inference/decode.py --config llama-2-7b --mix mixed4 --profile 3 --out "$out/decode" 2>&1 | tail -4
   timeout 300 python inference/decode.py --config llama-2-7b --mix mixed4 --compile --profile 3 \
     --out "$out/decode_compiled" 2>&1 | tail -4
   rm -f "$out"/*.png "$out"/*_plan.json
-else
+  ;;
+full)
   timeout 90 python -m pytest -q -p no:cacheprovider tests/test_kernels_gpu.py 2>&1 | tee "$out/pytest_gpu.txt" | tail -3
   timeout 150 python inference/kernels.py --layers "q/k/v/o_proj,gate/up_proj,down_proj,q/o_proj" \
     --batches 1,4,16,64,256 --out "$out/kernels_h100" 2>&1 | grep -E "roofline| 1 |256 " | grep -v down_proj.*28672
   timeout 80 python inference/decode.py --config llama-2-7b --mix mixed4 --out "$out/decode_llama2_7b" 2>&1 | tail -4
   timeout 50 python inference/layers.py --mixes mixed4,int4,w8a8 --out "$out/layers_h100" 2>&1 | tail -14
   rm -f "$out"/*_plan.json "$out"/decode_llama2_7b.png "$out"/decode_llama2_7b.txt  # at most 8 files come back
-fi
-[ "$phase" = check ] && tar czf "$out/triton_cache.tgz" -C ~/.triton cache 2>/dev/null; true
+  ;;
+*) echo "unknown phase $1"; return 2 ;;
+esac
+}
+IFS=, read -ra chosen <<< "$phase"
+for one in "${chosen[@]}"; do echo "== $one"; run_phase "$one"; done
+[[ ",$phase," == *,check,* ]] && tar czf "$out/triton_cache.tgz" -C ~/.triton cache 2>/dev/null; true

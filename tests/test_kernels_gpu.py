@@ -50,7 +50,8 @@ def test_triton_matches_reference_on_cuda(option):
     check(*layers(option, "triton", outliers=2 if "g128:asym" in option else 0), "triton", 3e-3)
 
 
-@pytest.mark.parametrize("option", ["rtn:int4:g128:asym", "rtn:int2:g32:sym", "rtn:int8:pc:asym"])
+@pytest.mark.parametrize("option", ["rtn:int4:g128:asym", "rtn:int2:g32:sym", "rtn:int8:pc:asym", "rtn:int3:g128:asym",
+                                    "rtn:int3:g32:sym"])
 def test_every_gemv_choice_matches_reference(option):
     """The tuner may pick any GEMV configuration (float16-pair or float32 kernel) or dequantize + cuBLAS."""
     from bitalloc.kernels import triton_backend as tb

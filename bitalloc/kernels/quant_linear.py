@@ -7,7 +7,7 @@ from torch import nn
 from ..quant.option import Option, parse
 from ..quant.qweight import QuantizedWeight
 from . import layout, packing
-from .backends import AUTO, auto_backend, get_backend
+from .backends import AUTO, BACKENDS, auto_backend, get_backend
 
 
 class QuantLinear(nn.Module):
@@ -95,8 +95,14 @@ class QuantLinear(nn.Module):
         self.reset_kernel()
         backend.prepare(self)
 
-    @torch.compiler.disable  # torch.compile'd callers break here: the backends launch, tune and cache eagerly
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        backend = BACKENDS.get(self.backend)
+        if torch.compiler.is_compiling() and self.kernel_state is not None and getattr(backend, "traceable", False):
+            return backend.run(self, self.kernel_state, x)  # traced: its kernels are one opaque operator
+        return self._eager_forward(x)
+
+    @torch.compiler.disable  # a graph break for torch.compile: building, tuning and caching run eagerly
+    def _eager_forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.backend == AUTO:
             self.set_backend(AUTO)
         return get_backend(self.backend).forward(self, x)

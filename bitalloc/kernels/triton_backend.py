@@ -1,9 +1,9 @@
 """`triton`: weight-only integer layers (2, 3, 4, 8 bits; A16) through this repo's Triton kernels.
 
 The kernels read the stored tensors in place (`triton_kernels.py`, `triton_pairs.py`).
-Batches of up to GEMV_ROWS rows run a GEMV: with float16 activations and 2, 4
-or 8 bits the float16-pair one (two codes per instruction), otherwise (and as
-a further choice) the float32 one; larger batches dequantize into a temporary
+Batches of up to GEMV_ROWS rows run a GEMV: with float16 activations the
+float16-pair one (two codes per instruction), otherwise (and as a further
+choice) the float32 one; larger batches dequantize into a temporary
 float16 weight and call cuBLAS (the tuner also tries that for small batches).
 Launch parameters are tuned per (kernel, bits, group, shape, batch bucket) the first
 time a shape is seen (`tuner.py`: every candidate replayed from a CUDA graph after an
@@ -39,7 +39,9 @@ GEMV_CONFIGS = [(64, 128, 16, 4), (128, 128, 16, 4), (32, 128, 16, 2), (64, 128,
 # fastest somewhere of nine timed on the H200 (results/gemv_pairs_h200.txt; 4/4/1/2 in 8 of 9 cases),
 # and a split-K one for layers with few rows (GQA k/v projections: too few programs otherwise; not yet timed there)
 PAIR_CONFIGS = [(4, 4, 1, 2), (4, 4, 1, 4), (2, 4, 1, 4), (8, 4, 1, 4), (8, 2, 1, 4), (4, 4, 2, 4)]
-PAIR_BITS = (2, 4, 8)
+# a 3-bit unit is three words of 32 codes (VEC units per thread and row), so fewer of them per thread; not yet timed
+PAIR_CONFIGS_3BIT = [(4, 1, 1, 2), (4, 1, 1, 4), (2, 2, 1, 4), (4, 2, 1, 2), (8, 1, 1, 4), (4, 1, 2, 4)]
+PAIR_BITS = (2, 3, 4, 8)
 ARRANGE_BLOCK = 128
 DEQUANT_TILE = (32, 256)  # (BLOCK_N, BLOCK_K) of the dequantization pass
 
@@ -68,9 +70,8 @@ def _launch(kind: str, config: tuple, x, qweight, scales, zeros, bits: int, grou
     block_n, block_k, split, warps = config
     # split-K adds float32 partial sums (native atomics; float16 ones are compare-and-swap loops)
     out = torch.empty(m, n, device=x.device, dtype=torch.float32 if split > 1 else x.dtype)
-    words = 1 if 32 % bits == 0 else bits  # a unit: one word, or the 3 words of 32 three-bit codes
-    codes = 32 * words // bits
-    units = kw // words
+    codes = unit_codes(bits)
+    units = kw * 32 // (codes * bits)
     # codes sharing one shift carry offsets up to 2**(bits * per_shift) (`_code_float`): float16/bfloat16
     # activations lose nothing to that at <= 2**8; float32 ones keep full precision with one shift per code
     per_shift = 1 if x.dtype == torch.float32 else max(1, 8 // bits)
@@ -90,14 +91,16 @@ def _launch(kind: str, config: tuple, x, qweight, scales, zeros, bits: int, grou
 def _launch_pairs(config, x, qweight, scales, zeros_arg, bits, group, in_features, common):
     from . import triton_pairs as tp
 
-    m, n, units, ng = x.shape[0], qweight.shape[0], qweight.shape[1], scales.shape[1]
+    m, n, ng = x.shape[0], qweight.shape[0], scales.shape[1]
+    codes = unit_codes(bits)
+    units = qweight.shape[1] * 32 // (codes * bits)
     block_n, vec, split, warps = config
     out = torch.empty(m, n, device=x.device, dtype=torch.float32 if split > 1 else x.dtype)
-    xp = torch.empty(m, 16 // bits, units, device=x.device, dtype=torch.int32)
+    xp = torch.empty(m, codes // 2, units, device=x.device, dtype=torch.int32)
     xs = torch.empty(m, triton_cdiv(units, vec), device=x.device, dtype=torch.float32)
     tp.arrange_pairs[(triton_cdiv(units, ARRANGE_BLOCK), m)](x, xp, xs, out, in_features, units, n, x.stride(0),
-                                                              out.stride(0), BITS=bits, TILE=vec, ZERO_OUT=split > 1,
-                                                              BLOCK=ARRANGE_BLOCK)
+                                                              out.stride(0), CODES=codes, TILE=vec,
+                                                              ZERO_OUT=split > 1, BLOCK=ARRANGE_BLOCK)
     tp.gemv_pairs[(triton_cdiv(n, block_n), split, m)](
         xp, xs, qweight, scales, zeros_arg, out, n, units, ng, out.stride(0), BLOCK_N=block_n, VEC=vec, SPLIT_K=split,
         num_warps=warps, **common)
@@ -136,6 +139,15 @@ def dense_weight(layer, dtype: torch.dtype) -> torch.Tensor:
     return weight
 
 
+def unit_codes(bits: int) -> int:
+    """Codes per unit of the stored layout: one word, or the 3 words of 32 three-bit codes."""
+    return 32 // bits if 32 % bits == 0 else 32
+
+
+def pair_configs(bits: int) -> list[tuple]:
+    return PAIR_CONFIGS_3BIT if bits == 3 else PAIR_CONFIGS
+
+
 def kernel_group(group_size: int, in_features: int) -> int:
     """The kernels' group size: per-channel scales (no group, or one as wide as the row) are one group."""
     return group_size if 0 < group_size < in_features else ONE_GROUP
@@ -150,7 +162,7 @@ def candidates(m: int, group: int, bits: int, dtype: torch.dtype) -> list[tuple[
     choice without tuning).  Gluon kernels need triton >= 3.5 and do not run in Triton's CPU interpreter."""
     configs = []
     if m <= GEMV_ROWS and dtype == torch.float16 and bits in PAIR_BITS and _gluon() and not tuner.interpreting():
-        configs += [(PAIRS, c) for c in PAIR_CONFIGS if group % (c[1] * 32 // bits) == 0]
+        configs += [(PAIRS, c) for c in pair_configs(bits) if group % (c[1] * unit_codes(bits)) == 0]
     if m <= GEMV_ROWS and group % 32 == 0:
         configs += [(GEMV, c) for c in GEMV_CONFIGS]
     return configs + [(DEQUANT, DEQUANT_TILE)]
@@ -178,8 +190,23 @@ def quant_matmul(x: torch.Tensor, qweight, scales, zeros, bits: int, group_size:
     return _launch(*choice, x, qweight, scales, zeros, bits, group, in_features)
 
 
+@torch.library.custom_op("bitalloc::quant_matmul", mutates_args=())
+def quant_matmul_op(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor | None,
+                    bits: int, group_size: int, in_features: int) -> torch.Tensor:
+    """`quant_matmul` as one opaque operator for torch.compile: a compiled decode step keeps the packed
+    layers inside its graph (no graph break) and fuses the operations between them."""
+    return quant_matmul(x, qweight, scales, zeros, bits, group_size, in_features)
+
+
+@quant_matmul_op.register_fake
+def _(x, qweight, scales, zeros, bits, group_size, in_features):
+    return x.new_empty(x.shape[0], qweight.shape[0])
+
+
 @register_backend("triton")
 class TritonBackend(Fallback):
+    traceable = True  # run() may be traced by torch.compile once the layer's kernel state is built
+
     def unsupported(self, layer) -> str | None:
         opt = layer.option
         if not opt.quantized:
@@ -205,8 +232,8 @@ class TritonBackend(Fallback):
         shape = x.shape
         flat = x.reshape(-1, shape[-1]).contiguous()
         opt = layer.option
-        out = quant_matmul(flat, layer.qweight, layer.scales, layer.zeros, opt.bits, opt.group_size,
-                           layer.in_features)
+        matmul = quant_matmul_op if torch.compiler.is_compiling() else quant_matmul
+        out = matmul(flat, layer.qweight, layer.scales, layer.zeros, opt.bits, opt.group_size, layer.in_features)
         if state["correction"] is not None:
             idx, weight = state["correction"]
             out = out + flat[:, idx] @ weight.to(flat.dtype).T

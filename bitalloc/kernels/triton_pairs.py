@@ -35,6 +35,8 @@ from triton.experimental.gluon import language as gl
 
 from .triton_kernels import _zero_rows
 
+SUMMED = gl.constexpr(8)  # products per float16 half before the sum moves to float32
+
 
 @triton.jit
 def _pair(lo, hi):
@@ -44,13 +46,13 @@ def _pair(lo, hi):
 
 
 @triton.jit
-def arrange_pairs(x_ptr, xp_ptr, xs_ptr, out_ptr, K, U, N, stride_xm, stride_om, BITS: tl.constexpr,
+def arrange_pairs(x_ptr, xp_ptr, xs_ptr, out_ptr, K, U, N, stride_xm, stride_om, CODES: tl.constexpr,
                   TILE: tl.constexpr, ZERO_OUT: tl.constexpr, BLOCK: tl.constexpr):
     """float16 x [M, K] -> xp [M, PAIRS, U] uint32 with xp[m, j, u] = (x[m, CODES u + j], x[m, CODES u + j +
-    PAIRS]) as a float16 pair (zero past K), and xs[m, t] = the sum of x over units [TILE t, TILE (t + 1)) in
-    float32: the GEMV's chunks.  ZERO_OUT: also zero out[m, :N], which a split-K GEMV then adds into."""
-    PAIRS: tl.constexpr = 16 // BITS
-    CODES: tl.constexpr = 32 // BITS
+    PAIRS]) as a float16 pair (zero past K; CODES per unit, PAIRS = CODES / 2), and xs[m, t] = the sum of x over
+    units [TILE t, TILE (t + 1)) in float32: the GEMV's chunks.  ZERO_OUT: also zero out[m, :N], which a split-K
+    GEMV then adds into."""
+    PAIRS: tl.constexpr = CODES // 2
     tl.static_assert(BLOCK % TILE == 0)
     m = tl.program_id(1)
     u = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
@@ -101,51 +103,79 @@ def _half_pair(v):
 
 
 @gluon.jit
-def _pair_codes(w, J: gl.constexpr, BITS: gl.constexpr):
-    """Codes J and J + 16 // BITS of words w as the float16 pair M + q, M = 2**(10 - b); and M.
+def _merge_halves(low, high):
+    """The low half-words of `low` and of `high` as one word (one PRMT)."""
+    return gl.inline_asm_elementwise("prmt.b32 $0, $1, $2, 0x5410;", "=r,r,r", [low, high], dtype=gl.uint32,
+                                     is_pure=True, pack=1)
 
-    The word is shifted by a multiple of the span of codes that fit in the
-    10-bit mantissa (one shift per span), leaving code J at bit b of the low
-    half and its twin at bit b of the high half.
+
+@gluon.jit
+def _stream_bits(words, START: gl.constexpr):
+    """Bits START.. of a unit's bit stream (the tuple of its words) at bit 0: the next 9 at least."""
+    k: gl.constexpr = START // 32
+    r: gl.constexpr = START % 32
+    if r == 0:
+        value = words[k]
+    elif r > 23 and k < 2:  # the 9 bits cross into the next word
+        value = (words[k] >> r) | (words[k + 1] << (32 - r))
+    else:
+        value = words[k] >> r
+    return value
+
+
+@gluon.jit
+def _pair_codes(w, J: gl.constexpr, BITS: gl.constexpr):
+    """Codes J and J + PAIRS of a unit (the tuple w of its words) as the float16 pair M + q, M = 2**(10 - b);
+    and M.
+
+    2, 4, 8 bits (one word): the word is shifted by a multiple of the span of
+    codes that fit in the 10-bit mantissa (one shift per span), leaving code J
+    at bit b of the low half and its twin at bit b of the high half.  3 bits
+    (three words, 32 codes, twins 48 bits apart): the stream's windows at bit
+    9 (J // 3) and 48 bits further are shifted down and their low halves merged,
+    so codes J of a window sit at bits b = 0, 3, 6 of both halves.
     """
     FIT: gl.constexpr = (10 - BITS) // BITS + 1
     SPAN: gl.constexpr = FIT * BITS
     o: gl.constexpr = J * BITS
     d: gl.constexpr = o // SPAN * SPAN
-    b: gl.constexpr = o - d
+    b: gl.constexpr = 3 * (J % 3) if BITS == 3 else o - d
     MASK: gl.constexpr = ((1 << BITS) - 1) << b
     EXPONENT: gl.constexpr = (25 - b) << 10  # float16 2**(10 - b): its mantissa's bit b is worth 1
-    M: gl.constexpr = 1 << (10 - b)
-    if d > 0:
-        w = w >> d
-    return _and_or(w, MASK | (MASK << 16), EXPONENT | (EXPONENT << 16)), M
+    if BITS == 3:
+        both = _merge_halves(_stream_bits(w, 9 * (J // 3)), _stream_bits(w, 9 * (J // 3) + 48))
+    elif d > 0:
+        both = w[0] >> d
+    else:
+        both = w[0]
+    return _and_or(both, MASK | (MASK << 16), EXPONENT | (EXPONENT << 16)), 1 << (10 - b)
 
 
 @gluon.jit
 def gemv_pairs(xp_ptr, xs_ptr, qw_ptr, s_ptr, z_ptr, out_ptr, N, U, NG, stride_om, BITS: gl.constexpr,
                GROUP: gl.constexpr, HAS_ZEROS: gl.constexpr, BLOCK_N: gl.constexpr, VEC: gl.constexpr,
                SPLIT_K: gl.constexpr):
-    """One row of float16 activations (arranged by `arrange_pairs`, sums per VEC words) against BLOCK_N rows
+    """One row of float16 activations (arranged by `arrange_pairs`, sums per VEC units) against BLOCK_N rows
     of packed codes: s * (sum_j q_j x_j - z sum_j x_j), two codes per instruction (module docstring).
+    A unit is a word (2, 4, 8 bits) or the three words of 32 three-bit codes; U units per row.
 
-    Lanes and warps run along the row: a step covers 32 * num_warps chunks of VEC words (one 16-byte
-    load per row and thread at VEC = 4), each thread holds its chunk of all BLOCK_N rows.  So a warp
+    Lanes and warps run along the row: a step covers 32 * num_warps chunks of VEC units (one 16-byte
+    load per row and thread at VEC = 4 words), each thread holds its chunk of all BLOCK_N rows.  So a warp
     reads 512 contiguous bytes of a row per load, each thread's activation pairs serve BLOCK_N rows
     and are loaded by no other thread, and per-row values are one per row and chunk.  The next step's
-    words, scales, zeros and activations are loaded before this one is computed.  Float16 sums run
-    over GATHER steps (8 products per half; the scale is in each product, so they may cross groups);
-    rows are reduced over lanes and warps once, at the end.
+    words, scales, zeros and activations are loaded before this one is computed.  Float16 sums hold
+    SUMMED products per half (over GATHER steps, or within a step of 16 pairs; the scale is in each
+    product, so they may cross groups); rows are reduced over lanes and warps once, at the end.
     """
-    PAIRS: gl.constexpr = 16 // BITS
-    CODES: gl.constexpr = 32 // BITS
-    GATHER: gl.constexpr = max(1, 8 // PAIRS)
+    PAIRS: gl.constexpr = _pairs_per_unit(BITS)
+    GATHER: gl.constexpr = max(1, SUMMED // PAIRS)
     WARPS: gl.constexpr = gl.num_warps()
     CHUNKS: gl.constexpr = 32 * WARPS
     STEP: gl.constexpr = CHUNKS * VEC  # words per row and step
     TILE: gl.constexpr = gl.BlockedLayout([BLOCK_N, 1, VEC], [1, 32, 1], [1, WARPS, 1], [2, 1, 0])
     PER_CHUNK: gl.constexpr = gl.SliceLayout(2, TILE)  # [BLOCK_N, CHUNKS]
     ROWS: gl.constexpr = gl.SliceLayout(1, PER_CHUNK)
-    gl.static_assert(GROUP % (VEC * CODES) == 0, "a chunk must lie in one group")
+    gl.static_assert(GROUP % (VEC * 2 * PAIRS) == 0, "a chunk must lie in one group")
     pid_n = gl.program_id(0)
     pid_k = gl.program_id(1)
     m = gl.program_id(2)
@@ -176,8 +206,11 @@ def gemv_pairs(xp_ptr, xs_ptr, qw_ptr, s_ptr, z_ptr, out_ptr, N, U, NG, stride_o
             codes, M = _pair_codes(w, j, BITS)
             dequantized = _fma_f16x2(codes, scale, gl.expand_dims(_half_pair(-M * s), 2))  # q s, one rounding
             part = _fma_f16x2(dequantized, gl.expand_dims(x[j], 0), part)
+            if PAIRS > SUMMED and j % SUMMED == SUMMED - 1:
+                acc += gl.sum(_sum_f16x2(part), axis=2)
+                part = gl.zeros([BLOCK_N, CHUNKS, VEC], gl.uint32, TILE)
         acc -= z * s * gl.expand_dims(total, 0)
-        if (step - first) % GATHER == GATHER - 1:
+        if PAIRS <= SUMMED and (step - first) % GATHER == GATHER - 1:
             acc += gl.sum(_sum_f16x2(part), axis=2)
             part = gl.zeros([BLOCK_N, CHUNKS, VEC], gl.uint32, TILE)
     dots = gl.sum(acc + gl.sum(_sum_f16x2(part), axis=2), axis=1)
@@ -191,16 +224,22 @@ def gemv_pairs(xp_ptr, xs_ptr, qw_ptr, s_ptr, z_ptr, out_ptr, N, U, NG, stride_o
 def _step_data(qw_ptr, xp_ptr, xs_ptr, s_ptr, z_ptr, rows2, row_ok, chunks, lanes, NG, U, step, live,
                BITS: gl.constexpr, GROUP: gl.constexpr, HAS_ZEROS: gl.constexpr, VEC: gl.constexpr,
                STEP: gl.constexpr):
-    """A step's words [BLOCK_N, CHUNKS, VEC] (uint32), its PAIRS activation pairs [CHUNKS, VEC] (a tuple),
-    scales and zeros [BLOCK_N, CHUNKS] (float32) and the chunks' sums of x [CHUNKS]; zeros unless `live`."""
+    """A step's words (a tuple of each unit's words, [BLOCK_N, CHUNKS, VEC] uint32), its PAIRS activation
+    pairs [CHUNKS, VEC] (a tuple), scales and zeros [BLOCK_N, CHUNKS] (float32) and the chunks' sums of x
+    [CHUNKS]; zeros unless `live`."""
+    PAIRS: gl.constexpr = _pairs_per_unit(BITS)
+    WORDS: gl.constexpr = PAIRS * 2 * BITS // 32
     u = step * STEP + lanes  # [CHUNKS, VEC]
     chunk = step * (STEP // VEC) + chunks  # [CHUNKS]
-    where = rows2 * NG + gl.expand_dims((chunk * VEC * (32 // BITS)) // GROUP, 0)  # [BLOCK_N, CHUNKS]
+    where = rows2 * NG + gl.expand_dims((chunk * VEC * 2 * PAIRS) // GROUP, 0)  # [BLOCK_N, CHUNKS]
     u_ok = (u < U) & live
     chunk_ok = (chunk * VEC < U) & live
     row_live = row_ok & live
-    w = gl.load(qw_ptr + gl.expand_dims(rows2, 2) * U + gl.expand_dims(u, 0),
-                mask=gl.expand_dims(row_live, 2) & gl.expand_dims(u_ok, 0), other=0)
+    w = ()
+    for k in gl.static_range(WORDS):
+        word = gl.load(qw_ptr + gl.expand_dims(rows2, 2) * (U * WORDS) + gl.expand_dims(u * WORDS + k, 0),
+                       mask=gl.expand_dims(row_live, 2) & gl.expand_dims(u_ok, 0), other=0)
+        w = w + (word.to(gl.uint32, bitcast=True),)
     per_chunk_ok = row_live & gl.expand_dims(chunk_ok, 0)
     s = gl.load(s_ptr + where, mask=per_chunk_ok, other=0.0).to(gl.float32)
     if HAS_ZEROS:
@@ -209,7 +248,13 @@ def _step_data(qw_ptr, xp_ptr, xs_ptr, s_ptr, z_ptr, rows2, row_ok, chunks, lane
         z = gl.full(s.shape, (1 << (BITS - 1)) * 1.0, gl.float32, s.type.layout)
     total = gl.load(xs_ptr + chunk, mask=chunk_ok, other=0.0)
     x = ()
-    for j in gl.static_range(16 // BITS):
+    for j in gl.static_range(PAIRS):
         pair = gl.load(xp_ptr + j * U + u, mask=u_ok, other=0)
         x = x + (pair.to(gl.uint32, bitcast=True),)
-    return w.to(gl.uint32, bitcast=True), x, s, z, total
+    return w, x, s, z, total
+
+
+@gluon.constexpr_function
+def _pairs_per_unit(bits):
+    """Code pairs per unit: a word holds 16 // bits pairs; the three words of 32 three-bit codes hold 16."""
+    return 16 if bits == 3 else 16 // bits
