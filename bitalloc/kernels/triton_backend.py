@@ -39,8 +39,10 @@ GEMV_CONFIGS = [(64, 128, 16, 4), (128, 128, 16, 4), (32, 128, 16, 2), (64, 128,
 # fastest somewhere of nine timed on the H200 (results/gemv_pairs_h200.txt; 4/4/1/2 in 8 of 9 cases),
 # and a split-K one for layers with few rows (GQA k/v projections: too few programs otherwise; not yet timed there)
 PAIR_CONFIGS = [(4, 4, 1, 2), (4, 4, 1, 4), (2, 4, 1, 4), (8, 4, 1, 4), (8, 2, 1, 4), (4, 4, 2, 4)]
-# a 3-bit unit is three words of 32 codes (VEC units per thread and row), so fewer of them per thread; not yet timed
-PAIR_CONFIGS_3BIT = [(4, 1, 1, 2), (4, 1, 1, 4), (2, 2, 1, 4), (4, 2, 1, 2), (8, 1, 1, 4), (4, 1, 2, 4)]
+# a 3-bit unit is three words of 32 codes (VEC units per thread and row), so fewer of them per thread: the five
+# fastest of twelve timed on the H200 (results/gemv_pairs_configs_h200.txt; 4/1/1/2 on all three shapes), and
+# the split-K one for layers with few rows
+PAIR_CONFIGS_3BIT = [(4, 1, 1, 2), (4, 2, 1, 2), (8, 1, 1, 2), (2, 2, 1, 2), (8, 1, 1, 4), (4, 1, 2, 4)]
 PAIR_BITS = (2, 3, 4, 8)
 ARRANGE_BLOCK = 128
 DEQUANT_TILE = (32, 256)  # (BLOCK_N, BLOCK_K) of the dequantization pass
