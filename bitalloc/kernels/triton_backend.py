@@ -70,8 +70,7 @@ def _launch(kind: str, config: tuple, x, qweight, scales, zeros, bits: int, grou
     if kind == PAIRS:
         return _launch_pairs(config, x, qweight, scales, zeros_arg, bits, group, in_features, common)
     block_n, block_k, split, warps = config
-    # split-K adds float32 partial sums (native atomics; float16 ones are compare-and-swap loops)
-    out = torch.empty(m, n, device=x.device, dtype=torch.float32 if split > 1 else x.dtype)
+    out = _gemv_output(x, n, split)
     codes = unit_codes(bits)
     units = kw * 32 // (codes * bits)
     # codes sharing one shift carry offsets up to 2**(bits * per_shift) (`_code_float`): float16/bfloat16
@@ -87,7 +86,13 @@ def _launch(kind: str, config: tuple, x, qweight, scales, zeros, bits: int, grou
     grid = (triton_cdiv(n, block_n), split, m)
     tk.gemv_units[grid](xt, xb, qweight, scales, zeros_arg, out, n, units, kw, ng, out.stride(0), BLOCK_N=block_n,
                         BLOCK_U=block_u, SPLIT_K=split, EVEN=even, PER_SHIFT=per_shift, num_warps=warps, **common)
-    return out.to(x.dtype) if split > 1 else out
+    return out.to(x.dtype)
+
+
+def _gemv_output(x: torch.Tensor, n: int, split: int) -> torch.Tensor:
+    """A GEMV's [M, N] output; split-K adds float32 partial sums into it (native atomics; float16 ones are
+    compare-and-swap loops), cast to x's dtype after the launch."""
+    return torch.empty(x.shape[0], n, device=x.device, dtype=torch.float32 if split > 1 else x.dtype)
 
 
 def _launch_pairs(config, x, qweight, scales, zeros_arg, bits, group, in_features, common):
@@ -97,7 +102,7 @@ def _launch_pairs(config, x, qweight, scales, zeros_arg, bits, group, in_feature
     codes = unit_codes(bits)
     units = qweight.shape[1] * 32 // (codes * bits)
     block_n, vec, split, warps = config
-    out = torch.empty(m, n, device=x.device, dtype=torch.float32 if split > 1 else x.dtype)
+    out = _gemv_output(x, n, split)
     xp = torch.empty(m, codes // 2, units, device=x.device, dtype=torch.int32)
     xs = torch.empty(m, triton_cdiv(units, vec), device=x.device, dtype=torch.float32)
     tp.arrange_pairs[(triton_cdiv(units, ARRANGE_BLOCK), m)](x, xp, xs, out, in_features, units, n, x.stride(0),
@@ -106,7 +111,7 @@ def _launch_pairs(config, x, qweight, scales, zeros_arg, bits, group, in_feature
     tp.gemv_pairs[(triton_cdiv(n, block_n), split, m)](
         xp, xs, qweight, scales, zeros_arg, out, n, units, ng, out.stride(0), BLOCK_N=block_n, VEC=vec, SPLIT_K=split,
         num_warps=warps, **common)
-    return out.to(x.dtype) if split > 1 else out
+    return out.to(x.dtype)
 
 
 def dequantize(qweight, scales, zeros, bits: int, group: int, in_features: int, dtype: torch.dtype,
