@@ -5,7 +5,8 @@
     python inference/gemv_configs.py --kernel gemv-pairs --bits 4,2,8
 
 A configuration is BLOCK_N/BLOCK_K/SPLIT_K/num_warps (`triton_backend.GEMV_CONFIGS` by default); for
-the float16-pair GEMV it is BLOCK_N/VEC/SPLIT_K/num_warps (`triton_backend.pair_configs`).
+the float16-pair GEMV it is BLOCK_N/VEC/SPLIT_K/num_warps (`triton_backend.pair_configs`), for the
+tensor-core one VEC/SPLIT_K/num_warps (`triton_backend.MMA_CONFIGS`).
 Same timing as inference/kernels.py: CUDA-graph replay over weight copies that exceed the L2
 cache; options rtn:intN:g128:asym.  Prints, per shape and bit width, the fastest configurations,
 the speed-up over fp16 cuBLAS and the % of the memory roofline; for gemv_units also its activation
@@ -29,9 +30,9 @@ def parse_args(argv):
                                      formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
     parser.add_argument("--shapes", default="8192x8192,4096x4096", help="out x in, comma separated")
     parser.add_argument("--bits", default="4,2,3,8")
-    parser.add_argument("--kernel", choices=["gemv", "gemv-pairs"], default="gemv")
+    parser.add_argument("--kernel", choices=["gemv", "gemv-pairs", "gemv-mma"], default="gemv")
     parser.add_argument("--configs", default=None, help="BLOCK_N/BLOCK_K (gemv-pairs: VEC)/SPLIT_K/num_warps, "
-                        "comma separated")
+                        "or VEC/SPLIT_K/num_warps (gemv-mma); comma separated")
     parser.add_argument("--top", type=int, default=6, help="how many configurations to print per case")
     return parser.parse_args(argv)
 
@@ -74,7 +75,7 @@ def main(argv=None):
             moved = weight_bytes(layer) + 2 * (out_features + in_features)
             key = tb.tuner_key(bits, 128, True, layer.qweight.shape, 1, torch.float16)
             timings = []
-            defaults = tb.GEMV_CONFIGS if args.kernel == tb.GEMV else tb.pair_configs(bits)
+            defaults = {tb.GEMV: tb.GEMV_CONFIGS, tb.PAIRS: tb.pair_configs(bits), tb.MMA: tb.MMA_CONFIGS}[args.kernel]
             for config in chosen or defaults:
                 tuner.CHOSEN[key] = (args.kernel, config)
                 try:

@@ -3,6 +3,7 @@
     python inference/gemv_sass.py --bits 4,2,3,8 --configs 64/128/16/4,128/128/16/4
     python inference/gemv_sass.py --bits 4 --configs 128/128/16/4 --dump /tmp/gemv4.sass
     python inference/gemv_sass.py --kernel pairs --bits 4,2,8 --configs 4/4/1/2,8/4/1/4
+    python inference/gemv_sass.py --kernel mma --bits 4,3 --configs 4/1/4,2/1/8
 
 Triton compiles `gemv_units` (or, with --kernel pairs, the Gluon `gemv_pairs`)
 for sm_90 (H100/H200) with the launch's specializations (pointers and sizes
@@ -34,6 +35,7 @@ from triton.compiler import ASTSource
 from triton.experimental.gluon._runtime import GluonASTSource
 
 from bitalloc.kernels import triton_kernels as tk
+from bitalloc.kernels import triton_mma as tm
 from bitalloc.kernels import triton_pairs as tp
 
 SIGNATURES = {  # kernel -> (pointer and size arguments, constexpr names)
@@ -43,11 +45,18 @@ SIGNATURES = {  # kernel -> (pointer and size arguments, constexpr names)
     "pairs": ({"xp_ptr": "*i32", "xs_ptr": "*fp32", "qw_ptr": "*i32", "s_ptr": "*fp16", "z_ptr": "*fp16",
                "out_ptr": "*fp32", "N": "i32", "U": "i32", "NG": "i32", "stride_om": "i32"},
               ("BITS", "GROUP", "HAS_ZEROS", "BLOCK_N", "VEC", "SPLIT_K")),
+    "mma": ({"xp_ptr": "*i32", "xs_ptr": "*fp32", "qw_ptr": "*i32", "s_ptr": "*fp16", "z_ptr": "*fp16",
+             "out_ptr": "*fp32", "N": "i32", "U": "i32", "NG": "i32", "stride_om": "i32"},
+            ("BITS", "GROUP", "HAS_ZEROS", "VEC", "SPLIT_K", "EVEN")),
 }
+KERNELS = {"units": (tk.gemv_units, ASTSource), "pairs": (tp.gemv_pairs, GluonASTSource),
+           "mma": (tm.gemv_mma, GluonASTSource)}
 ADDRESS = re.compile(r"/\*([0-9a-f]{4,})\*/\s+(.*?)\s*;")
 
 
 def sass_of(bits: int, config: tuple[int, ...], group: int = 128, kernel: str = "units") -> str:
+    if kernel == "mma":  # VEC/SPLIT_K/num_warps
+        config = (tm.ROWS, *config)
     block_n, block_k, split, warps = config[:4]
     codes = 32 * (1 if 32 % bits == 0 else bits) // bits
     arguments, names = SIGNATURES[kernel]
@@ -56,8 +65,7 @@ def sass_of(bits: int, config: tuple[int, ...], group: int = 128, kernel: str = 
     values = {name: values[name] for name in names}
     signature = {**arguments, **{name: "constexpr" for name in names}}
     divisible = {(i,): [["tt.divisibility", 16]] for i in range(len(arguments))}
-    fn = tk.gemv_units if kernel == "units" else tp.gemv_pairs
-    source = ASTSource if kernel == "units" else GluonASTSource
+    fn, source = KERNELS[kernel]
     compiled = triton.compile(source(fn=fn, signature=signature, constexprs=values, attrs=divisible),
                               target=GPUTarget("cuda", 90, 32), options={"num_warps": warps})
     with tempfile.NamedTemporaryFile(suffix=".cubin", delete=False) as handle:
@@ -80,7 +88,10 @@ def codes_per_thread(kernel: str, bits: int, config: tuple[int, ...]) -> float:
     program's threads; gemv_pairs gives each thread VEC words of each of its BLOCK_N rows."""
     if kernel == "units":
         return config[0] * config[1] / (32 * config[3])
-    return config[0] * config[1] * (32 if bits == 3 else 32 // bits)
+    unit = 32 if bits == 3 else 32 // bits
+    if kernel == "mma":  # rows g and g + 8, VEC units each
+        return 2 * config[0] * unit
+    return config[0] * config[1] * unit
 
 
 def loop_body(sass: str) -> list[str]:
@@ -100,7 +111,7 @@ def main(argv=None) -> int:
     parser.add_argument("--bits", default="4,2,3,8")
     parser.add_argument("--configs", default="64/128/16/4,128/128/16/4,256/128/16/4")
     parser.add_argument("--kernel", choices=sorted(SIGNATURES), default="units",
-                        help="gemv_units (float32 arithmetic) or gemv_pairs (float16 pairs)")
+                        help="gemv_units (float32 arithmetic), gemv_pairs (float16 pairs) or gemv_mma (tensor cores)")
     parser.add_argument("--dump", default=None, help="also write the last SASS compiled here")
     args = parser.parse_args(argv)
     for bits in (int(b) for b in args.bits.split(",")):

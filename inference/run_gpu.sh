@@ -3,6 +3,7 @@
 #   bash inference/run_gpu.sh OUT_DIR [PHASE[,PHASE...]]      (default: full)
 # check: GPU tests, the 8192x8192 kernels, the Llama-2-7B decode.  full: every shape, layer and decode benchmark.
 # tests: the GPU tests.  configs: float16-pair GEMV configurations at 3 and 4 bits on three shapes.
+# mma: every tensor-core GEMV configuration at 2/3/4/8 bits on three shapes.
 # gemv: the batch-1 GEMV of every width on the 7B/70B shapes (tuner choices included).
 # decode: the Llama-2-7B mixed4 decode, eager steps in graphs and torch.compile'd steps in graphs, with
 #   a per-kernel GPU-time profile of a few steps of each.
@@ -33,6 +34,10 @@ configs)
     2>&1 | tee "$out/gemv_pairs_configs.txt"
   timeout 100 python inference/gemv_configs.py --kernel gemv-pairs --bits 4 --shapes $shapes --top 8 --configs \
     4/4/1/2,4/4/1/1,2/4/1/2,2/4/1/1,4/2/1/2,2/8/1/2,1/4/1/4,8/4/1/2 2>&1 | tee -a "$out/gemv_pairs_configs.txt"
+  ;;
+mma)
+  timeout 240 python inference/gemv_configs.py --kernel gemv-mma --bits 4,3,2,8 --top 8 \
+    --shapes 8192x8192,4096x4096,11008x4096 2>&1 | tee "$out/gemv_mma_configs.txt"
   ;;
 gemv)
   timeout 360 python inference/kernels.py --layers "q/k/v/o_proj,gate/up_proj,down_proj,q/o_proj" --batches 1 \

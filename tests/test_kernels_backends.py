@@ -226,6 +226,22 @@ def test_pair_gemv_spends_one_float16_pair_instruction_per_code():
         assert bits != 3 or prmt <= codes / 2, prmt
 
 
+@needs_triton
+def test_tensor_core_gemv_spends_one_mma_per_eight_codes_of_a_lane():
+    """gemv_mma (compiled for sm_90 here): each lane dequantizes its pairs (one LOP3 and one HFMA2 each) and
+    a warp's m16n8k16 MMA sums four pairs of every lane, so per code half a LOP3, half an HFMA2 and an eighth
+    of an HMMA, and no float16 partial sums."""
+    gemv_sass = _gemv_sass()
+    for bits in (2, 3, 4, 8):
+        config = (4, 1, 4)
+        body = gemv_sass.loop_body(gemv_sass.sass_of(bits, config, kernel="mma"))
+        codes = gemv_sass.codes_per_thread("mma", bits, config)
+        count = lambda name: sum(t.startswith(name) for t in body)  # noqa: E731
+        assert count("HMMA") == codes / 8 and count("HFMA2") == codes / 2, (bits, count("HMMA"), count("HFMA2"))
+        assert count("HADD2") <= 4  # only the rows' scales and zeros to float32, once per step
+        assert bits != 4 or len(body) / codes < 2.8  # the float16-pair GEMV on CUDA cores: 3.6
+
+
 def test_a_compiled_caller_keeps_triton_layers_in_its_graph(monkeypatch):
     """Traced by torch.compile after its kernel state is built, a `triton` layer is the opaque operator
     bitalloc::quant_matmul: no graph break (fullgraph), and the same output as the eager call.  No GPU here,

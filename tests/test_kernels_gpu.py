@@ -62,7 +62,7 @@ def test_every_gemv_choice_matches_reference(option):
     group = tb.kernel_group(opt.group_size, IN_FEATURES)
     key = tb.tuner_key(opt.bits, group, layer.zeros is not None, layer.qweight.shape, 1, torch.float16)
     choices = tb.candidates(1, group, opt.bits, torch.float16)
-    assert any(kind == tb.PAIRS for kind, _ in choices)
+    assert any(kind == tb.PAIRS for kind, _ in choices) and any(kind == tb.MMA for kind, _ in choices)
     x = torch.randn(1, IN_FEATURES, device="cuda", dtype=torch.float16)
     x[:, 37] *= 30
     ref = reference(x).float()
@@ -73,6 +73,26 @@ def test_every_gemv_choice_matches_reference(option):
             assert error < 3e-3, (choice, error)
     finally:
         tuner.CHOSEN.pop(key, None)
+
+
+@pytest.mark.parametrize("bits", [2, 3, 4, 8])
+def test_tensor_core_gemv_matches_reference_without_masks(bits):
+    """Rows a multiple of 16 and units a multiple of every configuration's step: gemv_mma's unmasked path
+    (the one real layers take), every configuration, batches 1 and 3."""
+    from bitalloc.kernels import triton_backend as tb
+
+    generator = torch.Generator().manual_seed(0)
+    weight = torch.randn(256, 4096, generator=generator) * 0.05
+    qw = quantize(weight, parse(f"rtn:int{bits}:g128:asym"))
+    reference = QuantLinear.from_weight(qw, None).cuda()
+    for batch in (1, 3):
+        x = torch.randn(batch, 4096, device="cuda", dtype=torch.float16)
+        ref = reference(x).float()
+        for config in tb.MMA_CONFIGS:
+            out = tb._launch(tb.MMA, config, x, reference.qweight, reference.scales, reference.zeros, bits, 128,
+                             4096).float()
+            error = float((out - ref).norm() / ref.norm())
+            assert error < 3e-3, (config, batch, error)
 
 
 @pytest.mark.parametrize("option", WEIGHT_ONLY)

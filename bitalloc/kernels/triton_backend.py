@@ -26,6 +26,7 @@ BITS = (2, 3, 4, 8)
 ONE_GROUP = 1 << 30  # group size for per-channel scales: every column falls in group 0
 GEMV = "gemv"
 PAIRS = "gemv-pairs"
+MMA = "gemv-mma"
 DEQUANT = "dequantize+cublas"
 GEMV_ROWS = 4  # batches up to this size may run as one GEMV per row (the tuner decides)
 # (BLOCK_N rows, BLOCK_K codes per row and step, SPLIT_K, num_warps); BLOCK_K dividing the group size lets a
@@ -44,6 +45,8 @@ PAIR_CONFIGS = [(4, 4, 1, 2), (4, 4, 1, 4), (2, 4, 1, 4), (8, 4, 1, 4), (8, 2, 1
 # the split-K one for layers with few rows
 PAIR_CONFIGS_3BIT = [(4, 1, 1, 2), (4, 2, 1, 2), (8, 1, 1, 2), (2, 2, 1, 2), (8, 1, 1, 4), (4, 1, 2, 4)]
 PAIR_BITS = (2, 3, 4, 8)
+# the tensor-core GEMV: (VEC units per lane and row, SPLIT_K, num_warps); a program holds 16 rows (not yet timed)
+MMA_CONFIGS = [(4, 1, 4), (4, 1, 8), (8, 1, 4), (2, 1, 4), (2, 1, 8), (1, 1, 4), (4, 2, 4), (8, 1, 8)]
 ARRANGE_BLOCK = 128
 DEQUANT_TILE = (32, 256)  # (BLOCK_N, BLOCK_K) of the dequantization pass
 
@@ -67,8 +70,8 @@ def _launch(kind: str, config: tuple, x, qweight, scales, zeros, bits: int, grou
     common = dict(BITS=bits, GROUP=group, HAS_ZEROS=zeros is not None)
     if kind == DEQUANT:
         return x @ dequantize(qweight, scales, zeros, bits, group, in_features, x.dtype, config).T
-    if kind == PAIRS:
-        return _launch_pairs(config, x, qweight, scales, zeros_arg, bits, group, in_features, common)
+    if kind in (PAIRS, MMA):
+        return _launch_pairs(kind, config, x, qweight, scales, zeros_arg, bits, group, in_features, common)
     block_n, block_k, split, warps = config
     out = _gemv_output(x, n, split)
     codes = unit_codes(bits)
@@ -95,22 +98,29 @@ def _gemv_output(x: torch.Tensor, n: int, split: int) -> torch.Tensor:
     return torch.empty(x.shape[0], n, device=x.device, dtype=torch.float32 if split > 1 else x.dtype)
 
 
-def _launch_pairs(config, x, qweight, scales, zeros_arg, bits, group, in_features, common):
+def _launch_pairs(kind, config, x, qweight, scales, zeros_arg, bits, group, in_features, common):
+    """The float16-pair GEMVs (CUDA cores or tensor cores) after their activation pass."""
+    from . import triton_mma as tm
     from . import triton_pairs as tp
 
     m, n, ng = x.shape[0], qweight.shape[0], scales.shape[1]
     codes = unit_codes(bits)
     units = qweight.shape[1] * 32 // (codes * bits)
-    block_n, vec, split, warps = config
+    block_n, vec, split, warps = (tm.ROWS, *config) if kind == MMA else config
     out = _gemv_output(x, n, split)
     xp = torch.empty(m, codes // 2, units, device=x.device, dtype=torch.int32)
     xs = torch.empty(m, triton_cdiv(units, vec), device=x.device, dtype=torch.float32)
     tp.arrange_pairs[(triton_cdiv(units, ARRANGE_BLOCK), m)](x, xp, xs, out, in_features, units, n, x.stride(0),
                                                               out.stride(0), CODES=codes, TILE=vec,
                                                               ZERO_OUT=split > 1, BLOCK=ARRANGE_BLOCK)
-    tp.gemv_pairs[(triton_cdiv(n, block_n), split, m)](
-        xp, xs, qweight, scales, zeros_arg, out, n, units, ng, out.stride(0), BLOCK_N=block_n, VEC=vec, SPLIT_K=split,
-        num_warps=warps, **common)
+    grid = (triton_cdiv(n, block_n), split, m)
+    if kind == MMA:
+        even = n % block_n == 0 and units % (warps * 4 * vec) == 0
+        tm.gemv_mma[grid](xp, xs, qweight, scales, zeros_arg, out, n, units, ng, out.stride(0), VEC=vec, SPLIT_K=split,
+                          EVEN=even, num_warps=warps, **common)
+    else:
+        tp.gemv_pairs[grid](xp, xs, qweight, scales, zeros_arg, out, n, units, ng, out.stride(0), BLOCK_N=block_n,
+                            VEC=vec, SPLIT_K=split, num_warps=warps, **common)
     return out.to(x.dtype)
 
 
@@ -170,6 +180,7 @@ def candidates(m: int, group: int, bits: int, dtype: torch.dtype) -> list[tuple[
     configs = []
     if m <= GEMV_ROWS and dtype == torch.float16 and bits in PAIR_BITS and _gluon() and not tuner.interpreting():
         configs += [(PAIRS, c) for c in pair_configs(bits) if group % (c[1] * unit_codes(bits)) == 0]
+        configs += [(MMA, c) for c in MMA_CONFIGS if group % (c[0] * unit_codes(bits)) == 0]
     if m <= GEMV_ROWS and group % 32 == 0:
         configs += [(GEMV, c) for c in GEMV_CONFIGS]
     return configs + [(DEQUANT, DEQUANT_TILE)]

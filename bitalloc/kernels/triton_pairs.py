@@ -1,4 +1,4 @@
-"""The float16 GEMV for 2, 4 and 8 bits: two codes per instruction (half2), on the stored layout.
+"""The float16 GEMV for 2, 3, 4 and 8 bits: two codes per instruction (half2), on the stored layout.
 
 `gemv_units` (triton_kernels.py) spends about 3.5 float32 instructions per code
 and spreads each tile over many threads.  Here each 32-bit register holds two
@@ -12,7 +12,11 @@ dequantize:
 - one HFMA2 turns that into q * s: (M + q) s - M s, exact before its one
   rounding, as M s is exact; a second HFMA2 adds q s x to a pair of partial sums;
 - float16 sums hold 8 products before they become float32; the zero-point term
-  s z sum(x) is taken out per chunk in float32.
+  s z sum(x) is taken out per chunk in float32;
+- 3-bit codes fill a 96-bit stream of three words (32 codes, straddling words
+  and half-words); code j and code j + 16, 48 bits apart, are twins: the
+  stream's windows at their position are shifted down and their low halves
+  merged (one PRMT), after which the same LOP3 applies.
 
 Weights are scaled before they meet the activations, so the float16 products
 stay small (|q s| is about the weight's size), as they do in a float16 matmul.

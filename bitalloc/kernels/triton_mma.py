@@ -1,0 +1,205 @@
+"""The batch-1 GEMV on tensor cores: float16-pair dequantization feeding mma.sync, float32 sums.
+
+`gemv_pairs` (triton_pairs.py) spends one HFMA2 per code on the product with
+the activations and moves its float16 sums to float32 every few steps.  Here a
+warp hands its dequantized pairs to one m16n8k16 MMA per four pairs: 16 rows x
+16 codes against 16 activations, summed in float32 by the tensor core.  Only
+one column of the MMA's 8 is needed; every column gets the same activations,
+so any lane's accumulator holds its rows' sums.
+
+Why the layout fits without moving data: in an m16n8k16 MMA, lane 4 g + t holds
+the A pairs (row g, columns 2t, 2t + 1) and (row g + 8, same columns), and the
+same again 8 columns on; B pairs (rows 2t, 2t + 1); accumulators for rows g and
+g + 8.  A dot product does not care in which order its terms are summed, so the
+MMA's columns need not be consecutive codes: column pair (2t, 2t + 1) is code j
+and its twin j + PAIRS of a unit that lane t loaded (`_pair_codes` builds that
+pair), and the activations arranged by `arrange_pairs` are already those pairs.
+So each lane dequantizes what it loaded, for rows g and g + 8, and the MMA
+consumes it in place.  Each warp of a program takes its own slice of the row's
+units; the zero-point term is summed per lane in float32, as in gemv_pairs.
+"""
+from __future__ import annotations
+
+from triton.experimental import gluon
+from triton.experimental.gluon import language as gl
+
+from .triton_pairs import _fma_f16x2, _half_pair, _pair_codes, _pairs_per_unit
+
+ROWS = 16  # rows per program: one MMA tile
+
+
+@gluon.constexpr_function
+def _lanes(warps):
+    """[warp, g, t] with one element per lane: the MMA fragments' view of a program."""
+    return gl.BlockedLayout([1, 1, 1], [1, 8, 4], [warps, 1, 1], [2, 1, 0])
+
+
+@gluon.jit
+def _mma(a0, a1, a2, a3, b0, b1, c0, c1, c2, c3):
+    """One warp-wide m16n8k16 float16 MMA with float32 accumulators: each lane passes its fragment."""
+    return gl.inline_asm_elementwise(
+        "mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {$0, $1, $2, $3}, {$8, $9, $10, $11}, {$12, $13}, "
+        "{$4, $5, $6, $7};", "=f,=f,=f,=f,f,f,f,f,r,r,r,r,r,r", [c0, c1, c2, c3, a0, a1, a2, a3, b0, b1],
+        dtype=(gl.float32, gl.float32, gl.float32, gl.float32), is_pure=True, pack=1)
+
+
+@gluon.jit
+def _dequantized(words, j: gl.constexpr, scale, s, BITS: gl.constexpr):
+    """Codes j and j + PAIRS of a unit as the float16 pair (q s, q' s), one rounding each."""
+    codes, M = _pair_codes(words, j, BITS)
+    return _fma_f16x2(codes, scale, _half_pair(-M * s))
+
+
+@gluon.jit
+def gemv_mma(xp_ptr, xs_ptr, qw_ptr, s_ptr, z_ptr, out_ptr, N, U, NG, stride_om, BITS: gl.constexpr,
+             GROUP: gl.constexpr, HAS_ZEROS: gl.constexpr, VEC: gl.constexpr, SPLIT_K: gl.constexpr,
+             EVEN: gl.constexpr):
+    """One row of float16 activations (arranged by `arrange_pairs`, sums per VEC units) against 16 rows of
+    packed codes: s * (sum_j q_j x_j - z sum_j x_j) through tensor-core MMAs (module docstring).
+
+    Tensors are [warp, g, t]: one element per lane.  Lane (g, t) of warp w loads VEC units of rows g and
+    g + 8 per step (chunk 4 w + t of the step's 4 * num_warps chunks), the matching activation pairs, and
+    its rows' scales and zeros; the next step's loads are issued before this one computes.  EVEN (rows a
+    multiple of 16, units of the step): no masks; the loads after the last step repeat it instead.
+    """
+    PAIRS: gl.constexpr = _pairs_per_unit(BITS)
+    WARPS: gl.constexpr = gl.num_warps()
+    STEP: gl.constexpr = WARPS * 4 * VEC  # units per row and step
+    LANES: gl.constexpr = _lanes(WARPS)
+    gl.static_assert(GROUP % (VEC * 2 * PAIRS) == 0, "a lane's chunk must lie in one group")
+    gl.static_assert(PAIRS % 2 == 0, "an MMA takes two pairs of each row")
+    pid_n = gl.program_id(0)
+    pid_k = gl.program_id(1)
+    m = gl.program_id(2)
+    xp_ptr += m * PAIRS * U
+    xs_ptr += m * gl.cdiv(U, VEC)
+    warp = gl.expand_dims(gl.expand_dims(gl.arange(0, WARPS, layout=gl.SliceLayout(1, gl.SliceLayout(2, LANES))),
+                                         1), 2)
+    g = gl.expand_dims(gl.expand_dims(gl.arange(0, 8, layout=gl.SliceLayout(0, gl.SliceLayout(2, LANES))), 0), 2)
+    t = gl.expand_dims(gl.expand_dims(gl.arange(0, 4, layout=gl.SliceLayout(0, gl.SliceLayout(1, LANES))), 0), 1)
+    rows = pid_n * 16 + g + 0 * warp + 0 * t  # [WARPS, 8, 4]: row g of every lane
+    lane_chunk = warp * 4 + t + 0 * g  # the lane's chunk within a step
+    steps = gl.cdiv(U, STEP)
+    per_split = gl.cdiv(steps, SPLIT_K)
+    first = pid_k * per_split
+    last = gl.minimum(first + per_split, steps)
+    data = _mma_step_data(qw_ptr, xp_ptr, xs_ptr, s_ptr, z_ptr, rows, lane_chunk, N, U, NG,
+                          gl.minimum(first, steps - 1), first < last, BITS, GROUP, HAS_ZEROS, VEC, STEP, EVEN)
+    acc0 = gl.zeros([WARPS, 8, 4], gl.float32, LANES)
+    acc1 = gl.zeros([WARPS, 8, 4], gl.float32, LANES)
+    acc2 = gl.zeros([WARPS, 8, 4], gl.float32, LANES)
+    acc3 = gl.zeros([WARPS, 8, 4], gl.float32, LANES)
+    zero_terms = gl.zeros([WARPS, 8, 4], gl.float32, LANES)  # rows g and g + 8 summed apart: two tensors
+    zero_terms8 = gl.zeros([WARPS, 8, 4], gl.float32, LANES)
+    for step in range(first, last):
+        low, high, x, s, s8, z, z8, total = data
+        data = _mma_step_data(qw_ptr, xp_ptr, xs_ptr, s_ptr, z_ptr, rows, lane_chunk, N, U, NG,
+                              gl.minimum(step + 1, last - 1), step + 1 < last, BITS, GROUP, HAS_ZEROS, VEC, STEP, EVEN)
+        scale = _half_pair(s)
+        scale8 = _half_pair(s8)
+        for v in gl.static_range(VEC):
+            for j in gl.static_range(0, PAIRS, 2):
+                acc0, acc1, acc2, acc3 = _mma(
+                    _dequantized(low[v], j, scale, s, BITS), _dequantized(high[v], j, scale8, s8, BITS),
+                    _dequantized(low[v], j + 1, scale, s, BITS), _dequantized(high[v], j + 1, scale8, s8, BITS),
+                    x[v][j], x[v][j + 1], acc0, acc1, acc2, acc3)
+        zero_terms += z * s * total
+        zero_terms8 += z8 * s8 * total
+    # every column of the accumulators holds the same sums: count lane t = 0's once, then sum the warps
+    dots = gl.sum(gl.sum(gl.where(t == 0, acc0, 0.0) - zero_terms, axis=2), axis=0)  # rows g
+    dots8 = gl.sum(gl.sum(gl.where(t == 0, acc2, 0.0) - zero_terms8, axis=2), axis=0)  # rows g + 8
+    out_rows = pid_n * 16 + gl.arange(0, 8, layout=gl.SliceLayout(0, gl.SliceLayout(2, LANES)))
+    if SPLIT_K == 1:
+        gl.store(out_ptr + m * stride_om + out_rows, dots.to(out_ptr.dtype.element_ty), mask=out_rows < N)
+        gl.store(out_ptr + m * stride_om + out_rows + 8, dots8.to(out_ptr.dtype.element_ty), mask=out_rows + 8 < N)
+    else:
+        gl.atomic_add(out_ptr + m * stride_om + out_rows, dots, mask=out_rows < N, sem="relaxed")
+        gl.atomic_add(out_ptr + m * stride_om + out_rows + 8, dots8, mask=out_rows + 8 < N, sem="relaxed")
+
+
+@gluon.jit
+def _mma_step_data(qw_ptr, xp_ptr, xs_ptr, s_ptr, z_ptr, rows, lane_chunk, N, U, NG, step, live,
+                   BITS: gl.constexpr, GROUP: gl.constexpr, HAS_ZEROS: gl.constexpr, VEC: gl.constexpr,
+                   STEP: gl.constexpr, EVEN: gl.constexpr):
+    """A step's loads for every lane: the words of its VEC units in rows g and g + 8 (tuples per unit of
+    each unit's words), the activation pairs of those units (a tuple per unit), the rows' scales and zeros
+    (float32) and the chunk's sum of x; zeros where not `live`."""
+    PAIRS: gl.constexpr = _pairs_per_unit(BITS)
+    WORDS: gl.constexpr = PAIRS * 2 * BITS // 32
+    chunk = step * (STEP // VEC) + lane_chunk
+    chunk_ok = (chunk * VEC < U) & live
+    ok = chunk_ok & (rows < N)
+    ok8 = chunk_ok & (rows + 8 < N)
+    where = rows * NG + (chunk * VEC * 2 * PAIRS) // GROUP
+    s = _load(s_ptr + where, ok, EVEN).to(gl.float32)
+    s8 = _load(s_ptr + where + 8 * NG, ok8, EVEN).to(gl.float32)
+    if HAS_ZEROS:
+        z = _load(z_ptr + where, ok, EVEN).to(gl.float32)
+        z8 = _load(z_ptr + where + 8 * NG, ok8, EVEN).to(gl.float32)
+    else:
+        z = gl.full(s.shape, (1 << (BITS - 1)) * 1.0, gl.float32, s.type.layout)
+        z8 = z
+    total = _load(xs_ptr + chunk, chunk_ok, EVEN)
+    # [WARPS, 8, 4, VEC]: a lane's VEC units side by side (16-byte loads of words and of activation pairs)
+    VECTORS: gl.constexpr = gl.BlockedLayout([1, 1, 1, VEC], [1, 8, 4, 1], [gl.num_warps(), 1, 1, 1], [3, 2, 1, 0])
+    v = gl.arange(0, VEC, layout=gl.SliceLayout(0, gl.SliceLayout(1, gl.SliceLayout(2, VECTORS))))
+    v = gl.expand_dims(gl.expand_dims(gl.expand_dims(v, 0), 1), 2)
+    u = gl.expand_dims(gl.convert_layout(chunk, gl.SliceLayout(3, VECTORS)), 3) * VEC + v
+    row4 = gl.expand_dims(gl.convert_layout(rows, gl.SliceLayout(3, VECTORS)), 3)
+    unit_ok = (u < U) & live
+    low = _units(qw_ptr, row4, u, unit_ok & (row4 < N), U, WORDS, VEC, EVEN)
+    high = _units(qw_ptr + 8 * U * WORDS, row4, u, unit_ok & (row4 + 8 < N), U, WORDS, VEC, EVEN)
+    per_pair = ()
+    for j in gl.static_range(PAIRS):
+        per_pair = per_pair + (_unstack(_load(xp_ptr + j * U + u, unit_ok, EVEN), VEC),)
+    x = ()
+    for k in gl.static_range(VEC):
+        pairs = ()
+        for j in gl.static_range(PAIRS):
+            pairs = pairs + (per_pair[j][k],)
+        x = x + (pairs,)
+    return low, high, x, s, s8, z, z8, total
+
+
+@gluon.jit
+def _units(qw_ptr, row4, u, ok, U, WORDS: gl.constexpr, VEC: gl.constexpr, EVEN: gl.constexpr):
+    """The words of units u of rows row4 ([WARPS, 8, 4, VEC]) as a tuple over the VEC units of tuples of
+    each unit's words, every word one element per lane."""
+    per_word = ()
+    for k in gl.static_range(WORDS):
+        per_word = per_word + (_unstack(_load(qw_ptr + row4 * (U * WORDS) + u * WORDS + k, ok, EVEN), VEC),)
+    units = ()
+    for i in gl.static_range(VEC):
+        words = ()
+        for k in gl.static_range(WORDS):
+            words = words + (per_word[k][i],)
+        units = units + (words,)
+    return units
+
+
+@gluon.jit
+def _load(pointers, ok, EVEN: gl.constexpr):
+    """Values at `pointers`, zero where not `ok` (EVEN: every pointer is in bounds, so no mask)."""
+    if EVEN:
+        values = gl.load(pointers)
+    else:
+        values = gl.load(pointers, mask=ok, other=0)
+    return values
+
+
+@gluon.jit
+def _unstack(values, VEC: gl.constexpr):
+    """[WARPS, 8, 4, VEC] int32 (VEC a power of two, held by one lane) -> a tuple of VEC uint32 tensors
+    [WARPS, 8, 4], one element per lane."""
+    values = values.to(gl.uint32, bitcast=True)
+    if VEC == 1:
+        parts = (gl.convert_layout(gl.reshape(values, values.shape[:-1]), _lanes(gl.num_warps())),)
+    else:
+        shape: gl.constexpr = values.shape[:-1] + [VEC // 2, 2]
+        even, odd = gl.split(gl.reshape(values, shape))
+        evens = _unstack(even, VEC // 2)
+        odds = _unstack(odd, VEC // 2)
+        parts = ()
+        for i in gl.static_range(VEC // 2):
+            parts = parts + (evens[i], odds[i])
+    return parts
