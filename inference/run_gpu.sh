@@ -25,7 +25,7 @@ check)
   rm -f "$out"/*.png "$out"/*_latency.csv "$out"/*_plan.json "$out"/*.csv  # at most 8 files come back
   ;;
 tests)
-  timeout 200 python -m pytest -q -p no:cacheprovider tests/test_kernels_gpu.py 2>&1 | tee "$out/pytest_gpu.txt" | tail -3
+  timeout 400 python -m pytest -q -rf -p no:cacheprovider tests/test_kernels_gpu.py 2>&1 | tee "$out/pytest_gpu.txt" | tail -3
   ;;
 configs)
   shapes=8192x8192,4096x4096,11008x4096

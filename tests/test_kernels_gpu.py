@@ -88,7 +88,7 @@ def test_tensor_core_gemv_matches_reference_without_masks(bits):
     for batch in (1, 3):
         x = torch.randn(batch, 4096, device="cuda", dtype=torch.float16)
         ref = reference(x).float()
-        for config in tb.MMA_CONFIGS:
+        for config in [c for c in tb.MMA_CONFIGS if 128 % (c[0] * tb.unit_codes(bits)) == 0]:  # as the tuner
             out = tb._launch(tb.MMA, config, x, reference.qweight, reference.scales, reference.zeros, bits, 128,
                              4096).float()
             error = float((out - ref).norm() / ref.norm())
