@@ -47,7 +47,7 @@ PAIR_CONFIGS_3BIT = [(4, 1, 1, 2), (4, 2, 1, 2), (8, 1, 1, 2), (2, 2, 1, 2), (8,
 PAIR_BITS = (2, 3, 4, 8)
 # the tensor-core GEMV: (VEC units per lane and row, SPLIT_K, num_warps); a program holds 16 rows.  Ordered by
 # the H200 sweep (results/gemv_mma_configs_h200.txt: 8/1/4 fastest for int4 and int8 on 8192x8192)
-MMA_CONFIGS = [(8, 1, 4), (8, 1, 8), (4, 1, 4), (4, 1, 8), (2, 1, 4), (2, 1, 8), (1, 1, 4), (4, 2, 4)]
+MMA_CONFIGS = [(8, 1, 4), (8, 1, 8), (4, 1, 4), (4, 1, 8), (2, 1, 4), (2, 1, 8), (1, 1, 4), (4, 2, 4), (8, 2, 4)]
 ARRANGE_BLOCK = 128
 DEQUANT_TILE = (32, 256)  # (BLOCK_N, BLOCK_K) of the dequantization pass
 
