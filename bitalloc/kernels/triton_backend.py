@@ -2,8 +2,8 @@
 
 The kernels read the stored tensors in place (`triton_kernels.py`, `triton_pairs.py`).
 Batches of up to GEMV_ROWS rows run a GEMV: with float16 activations the
-float16-pair one (two codes per instruction), otherwise (and as a further
-choice) the float32 one; larger batches dequantize into a temporary
+float16-pair ones (two codes per instruction, summed on CUDA cores or by
+tensor-core MMAs), otherwise (and as a further choice) the float32 one; larger batches dequantize into a temporary
 float16 weight and call cuBLAS (the tuner also tries that for small batches).
 Launch parameters are tuned per (kernel, bits, group, shape, batch bucket) the first
 time a shape is seen (`tuner.py`: every candidate replayed from a CUDA graph after an

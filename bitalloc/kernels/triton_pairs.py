@@ -175,7 +175,7 @@ def gemv_pairs(xp_ptr, xs_ptr, qw_ptr, s_ptr, z_ptr, out_ptr, N, U, NG, stride_o
     GATHER: gl.constexpr = max(1, SUMMED // PAIRS)
     WARPS: gl.constexpr = gl.num_warps()
     CHUNKS: gl.constexpr = 32 * WARPS
-    STEP: gl.constexpr = CHUNKS * VEC  # words per row and step
+    STEP: gl.constexpr = CHUNKS * VEC  # units per row and step
     TILE: gl.constexpr = gl.BlockedLayout([BLOCK_N, 1, VEC], [1, 32, 1], [1, WARPS, 1], [2, 1, 0])
     PER_CHUNK: gl.constexpr = gl.SliceLayout(2, TILE)  # [BLOCK_N, CHUNKS]
     ROWS: gl.constexpr = gl.SliceLayout(1, PER_CHUNK)
