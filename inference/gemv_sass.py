@@ -32,6 +32,7 @@ import tempfile
 import triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
+from triton.compiler.errors import CompilationError
 from triton.experimental.gluon._runtime import GluonASTSource
 
 from bitalloc.kernels import triton_kernels as tk
@@ -117,7 +118,11 @@ def main(argv=None) -> int:
     for bits in (int(b) for b in args.bits.split(",")):
         for text in args.configs.split(","):
             config = tuple(int(v) for v in text.split("/"))
-            sass = sass_of(bits, config, kernel=args.kernel)
+            try:
+                sass = sass_of(bits, config, kernel=args.kernel)
+            except CompilationError as err:  # e.g. a chunk wider than the group: the backend never offers it
+                print(f"{args.kernel} int{bits} {text}: does not compile ({str(err).strip().splitlines()[-1]})")
+                continue
             body = loop_body(sass)
             per_thread = codes_per_thread(args.kernel, bits, config)
             ops = collections.Counter(re.sub(r"^@!?U?P\w+\s+", "", t).split()[0].split(".")[0] for t in body)

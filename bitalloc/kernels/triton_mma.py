@@ -152,13 +152,7 @@ def _mma_step_data(qw_ptr, xp_ptr, xs_ptr, s_ptr, z_ptr, rows, lane_chunk, N, U,
     per_pair = ()
     for j in gl.static_range(PAIRS):
         per_pair = per_pair + (_unstack(_load(xp_ptr + j * U + u, unit_ok, EVEN), VEC),)
-    x = ()
-    for k in gl.static_range(VEC):
-        pairs = ()
-        for j in gl.static_range(PAIRS):
-            pairs = pairs + (per_pair[j][k],)
-        x = x + (pairs,)
-    return low, high, x, s, s8, z, z8, total
+    return low, high, _transposed(per_pair, PAIRS, VEC), s, s8, z, z8, total
 
 
 @gluon.jit
@@ -168,13 +162,19 @@ def _units(qw_ptr, row4, u, ok, U, WORDS: gl.constexpr, VEC: gl.constexpr, EVEN:
     per_word = ()
     for k in gl.static_range(WORDS):
         per_word = per_word + (_unstack(_load(qw_ptr + row4 * (U * WORDS) + u * WORDS + k, ok, EVEN), VEC),)
-    units = ()
-    for i in gl.static_range(VEC):
-        words = ()
-        for k in gl.static_range(WORDS):
-            words = words + (per_word[k][i],)
-        units = units + (words,)
-    return units
+    return _transposed(per_word, WORDS, VEC)
+
+
+@gluon.jit
+def _transposed(nested, OUTER: gl.constexpr, INNER: gl.constexpr):
+    """A tuple of OUTER tuples of INNER tensors, indexed [i][k], as INNER tuples indexed [k][i]."""
+    flipped = ()
+    for k in gl.static_range(INNER):
+        column = ()
+        for i in gl.static_range(OUTER):
+            column = column + (nested[i][k],)
+        flipped = flipped + (column,)
+    return flipped
 
 
 @gluon.jit
