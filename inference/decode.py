@@ -107,8 +107,9 @@ def main(argv=None):
             f"speed-up {result['speedup']:.2f}x  kernels {kernels}\n")
     atomic.write_text(out.with_suffix(".txt"), text)
     if args.profile:
-        atomic.write_text(out.parent / f"{out.name}_profile.txt",
-                          f"fp16, {args.profile} steps\n{dense.kernels}\npacked, {args.profile} steps\n{packed.kernels}\n")
+        runs = (("fp16", dense), ("packed", packed))
+        tables = [f"{name}, {args.profile} steps\n{run.kernels}\n" for name, run in runs]
+        atomic.write_text(out.parent / f"{out.name}_profile.txt", "".join(tables))
     plot(result, out.with_suffix(".png"))
     print(text)
     return 0
