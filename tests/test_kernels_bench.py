@@ -45,3 +45,17 @@ def test_compiled_decoding_gives_the_eager_tokens():
     prompt = torch.randint(0, 256, (1, 6))
     eager = decode(model, prompt, 4, graphs=False).tokens
     assert decode(model, prompt, 4, graphs=False, compile=True).tokens == eager
+
+
+def test_decode_profiles_further_steps_kernel_by_kernel():
+    """decode(profile=N): N more steps under torch.profiler, their time per operator/kernel as a table."""
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from bitalloc.decode import decode
+
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=128, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                         num_attention_heads=2, num_key_value_heads=2, max_position_embeddings=32)
+    result = decode(LlamaForCausalLM(config).eval(), torch.randint(0, 128, (1, 4)), 2, graphs=False, profile=2)
+    assert len(result.step_seconds) == 2 and "aten::mm" in result.kernels
