@@ -1,10 +1,11 @@
 """`triton`: weight-only integer layers (2, 3, 4, 8 bits; A16) through this repo's Triton kernels.
 
-The kernels read the stored tensors in place (`triton_kernels.py`, `triton_pairs.py`).
+The kernels read the stored tensors in place (`triton_kernels.py`, `triton_pairs.py`, `triton_mma.py`).
 Batches of up to GEMV_ROWS rows run a GEMV: with float16 activations the
 float16-pair ones (two codes per instruction, summed on CUDA cores or by
-tensor-core MMAs), otherwise (and as a further choice) the float32 one; larger batches dequantize into a temporary
-float16 weight and call cuBLAS (the tuner also tries that for small batches).
+tensor-core MMAs), otherwise (and as a further choice) the float32 one; larger
+batches dequantize into a temporary float16 weight and call cuBLAS (the tuner
+also tries that for small batches).
 Launch parameters are tuned per (kernel, bits, group, shape, batch bucket) the first
 time a shape is seen (`tuner.py`: every candidate replayed from a CUDA graph after an
 L2 flush, split-K's zeroing and cast included) and kept for the process.  Outlier columns (fp16)
