@@ -22,6 +22,7 @@ from bitalloc.errors import BitallocError, cli_entry
 from bitalloc.kernels import triton_backend as tb
 from bitalloc.kernels import triton_kernels as tk
 from bitalloc.kernels import tuner
+from bitalloc.kernels.layout import packed_words
 from bitalloc.kernels.timing import time_cuda_graph
 
 
@@ -42,7 +43,7 @@ def arrangement_seconds(in_features: int, bits: int, out_features: int) -> float
     device = torch.device("cuda")
     x = torch.randn(1, in_features, device=device, dtype=torch.float16)
     codes = tb.unit_codes(bits)
-    units = -(-in_features // 32) * 32 // codes  # rows are packed in chunks of 32 codes
+    units = tb.packed_units(packed_words(in_features, bits), bits)
     xt = torch.empty(1, codes, units, device=device)
     xb = torch.empty(1, 2, units, device=device)
     out = torch.empty(1, out_features, device=device)

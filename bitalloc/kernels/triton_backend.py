@@ -77,7 +77,7 @@ def _launch(kind: str, config: tuple, x, qweight, scales, zeros, bits: int, grou
     block_n, block_k, split, warps = config
     out = _gemv_output(x, n, split)
     codes = unit_codes(bits)
-    units = kw * 32 // (codes * bits)
+    units = packed_units(kw, bits)
     # codes sharing one shift carry offsets up to 2**(bits * per_shift) (`_code_float`): float16/bfloat16
     # activations lose nothing to that at <= 2**8; float32 ones keep full precision with one shift per code
     per_shift = 1 if x.dtype == torch.float32 else max(1, 8 // bits)
@@ -107,7 +107,7 @@ def _launch_pairs(kind, config, x, qweight, scales, zeros_arg, bits, group, in_f
 
     m, n, ng = x.shape[0], qweight.shape[0], scales.shape[1]
     codes = unit_codes(bits)
-    units = qweight.shape[1] * 32 // (codes * bits)
+    units = packed_units(qweight.shape[1], bits)
     block_n, vec, split, warps = (tm.ROWS, *config) if kind == MMA else config
     out = _gemv_output(x, n, split)
     xp = torch.empty(m, codes // 2, units, device=x.device, dtype=torch.int32)
@@ -161,6 +161,11 @@ def dense_weight(layer, dtype: torch.dtype) -> torch.Tensor:
 def unit_codes(bits: int) -> int:
     """Codes per unit of the stored layout: one word, or the 3 words of 32 three-bit codes."""
     return 32 // bits if 32 % bits == 0 else 32
+
+
+def packed_units(words: int, bits: int) -> int:
+    """Units in a row of `words` stored words."""
+    return words * 32 // (unit_codes(bits) * bits)
 
 
 def pair_configs(bits: int) -> list[tuple]:
