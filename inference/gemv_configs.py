@@ -6,25 +6,26 @@
 
 A configuration is BLOCK_N/BLOCK_K/SPLIT_K/num_warps (`triton_backend.GEMV_CONFIGS` by default); for
 the float16-pair GEMV it is BLOCK_N/VEC/SPLIT_K/num_warps (`triton_backend.pair_configs`), for the
-tensor-core one VEC/SPLIT_K/num_warps/STAGES (`triton_backend.MMA_CONFIGS`).
+tensor-core one VEC/SPLIT_K/num_warps (`triton_backend.MMA_CONFIGS`).
 Same timing as inference/kernels.py: CUDA-graph replay over weight copies that exceed the L2
 cache; options rtn:intN:g128:asym.  Prints, per shape and bit width, the fastest configurations,
 the speed-up over fp16 cuBLAS and the % of the memory roofline; for gemv_units also its activation
-pass (`arrange_activations`) alone.  A read floor beside them: torch summing the same number of
-bytes (one int32 tensor per weight copy), what a kernel that only reads achieves at that size.
+pass (`arrange_activations`) alone; beside them the read floor (`read_floor.py`: the fastest
+kernel that only reads that many bytes, timed alike).
 """
 import argparse
 import sys
 
 import torch
 
-from bitalloc.benchmarks import MAX_COPIES, random_layer, roofline_bandwidth, time_layer, weight_bytes
+from bitalloc.benchmarks import random_layer, roofline_bandwidth, time_layer, weight_bytes
 from bitalloc.errors import BitallocError, cli_entry
 from bitalloc.kernels import triton_backend as tb
 from bitalloc.kernels import triton_kernels as tk
 from bitalloc.kernels import tuner
 from bitalloc.kernels.layout import packed_words
 from bitalloc.kernels.timing import time_cuda_graph
+from read_floor import read_floor_seconds
 
 
 def parse_args(argv):
@@ -34,7 +35,7 @@ def parse_args(argv):
     parser.add_argument("--bits", default="4,2,3,8")
     parser.add_argument("--kernel", choices=["gemv", "gemv-pairs", "gemv-mma"], default="gemv")
     parser.add_argument("--configs", default=None, help="BLOCK_N/BLOCK_K (gemv-pairs: VEC)/SPLIT_K/num_warps, "
-                        "or VEC/SPLIT_K/num_warps/STAGES (gemv-mma); comma separated")
+                        "or VEC/SPLIT_K/num_warps (gemv-mma); comma separated")
     parser.add_argument("--top", type=int, default=6, help="how many configurations to print per case")
     return parser.parse_args(argv)
 
@@ -55,16 +56,6 @@ def arrangement_seconds(in_features: int, bits: int, out_features: int) -> float
                                      BITS=bits, PER_SHIFT=max(1, 8 // bits), ZERO_OUT=True, BLOCK=tb.ARRANGE_BLOCK)
 
     return time_cuda_graph([call] * 20)
-
-
-def read_floor_seconds(moved: int) -> float:
-    """A torch reduction over `moved` bytes, replayed like the kernels over copies beyond the L2 cache."""
-    cache = torch.cuda.get_device_properties(0).L2_cache_size
-    copies = [torch.ones(moved // 4, device="cuda", dtype=torch.int32)
-              for _ in range(min(MAX_COPIES, max(2, -(-4 * cache // moved))))]
-    seconds = time_cuda_graph([lambda t=t: t.sum(dtype=torch.int32) for t in copies])
-    del copies
-    return seconds
 
 
 @cli_entry
@@ -99,7 +90,7 @@ def main(argv=None):
             cells = "  ".join(f"{'/'.join(map(str, c))}: {t * 1e6:.1f}" for t, c in timings[:args.top])
             arrange = (f"; activation pass {arrangement_seconds(in_features, bits, out_features) * 1e6:.2f} us"
                        if args.kernel == tb.GEMV else "")
-            floor = read_floor_seconds(moved)
+            floor = min(read_floor_seconds(moved).values())
             print(f"int{bits}: {cells} | best {best * 1e6:.1f} us, {fp16 / best:.2f}x fp16, "
                   f"{100 * moved / best / bandwidth:.0f} % roofline{arrange}; read floor {floor * 1e6:.1f} us "
                   f"({100 * moved / floor / bandwidth:.0f} %)", flush=True)

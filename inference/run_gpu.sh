@@ -5,6 +5,9 @@
 # tests: the GPU tests.  configs: float16-pair GEMV configurations at 3 and 4 bits on three shapes.
 # mma: every tensor-core GEMV configuration at 2/3/4/8 bits on three shapes.
 # gemv: the batch-1 GEMV of every width on the 7B/70B shapes (tuner choices included).
+# floor: the read floor (a kernel that only reads) at the byte counts of int4 8192x8192, 4096x4096, 28672x8192.
+# ncu: Nsight Compute counters (DRAM throughput, occupancy, stall reasons) of the int4 8192x8192 tensor-core
+#   GEMV and of the read floor kernel at the same bytes.
 # decode: the Llama-2-7B mixed4 decode, eager steps in graphs and torch.compile'd steps in graphs, with
 #   a per-kernel GPU-time profile of a few steps of each.
 set -uo pipefail
@@ -44,6 +47,25 @@ gemv)
     --backends '{"triton": ["rtn:int2:g128:asym","rtn:int3:g128:asym","rtn:int4:g128:asym","rtn:int8:g128:asym"]}' \
     --out "$out/kernels_gemv" 2>&1 | grep -E "roofline|triton|dense"
   rm -f "$out"/*.png "$out"/*_latency.csv
+  ;;
+floor)
+  timeout 120 python inference/read_floor.py --mb 35.6,8.9,124.3 2>&1 | tee "$out/read_floor.txt"
+  ;;
+ncu)
+  metrics=gpu__time_duration.sum,dram__throughput.avg.pct_of_peak_sustained_elapsed,dram__bytes_read.sum
+  metrics+=,launch__registers_per_thread,launch__grid_size,sm__warps_active.avg.pct_of_peak_sustained_active
+  metrics+=,smsp__issue_active.avg.pct_of_peak_sustained_active,smsp__inst_executed.sum
+  metrics+=,l1tex__t_sector_hit_rate.pct,lts__t_sector_hit_rate.pct,l1tex__throughput.avg.pct_of_peak_sustained_active
+  for stall in long_scoreboard lg_throttle wait not_selected math_pipe_throttle short_scoreboard no_instruction \
+      barrier mio_throttle drain; do
+    metrics+=,smsp__average_warps_issue_stalled_${stall}_per_issue_active.ratio
+  done
+  timeout 150 ncu --clock-control none --kernel-name regex:gemv_mma --launch-skip 3 --launch-count 1 \
+    --metrics "$metrics" python inference/gemv_configs.py --kernel gemv-mma --bits 4 --shapes 8192x8192 \
+    --configs 8/1/4 --top 1 2>&1 | grep -v "^==PROF==" | tee "$out/ncu_gemv_mma_int4_8192.txt"
+  timeout 100 ncu --clock-control none --kernel-name regex:stream_read --launch-skip 8 --launch-count 1 \
+    --metrics "$metrics" python inference/read_floor.py --mb 35.6 2>&1 | grep -v "^==PROF==" \
+    | tee "$out/ncu_read_floor_35mb.txt"
   ;;
 decode)
   timeout 150 python inference/decode.py --config llama-2-7b --mix mixed4 --profile 3 --out "$out/decode" 2>&1 | tail -4

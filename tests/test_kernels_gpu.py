@@ -78,8 +78,7 @@ def test_every_gemv_choice_matches_reference(option):
 @pytest.mark.parametrize("bits", [2, 3, 4, 8])
 def test_tensor_core_gemv_matches_reference_without_masks(bits):
     """Rows a multiple of 16 and units a multiple of every configuration's step: gemv_mma's unmasked path
-    (the one real layers take), every configuration the tuner offers (register and shared-memory ring
-    ones), batches 1 and 3."""
+    (the one real layers take), every configuration the tuner offers, batches 1 and 3."""
     from bitalloc.kernels import triton_backend as tb
 
     generator = torch.Generator().manual_seed(0)

@@ -46,12 +46,9 @@ PAIR_CONFIGS = [(4, 4, 1, 2), (4, 4, 1, 4), (2, 4, 1, 4), (8, 4, 1, 4), (8, 2, 1
 # the split-K one for layers with few rows
 PAIR_CONFIGS_3BIT = [(4, 1, 1, 2), (4, 2, 1, 2), (8, 1, 1, 2), (2, 2, 1, 2), (8, 1, 1, 4), (4, 1, 2, 4)]
 PAIR_BITS = (2, 3, 4, 8)
-# the tensor-core GEMV: (VEC units per lane and row, SPLIT_K, num_warps, STAGES); a program holds 16 rows;
-# STAGES 0 loads the next step's words into registers, STAGES >= 2 copies them that many steps ahead into a
-# shared-memory ring.  Register ones ordered by the H200 sweep (results/gemv_mma_configs_h200.txt: 8/1/4
-# fastest for int4 and int8 on 8192x8192); ring ones not yet timed
-MMA_CONFIGS = [(8, 1, 4, 0), (8, 1, 8, 0), (4, 1, 4, 0), (4, 1, 8, 0), (2, 1, 4, 0), (2, 1, 8, 0), (1, 1, 4, 0),
-               (4, 2, 4, 0), (8, 2, 4, 0), (8, 1, 4, 3), (8, 1, 4, 4), (4, 1, 4, 4), (8, 1, 2, 4), (4, 1, 8, 3)]
+# the tensor-core GEMV: (VEC units per lane and row, SPLIT_K, num_warps); a program holds 16 rows.  Ordered by
+# the H200 sweep (results/gemv_mma_configs_h200.txt: 8/1/4 fastest for int4 and int8 on 8192x8192)
+MMA_CONFIGS = [(8, 1, 4), (8, 1, 8), (4, 1, 4), (4, 1, 8), (2, 1, 4), (2, 1, 8), (1, 1, 4), (4, 2, 4), (8, 2, 4)]
 ARRANGE_BLOCK = 128
 DEQUANT_TILE = (32, 256)  # (BLOCK_N, BLOCK_K) of the dequantization pass
 
@@ -111,7 +108,7 @@ def _launch_pairs(kind, config, x, qweight, scales, zeros_arg, bits, group, in_f
     m, n, ng = x.shape[0], qweight.shape[0], scales.shape[1]
     codes = unit_codes(bits)
     units = packed_units(qweight.shape[1], bits)
-    block_n, vec, split, warps = (tm.ROWS, *config[:3]) if kind == MMA else config
+    block_n, vec, split, warps = (tm.ROWS, *config) if kind == MMA else config
     out = _gemv_output(x, n, split)
     xp = torch.empty(m, codes // 2, units, device=x.device, dtype=torch.int32)
     xs = torch.empty(m, triton_cdiv(units, vec), device=x.device, dtype=torch.float32)
@@ -122,7 +119,7 @@ def _launch_pairs(kind, config, x, qweight, scales, zeros_arg, bits, group, in_f
     if kind == MMA:
         even = n % block_n == 0 and units % (warps * 4 * vec) == 0
         tm.gemv_mma[grid](xp, xs, qweight, scales, zeros_arg, out, n, units, ng, out.stride(0), VEC=vec, SPLIT_K=split,
-                          EVEN=even, STAGES=config[3], num_warps=warps, **common)
+                          EVEN=even, num_warps=warps, **common)
     else:
         tp.gemv_pairs[grid](xp, xs, qweight, scales, zeros_arg, out, n, units, ng, out.stride(0), BLOCK_N=block_n,
                             VEC=vec, SPLIT_K=split, num_warps=warps, **common)
@@ -190,8 +187,7 @@ def candidates(m: int, group: int, bits: int, dtype: torch.dtype) -> list[tuple[
     configs = []
     if m <= GEMV_ROWS and dtype == torch.float16 and bits in PAIR_BITS and _gluon() and not tuner.interpreting():
         configs += [(PAIRS, c) for c in pair_configs(bits) if group % (c[1] * unit_codes(bits)) == 0]
-        configs += [(MMA, c) for c in MMA_CONFIGS if group % (c[0] * unit_codes(bits)) == 0
-                    and (c[3] == 0 or c[0] * unit_codes(bits) * bits % 128 == 0)]  # ring: 16-byte pieces
+        configs += [(MMA, c) for c in MMA_CONFIGS if group % (c[0] * unit_codes(bits)) == 0]
     if m <= GEMV_ROWS and group % 32 == 0:
         configs += [(GEMV, c) for c in GEMV_CONFIGS]
     return configs + [(DEQUANT, DEQUANT_TILE)]

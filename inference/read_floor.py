@@ -1,0 +1,78 @@
+"""How fast a kernel that only reads N bytes can be, in the harness that times the GEMVs.
+
+    python inference/read_floor.py --mb 35.6,8.9,124.3
+
+A GEMV's time is at best the time to read its codes and scales once.  At the
+sizes of one layer (tens of MB) that is not bytes / bandwidth: programs ramp up,
+the first loads wait a full memory latency and the last programs finish alone.
+This times a plain streaming read (16-byte loads, a few tiles per program, all
+issued before any is used, one xor per word) over several launch shapes, replayed
+from a CUDA graph over copies beyond the L2 cache like `inference/kernels.py`, and
+prints each shape's time and bandwidth: the floor a GEMV of that many bytes can
+be compared with.
+"""
+import argparse
+import sys
+
+import torch
+import triton
+import triton.language as tl
+
+from bitalloc.benchmarks import MAX_COPIES, roofline_bandwidth
+from bitalloc.errors import BitallocError, cli_entry
+from bitalloc.kernels.timing import time_cuda_graph
+
+# (BLOCK words per tile, TILES per program, num_warps)
+LAUNCHES = [(1024, 4, 4), (1024, 8, 4), (512, 8, 4), (2048, 8, 8), (4096, 4, 8), (1024, 16, 4)]
+
+
+@triton.jit
+def stream_read(src_ptr, out_ptr, words, BLOCK: tl.constexpr, TILES: tl.constexpr):
+    """xor of TILES tiles of BLOCK int32 words per program (one store per program, so no load is dead)."""
+    base = tl.program_id(0).to(tl.int64) * BLOCK * TILES
+    acc = tl.zeros([BLOCK], tl.int32)
+    for tile in tl.static_range(TILES):
+        offsets = base + tile * BLOCK + tl.arange(0, BLOCK)
+        acc ^= tl.load(src_ptr + offsets, mask=offsets < words, other=0, cache_modifier=".cg")
+    tl.store(out_ptr + tl.program_id(0), tl.xor_sum(acc, axis=0))
+
+
+def read_floor_seconds(moved: int) -> dict[tuple, float]:
+    """Seconds per read of `moved` bytes for each of LAUNCHES."""
+    words = moved // 4
+    cache = torch.cuda.get_device_properties(0).L2_cache_size
+    copies = [torch.ones(words, device="cuda", dtype=torch.int32)
+              for _ in range(min(MAX_COPIES, max(2, -(-4 * cache // moved))))]
+    seconds = {}
+    for block, tiles, warps in LAUNCHES:
+        programs = triton.cdiv(words, block * tiles)
+        out = torch.empty(programs, device="cuda", dtype=torch.int32)
+        calls = [lambda src=src: stream_read[(programs,)](src, out, words, BLOCK=block, TILES=tiles, num_warps=warps)
+                 for src in copies]
+        seconds[(block, tiles, warps)] = time_cuda_graph(calls)
+    del copies
+    return seconds
+
+
+@cli_entry
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0],
+                                     formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
+    parser.add_argument("--mb", default="35.6,8.9,124.3", help="sizes to read in MB (1e6 bytes), comma separated")
+    args = parser.parse_args(argv)
+    if not torch.cuda.is_available():
+        raise BitallocError("read_floor needs a CUDA GPU")
+    bandwidth, note = roofline_bandwidth(torch.device("cuda"))
+    print(note, flush=True)
+    for size in (float(v) for v in args.mb.split(",")):
+        moved = int(size * 1e6)
+        timings = sorted((t, c) for c, t in read_floor_seconds(moved).items())
+        cells = "  ".join(f"{'/'.join(map(str, c))}: {t * 1e6:.1f}" for t, c in timings)
+        best = timings[0][0]
+        print(f"{size:.1f} MB: {cells} | best {best * 1e6:.1f} us = {moved / best / 1e12:.2f} TB/s, "
+              f"{100 * moved / best / bandwidth:.0f} % roofline", flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
