@@ -46,9 +46,13 @@ PAIR_CONFIGS = [(4, 4, 1, 2), (4, 4, 1, 4), (2, 4, 1, 4), (8, 4, 1, 4), (8, 2, 1
 # the split-K one for layers with few rows
 PAIR_CONFIGS_3BIT = [(4, 1, 1, 2), (4, 2, 1, 2), (8, 1, 1, 2), (2, 2, 1, 2), (8, 1, 1, 4), (4, 1, 2, 4)]
 PAIR_BITS = (2, 3, 4, 8)
-# the tensor-core GEMV: (VEC units per lane and row, SPLIT_K, num_warps); a program holds 16 rows.  Ordered by
-# the H200 sweep (results/gemv_mma_configs_h200.txt: 8/1/4 fastest for int4 and int8 on 8192x8192)
-MMA_CONFIGS = [(8, 1, 4), (8, 1, 8), (4, 1, 4), (4, 1, 8), (2, 1, 4), (2, 1, 8), (1, 1, 4), (4, 2, 4), (8, 2, 4)]
+# the tensor-core GEMV: (VEC units per lane and row, SPLIT_K, num_warps, AHEAD, X_AHEAD); a program holds 16
+# rows; words, scales and zeros are loaded AHEAD steps ahead, activations one step ahead (X_AHEAD) or in the
+# step.  Ordered by the H200 sweep (results/gemv_mma_configs_h200.txt: 8/1/4 fastest for int4 and int8 on
+# 8192x8192)
+MMA_CONFIGS = [(8, 1, 4, 1, 1), (8, 1, 8, 1, 1), (4, 1, 4, 1, 1), (4, 1, 8, 1, 1), (2, 1, 4, 1, 1), (2, 1, 8, 1, 1),
+               (1, 1, 4, 1, 1), (4, 2, 4, 1, 1), (8, 2, 4, 1, 1), (8, 1, 4, 1, 0), (8, 1, 4, 2, 0), (8, 1, 4, 3, 0),
+               (8, 1, 8, 2, 0), (4, 1, 4, 2, 0), (4, 1, 8, 2, 0), (4, 1, 4, 3, 0), (8, 1, 4, 2, 1), (8, 2, 4, 2, 0)]
 ARRANGE_BLOCK = 128
 DEQUANT_TILE = (32, 256)  # (BLOCK_N, BLOCK_K) of the dequantization pass
 
@@ -108,7 +112,7 @@ def _launch_pairs(kind, config, x, qweight, scales, zeros_arg, bits, group, in_f
     m, n, ng = x.shape[0], qweight.shape[0], scales.shape[1]
     codes = unit_codes(bits)
     units = packed_units(qweight.shape[1], bits)
-    block_n, vec, split, warps = (tm.ROWS, *config) if kind == MMA else config
+    block_n, vec, split, warps = (tm.ROWS, *config[:3]) if kind == MMA else config
     out = _gemv_output(x, n, split)
     xp = torch.empty(m, codes // 2, units, device=x.device, dtype=torch.int32)
     xs = torch.empty(m, triton_cdiv(units, vec), device=x.device, dtype=torch.float32)
@@ -119,7 +123,7 @@ def _launch_pairs(kind, config, x, qweight, scales, zeros_arg, bits, group, in_f
     if kind == MMA:
         even = n % block_n == 0 and units % (warps * 4 * vec) == 0
         tm.gemv_mma[grid](xp, xs, qweight, scales, zeros_arg, out, n, units, ng, out.stride(0), VEC=vec, SPLIT_K=split,
-                          EVEN=even, num_warps=warps, **common)
+                          EVEN=even, AHEAD=config[3], X_AHEAD=bool(config[4]), num_warps=warps, **common)
     else:
         tp.gemv_pairs[grid](xp, xs, qweight, scales, zeros_arg, out, n, units, ng, out.stride(0), BLOCK_N=block_n,
                             VEC=vec, SPLIT_K=split, num_warps=warps, **common)

@@ -53,7 +53,7 @@ def _dequantized(words, j: gl.constexpr, scale, s, BITS: gl.constexpr):
 @gluon.jit
 def gemv_mma(xp_ptr, xs_ptr, qw_ptr, s_ptr, z_ptr, out_ptr, N, U, NG, stride_om, BITS: gl.constexpr,
              GROUP: gl.constexpr, HAS_ZEROS: gl.constexpr, VEC: gl.constexpr, SPLIT_K: gl.constexpr,
-             EVEN: gl.constexpr):
+             EVEN: gl.constexpr, AHEAD: gl.constexpr, X_AHEAD: gl.constexpr):
     """One row of float16 activations (arranged by `arrange_pairs`, sums per VEC units) against 16 rows of
     packed codes: s * (sum_j q_j x_j - z sum_j x_j) through tensor-core MMAs (module docstring).
 
@@ -83,8 +83,11 @@ def gemv_mma(xp_ptr, xs_ptr, qw_ptr, s_ptr, z_ptr, out_ptr, N, U, NG, stride_om,
     per_split = gl.cdiv(steps, SPLIT_K)
     first = pid_k * per_split
     last = gl.minimum(first + per_split, steps)
-    data = _mma_step_data(qw_ptr, xp_ptr, xs_ptr, s_ptr, z_ptr, rows, lane_chunk, N, U, NG,
-                          gl.minimum(first, steps - 1), first < last, BITS, GROUP, HAS_ZEROS, VEC, STEP, EVEN)
+    queue = ()
+    for i in gl.static_range(AHEAD):
+        queue = queue + (_mma_step_data(qw_ptr, xp_ptr, xs_ptr, s_ptr, z_ptr, rows, lane_chunk, N, U, NG,
+                                        gl.maximum(gl.minimum(first + i, last - 1), 0), first + i < last, BITS, GROUP,
+                                        HAS_ZEROS, VEC, STEP, EVEN, X_AHEAD),)
     acc0 = gl.zeros([WARPS, 8, 4], gl.float32, LANES)
     acc1 = gl.zeros([WARPS, 8, 4], gl.float32, LANES)
     acc2 = gl.zeros([WARPS, 8, 4], gl.float32, LANES)
@@ -92,9 +95,15 @@ def gemv_mma(xp_ptr, xs_ptr, qw_ptr, s_ptr, z_ptr, out_ptr, N, U, NG, stride_om,
     zero_terms = gl.zeros([WARPS, 8, 4], gl.float32, LANES)  # rows g and g + 8 summed apart: two tensors
     zero_terms8 = gl.zeros([WARPS, 8, 4], gl.float32, LANES)
     for step in range(first, last):
-        low, high, x, s, s8, z, z8, total = data
-        data = _mma_step_data(qw_ptr, xp_ptr, xs_ptr, s_ptr, z_ptr, rows, lane_chunk, N, U, NG,
-                              gl.minimum(step + 1, last - 1), step + 1 < last, BITS, GROUP, HAS_ZEROS, VEC, STEP, EVEN)
+        low, high, x, s, s8, z, z8, total = queue[0]
+        if not X_AHEAD:
+            x = _mma_x(xp_ptr, rows, lane_chunk, U, step, True, BITS, VEC, STEP, EVEN)
+        rest = ()
+        for i in gl.static_range(1, AHEAD):
+            rest = rest + (queue[i],)
+        queue = rest + (_mma_step_data(qw_ptr, xp_ptr, xs_ptr, s_ptr, z_ptr, rows, lane_chunk, N, U, NG,
+                                       gl.minimum(step + AHEAD, last - 1), step + AHEAD < last, BITS, GROUP,
+                                       HAS_ZEROS, VEC, STEP, EVEN, X_AHEAD),)
         scale = _half_pair(s)
         scale8 = _half_pair(s8)
         for v in gl.static_range(VEC):
@@ -120,10 +129,10 @@ def gemv_mma(xp_ptr, xs_ptr, qw_ptr, s_ptr, z_ptr, out_ptr, N, U, NG, stride_om,
 @gluon.jit
 def _mma_step_data(qw_ptr, xp_ptr, xs_ptr, s_ptr, z_ptr, rows, lane_chunk, N, U, NG, step, live,
                    BITS: gl.constexpr, GROUP: gl.constexpr, HAS_ZEROS: gl.constexpr, VEC: gl.constexpr,
-                   STEP: gl.constexpr, EVEN: gl.constexpr):
+                   STEP: gl.constexpr, EVEN: gl.constexpr, WITH_X: gl.constexpr):
     """A step's loads for every lane: the words of its VEC units in rows g and g + 8 (tuples per unit of
-    each unit's words), the activation pairs of those units (a tuple per unit), the rows' scales and zeros
-    (float32) and the chunk's sum of x; zeros where not `live`."""
+    each unit's words), WITH_X the activation pairs of those units (`_mma_x`; else 0), the rows' scales and
+    zeros (float32) and the chunk's sum of x; zeros where not `live`."""
     PAIRS: gl.constexpr = _pairs_per_unit(BITS)
     WORDS: gl.constexpr = PAIRS * 2 * BITS // 32
     chunk = step * (STEP // VEC) + lane_chunk
@@ -140,19 +149,36 @@ def _mma_step_data(qw_ptr, xp_ptr, xs_ptr, s_ptr, z_ptr, rows, lane_chunk, N, U,
         z = gl.full(s.shape, (1 << (BITS - 1)) * 1.0, gl.float32, s.type.layout)
         z8 = z
     total = _load(xs_ptr + chunk, chunk_ok, EVEN)
-    # [WARPS, 8, 4, VEC]: a lane's VEC units side by side (16-byte loads of words and of activation pairs)
+    u, row4 = _lane_units(rows, chunk, VEC)
+    unit_ok = (u < U) & live
+    low = _units(qw_ptr, row4, u, unit_ok & (row4 < N), U, WORDS, VEC, EVEN)
+    high = _units(qw_ptr + 8 * U * WORDS, row4, u, unit_ok & (row4 + 8 < N), U, WORDS, VEC, EVEN)
+    x = 0
+    if WITH_X:
+        x = _mma_x(xp_ptr, rows, lane_chunk, U, step, live, BITS, VEC, STEP, EVEN)
+    return low, high, x, s, s8, z, z8, total
+
+
+@gluon.jit
+def _mma_x(xp_ptr, rows, lane_chunk, U, step, live, BITS: gl.constexpr, VEC: gl.constexpr, STEP: gl.constexpr,
+           EVEN: gl.constexpr):
+    """The activation pairs of a lane's VEC units in a step: a tuple per unit of its PAIRS pairs."""
+    PAIRS: gl.constexpr = _pairs_per_unit(BITS)
+    u, _ = _lane_units(rows, step * (STEP // VEC) + lane_chunk, VEC)
+    per_pair = ()
+    for j in gl.static_range(PAIRS):
+        per_pair = per_pair + (_unstack(_load(xp_ptr + j * U + u, (u < U) & live, EVEN), VEC),)
+    return _transposed(per_pair, PAIRS, VEC)
+
+
+@gluon.jit
+def _lane_units(rows, chunk, VEC: gl.constexpr):
+    """[WARPS, 8, 4, VEC]: a lane's VEC units side by side (16-byte loads), and its row g alike."""
     VECTORS: gl.constexpr = gl.BlockedLayout([1, 1, 1, VEC], [1, 8, 4, 1], [gl.num_warps(), 1, 1, 1], [3, 2, 1, 0])
     v = gl.arange(0, VEC, layout=gl.SliceLayout(0, gl.SliceLayout(1, gl.SliceLayout(2, VECTORS))))
     v = gl.expand_dims(gl.expand_dims(gl.expand_dims(v, 0), 1), 2)
     u = gl.expand_dims(gl.convert_layout(chunk, gl.SliceLayout(3, VECTORS)), 3) * VEC + v
-    row4 = gl.expand_dims(gl.convert_layout(rows, gl.SliceLayout(3, VECTORS)), 3)
-    unit_ok = (u < U) & live
-    low = _units(qw_ptr, row4, u, unit_ok & (row4 < N), U, WORDS, VEC, EVEN)
-    high = _units(qw_ptr + 8 * U * WORDS, row4, u, unit_ok & (row4 + 8 < N), U, WORDS, VEC, EVEN)
-    per_pair = ()
-    for j in gl.static_range(PAIRS):
-        per_pair = per_pair + (_unstack(_load(xp_ptr + j * U + u, unit_ok, EVEN), VEC),)
-    return low, high, _transposed(per_pair, PAIRS, VEC), s, s8, z, z8, total
+    return u, gl.expand_dims(gl.convert_layout(rows, gl.SliceLayout(3, VECTORS)), 3)
 
 
 @gluon.jit
