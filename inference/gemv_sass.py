@@ -91,8 +91,8 @@ def codes_per_thread(kernel: str, bits: int, config: tuple[int, ...]) -> float:
     if kernel == "units":
         return config[0] * config[1] / (32 * config[3])
     unit = 32 if bits == 3 else 32 // bits
-    if kernel == "mma":  # rows g and g + 8, VEC units each
-        return 2 * config[0] * unit
+    if kernel == "mma":  # rows g and g + 8, VEC units each, AHEAD steps per loop turn
+        return 2 * config[0] * unit * (config[3] if len(config) > 3 else 1)
     return config[0] * config[1] * unit
 
 

@@ -94,26 +94,20 @@ def gemv_mma(xp_ptr, xs_ptr, qw_ptr, s_ptr, z_ptr, out_ptr, N, U, NG, stride_om,
     acc3 = gl.zeros([WARPS, 8, 4], gl.float32, LANES)
     zero_terms = gl.zeros([WARPS, 8, 4], gl.float32, LANES)  # rows g and g + 8 summed apart: two tensors
     zero_terms8 = gl.zeros([WARPS, 8, 4], gl.float32, LANES)
-    for step in range(first, last):
-        low, high, x, s, s8, z, z8, total = queue[0]
-        if not X_AHEAD:
-            x = _mma_x(xp_ptr, rows, lane_chunk, U, step, True, BITS, VEC, STEP, EVEN)
-        rest = ()
-        for i in gl.static_range(1, AHEAD):
-            rest = rest + (queue[i],)
-        queue = rest + (_mma_step_data(qw_ptr, xp_ptr, xs_ptr, s_ptr, z_ptr, rows, lane_chunk, N, U, NG,
-                                       gl.minimum(step + AHEAD, last - 1), step + AHEAD < last, BITS, GROUP,
-                                       HAS_ZEROS, VEC, STEP, EVEN, X_AHEAD),)
-        scale = _half_pair(s)
-        scale8 = _half_pair(s8)
-        for v in gl.static_range(VEC):
-            for j in gl.static_range(0, PAIRS, 2):
-                acc0, acc1, acc2, acc3 = _mma(
-                    _dequantized(low[v], j, scale, s, BITS), _dequantized(high[v], j, scale8, s8, BITS),
-                    _dequantized(low[v], j + 1, scale, s, BITS), _dequantized(high[v], j + 1, scale8, s8, BITS),
-                    x[v][j], x[v][j + 1], acc0, acc1, acc2, acc3)
-        zero_terms += z * s * total
-        zero_terms8 += z8 * s8 * total
+    for base in range(first, last, AHEAD):  # unrolled AHEAD times: slot i of the queue stays in its registers
+        for i in gl.static_range(AHEAD):
+            step = base + i
+            low, high, x, s, s8, z, z8, total = queue[i]
+            if not X_AHEAD:
+                x = _mma_x(xp_ptr, rows, lane_chunk, U, gl.minimum(step, last - 1), step < last, BITS, VEC, STEP,
+                           EVEN)
+            queue = _replaced(queue, i, _mma_step_data(qw_ptr, xp_ptr, xs_ptr, s_ptr, z_ptr, rows, lane_chunk, N, U,
+                                                       NG, gl.minimum(step + AHEAD, last - 1), step + AHEAD < last,
+                                                       BITS, GROUP, HAS_ZEROS, VEC, STEP, EVEN, X_AHEAD))
+            if AHEAD == 1 or step < last:
+                acc0, acc1, acc2, acc3 = _mma_step(low, high, x, s, s8, acc0, acc1, acc2, acc3, BITS, VEC)
+                zero_terms += z * s * total
+                zero_terms8 += z8 * s8 * total
     # every column of the accumulators holds the same sums: count lane t = 0's once, then sum the warps
     dots = gl.sum(gl.sum(gl.where(t == 0, acc0, 0.0) - zero_terms, axis=2), axis=0)  # rows g
     dots8 = gl.sum(gl.sum(gl.where(t == 0, acc2, 0.0) - zero_terms8, axis=2), axis=0)  # rows g + 8
@@ -124,6 +118,33 @@ def gemv_mma(xp_ptr, xs_ptr, qw_ptr, s_ptr, z_ptr, out_ptr, N, U, NG, stride_om,
     else:
         gl.atomic_add(out_ptr + m * stride_om + out_rows, dots, mask=out_rows < N, sem="relaxed")
         gl.atomic_add(out_ptr + m * stride_om + out_rows + 8, dots8, mask=out_rows + 8 < N, sem="relaxed")
+
+
+@gluon.jit
+def _mma_step(low, high, x, s, s8, acc0, acc1, acc2, acc3, BITS: gl.constexpr, VEC: gl.constexpr):
+    """One step's MMAs of a warp: every lane's VEC units of rows g and g + 8 against their activations."""
+    PAIRS: gl.constexpr = _pairs_per_unit(BITS)
+    scale = _half_pair(s)
+    scale8 = _half_pair(s8)
+    for v in gl.static_range(VEC):
+        for j in gl.static_range(0, PAIRS, 2):
+            acc0, acc1, acc2, acc3 = _mma(
+                _dequantized(low[v], j, scale, s, BITS), _dequantized(high[v], j, scale8, s8, BITS),
+                _dequantized(low[v], j + 1, scale, s, BITS), _dequantized(high[v], j + 1, scale8, s8, BITS),
+                x[v][j], x[v][j + 1], acc0, acc1, acc2, acc3)
+    return acc0, acc1, acc2, acc3
+
+
+@gluon.jit
+def _replaced(items, i: gl.constexpr, value):
+    """The tuple `items` with item i replaced by `value`."""
+    out = ()
+    for k in gl.static_range(len(items)):
+        if k == i:
+            out = out + (value,)
+        else:
+            out = out + (items[k],)
+    return out
 
 
 @gluon.jit
