@@ -48,7 +48,7 @@ SIGNATURES = {  # kernel -> (pointer and size arguments, constexpr names)
               ("BITS", "GROUP", "HAS_ZEROS", "BLOCK_N", "VEC", "SPLIT_K")),
     "mma": ({"xp_ptr": "*i32", "xs_ptr": "*fp32", "qw_ptr": "*i32", "s_ptr": "*fp16", "z_ptr": "*fp16",
              "out_ptr": "*fp32", "N": "i32", "U": "i32", "NG": "i32", "stride_om": "i32"},
-            ("BITS", "GROUP", "HAS_ZEROS", "VEC", "SPLIT_K", "EVEN", "AHEAD", "X_AHEAD")),
+            ("BITS", "GROUP", "HAS_ZEROS", "VEC", "SPLIT_K", "EVEN", "X_AHEAD")),
 }
 KERNELS = {"units": (tk.gemv_units, ASTSource), "pairs": (tp.gemv_pairs, GluonASTSource),
            "mma": (tm.gemv_mma, GluonASTSource)}
@@ -56,14 +56,14 @@ ADDRESS = re.compile(r"/\*([0-9a-f]{4,})\*/\s+(.*?)\s*;")
 
 
 def sass_of(bits: int, config: tuple[int, ...], group: int = 128, kernel: str = "units") -> str:
-    if kernel == "mma":  # VEC/SPLIT_K/num_warps/AHEAD/X_AHEAD
-        config = (tm.ROWS, *config, 1, 1)[:6]
+    if kernel == "mma":  # VEC/SPLIT_K/num_warps[/X_AHEAD]
+        config = (tm.ROWS, *config, 1)[:5]
     block_n, block_k, split, warps = config[:4]
     codes = 32 * (1 if 32 % bits == 0 else bits) // bits
     arguments, names = SIGNATURES[kernel]
     values = dict(BITS=bits, GROUP=group, HAS_ZEROS=True, PER_SHIFT=max(1, 8 // bits), BLOCK_N=block_n,
                   BLOCK_U=max(1, block_k // codes), VEC=block_k, SPLIT_K=split, EVEN=True,
-                  AHEAD=config[4] if kernel == "mma" else 1, X_AHEAD=bool(config[5]) if kernel == "mma" else True)  # pairs: VEC = config[1]
+                  X_AHEAD=kernel != "mma" or bool(config[4]))  # pairs: VEC = config[1]
     values = {name: values[name] for name in names}
     signature = {**arguments, **{name: "constexpr" for name in names}}
     divisible = {(i,): [["tt.divisibility", 16]] for i in range(len(arguments))}
@@ -91,8 +91,8 @@ def codes_per_thread(kernel: str, bits: int, config: tuple[int, ...]) -> float:
     if kernel == "units":
         return config[0] * config[1] / (32 * config[3])
     unit = 32 if bits == 3 else 32 // bits
-    if kernel == "mma":  # rows g and g + 8, VEC units each, AHEAD steps per loop turn
-        return 2 * config[0] * unit * (config[3] if len(config) > 3 else 1)
+    if kernel == "mma":  # rows g and g + 8, VEC units each
+        return 2 * config[0] * unit
     return config[0] * config[1] * unit
 
 

@@ -46,13 +46,12 @@ PAIR_CONFIGS = [(4, 4, 1, 2), (4, 4, 1, 4), (2, 4, 1, 4), (8, 4, 1, 4), (8, 2, 1
 # the split-K one for layers with few rows
 PAIR_CONFIGS_3BIT = [(4, 1, 1, 2), (4, 2, 1, 2), (8, 1, 1, 2), (2, 2, 1, 2), (8, 1, 1, 4), (4, 1, 2, 4)]
 PAIR_BITS = (2, 3, 4, 8)
-# the tensor-core GEMV: (VEC units per lane and row, SPLIT_K, num_warps, AHEAD, X_AHEAD); a program holds 16
-# rows; words, scales and zeros are loaded AHEAD steps ahead, activations one step ahead (X_AHEAD) or in the
-# step.  Ordered by the H200 sweep (results/gemv_mma_configs_h200.txt: 8/1/4 fastest for int4 and int8 on
-# 8192x8192)
-MMA_CONFIGS = [(8, 1, 4, 1, 1), (8, 1, 8, 1, 1), (4, 1, 4, 1, 1), (4, 1, 8, 1, 1), (2, 1, 4, 1, 1), (2, 1, 8, 1, 1),
-               (1, 1, 4, 1, 1), (4, 2, 4, 1, 1), (8, 2, 4, 1, 1), (8, 1, 4, 1, 0), (8, 1, 4, 2, 0), (8, 1, 8, 2, 0),
-               (4, 1, 4, 2, 0), (4, 1, 8, 2, 0), (8, 2, 4, 2, 0)]
+# the tensor-core GEMV: (VEC units per lane and row, SPLIT_K, num_warps, X_AHEAD); a program holds 16 rows;
+# X_AHEAD 1 loads a step's activations a step ahead, 0 in the step.  Ordered by the H200 sweeps
+# (results/gemv_mma_configs_h200.txt: 8/1/4/1 fastest for int4 and int8 on 8192x8192;
+# results/h200_unrolled/unrolled_configs.txt: 8/1/4/0 for int2 on four shapes)
+MMA_CONFIGS = [(8, 1, 4, 1), (8, 1, 8, 1), (4, 1, 4, 1), (4, 1, 8, 1), (2, 1, 4, 1), (2, 1, 8, 1), (1, 1, 4, 1),
+               (4, 2, 4, 1), (8, 2, 4, 1), (8, 1, 4, 0)]
 ARRANGE_BLOCK = 128
 DEQUANT_TILE = (32, 256)  # (BLOCK_N, BLOCK_K) of the dequantization pass
 
@@ -123,7 +122,7 @@ def _launch_pairs(kind, config, x, qweight, scales, zeros_arg, bits, group, in_f
     if kind == MMA:
         even = n % block_n == 0 and units % (warps * 4 * vec) == 0
         tm.gemv_mma[grid](xp, xs, qweight, scales, zeros_arg, out, n, units, ng, out.stride(0), VEC=vec, SPLIT_K=split,
-                          EVEN=even, AHEAD=config[3], X_AHEAD=bool(config[4]), num_warps=warps, **common)
+                          EVEN=even, X_AHEAD=bool(config[3]), num_warps=warps, **common)
     else:
         tp.gemv_pairs[grid](xp, xs, qweight, scales, zeros_arg, out, n, units, ng, out.stride(0), BLOCK_N=block_n,
                             VEC=vec, SPLIT_K=split, num_warps=warps, **common)

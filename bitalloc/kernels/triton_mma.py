@@ -53,14 +53,16 @@ def _dequantized(words, j: gl.constexpr, scale, s, BITS: gl.constexpr):
 @gluon.jit
 def gemv_mma(xp_ptr, xs_ptr, qw_ptr, s_ptr, z_ptr, out_ptr, N, U, NG, stride_om, BITS: gl.constexpr,
              GROUP: gl.constexpr, HAS_ZEROS: gl.constexpr, VEC: gl.constexpr, SPLIT_K: gl.constexpr,
-             EVEN: gl.constexpr, AHEAD: gl.constexpr, X_AHEAD: gl.constexpr):
+             EVEN: gl.constexpr, X_AHEAD: gl.constexpr):
     """One row of float16 activations (arranged by `arrange_pairs`, sums per VEC units) against 16 rows of
     packed codes: s * (sum_j q_j x_j - z sum_j x_j) through tensor-core MMAs (module docstring).
 
     Tensors are [warp, g, t]: one element per lane.  Lane (g, t) of warp w loads VEC units of rows g and
     g + 8 per step (chunk 4 w + t of the step's 4 * num_warps chunks), the matching activation pairs, and
-    its rows' scales and zeros; the next step's loads are issued before this one computes.  EVEN (rows a
-    multiple of 16, units of the step): no masks; the loads after the last step repeat it instead.
+    its rows' scales and zeros; the next step's words, scales and zeros are loaded before this one
+    computes, its activations too if X_AHEAD (else in the step, from L1: 40-45 fewer registers, which
+    2-bit codes need).  EVEN (rows a multiple of 16, units of the step): no masks; the loads after the
+    last step repeat it instead.
     """
     PAIRS: gl.constexpr = _pairs_per_unit(BITS)
     WARPS: gl.constexpr = gl.num_warps()
@@ -83,31 +85,31 @@ def gemv_mma(xp_ptr, xs_ptr, qw_ptr, s_ptr, z_ptr, out_ptr, N, U, NG, stride_om,
     per_split = gl.cdiv(steps, SPLIT_K)
     first = pid_k * per_split
     last = gl.minimum(first + per_split, steps)
-    queue = ()
-    for i in gl.static_range(AHEAD):
-        queue = queue + (_mma_step_data(qw_ptr, xp_ptr, xs_ptr, s_ptr, z_ptr, rows, lane_chunk, N, U, NG,
-                                        gl.maximum(gl.minimum(first + i, last - 1), 0), first + i < last, BITS, GROUP,
-                                        HAS_ZEROS, VEC, STEP, EVEN, X_AHEAD),)
+    data = _mma_step_data(qw_ptr, xp_ptr, xs_ptr, s_ptr, z_ptr, rows, lane_chunk, N, U, NG,
+                          gl.minimum(first, steps - 1), first < last, BITS, GROUP, HAS_ZEROS, VEC, STEP, EVEN, X_AHEAD)
     acc0 = gl.zeros([WARPS, 8, 4], gl.float32, LANES)
     acc1 = gl.zeros([WARPS, 8, 4], gl.float32, LANES)
     acc2 = gl.zeros([WARPS, 8, 4], gl.float32, LANES)
     acc3 = gl.zeros([WARPS, 8, 4], gl.float32, LANES)
     zero_terms = gl.zeros([WARPS, 8, 4], gl.float32, LANES)  # rows g and g + 8 summed apart: two tensors
     zero_terms8 = gl.zeros([WARPS, 8, 4], gl.float32, LANES)
-    for base in range(first, last, AHEAD):  # unrolled AHEAD times: slot i of the queue stays in its registers
-        for i in gl.static_range(AHEAD):
-            step = base + i
-            low, high, x, s, s8, z, z8, total = queue[i]
-            if not X_AHEAD:
-                x = _mma_x(xp_ptr, rows, lane_chunk, U, gl.minimum(step, last - 1), step < last, BITS, VEC, STEP,
-                           EVEN)
-            queue = _replaced(queue, i, _mma_step_data(qw_ptr, xp_ptr, xs_ptr, s_ptr, z_ptr, rows, lane_chunk, N, U,
-                                                       NG, gl.minimum(step + AHEAD, last - 1), step + AHEAD < last,
-                                                       BITS, GROUP, HAS_ZEROS, VEC, STEP, EVEN, X_AHEAD))
-            if AHEAD == 1 or step < last:
-                acc0, acc1, acc2, acc3 = _mma_step(low, high, x, s, s8, acc0, acc1, acc2, acc3, BITS, VEC)
-                zero_terms += z * s * total
-                zero_terms8 += z8 * s8 * total
+    for step in range(first, last):
+        low, high, x, s, s8, z, z8, total = data
+        if not X_AHEAD:
+            x = _mma_x(xp_ptr, rows, lane_chunk, U, step, True, BITS, VEC, STEP, EVEN)
+        data = _mma_step_data(qw_ptr, xp_ptr, xs_ptr, s_ptr, z_ptr, rows, lane_chunk, N, U, NG,
+                              gl.minimum(step + 1, last - 1), step + 1 < last, BITS, GROUP, HAS_ZEROS, VEC, STEP, EVEN,
+                              X_AHEAD)
+        scale = _half_pair(s)
+        scale8 = _half_pair(s8)
+        for v in gl.static_range(VEC):
+            for j in gl.static_range(0, PAIRS, 2):
+                acc0, acc1, acc2, acc3 = _mma(
+                    _dequantized(low[v], j, scale, s, BITS), _dequantized(high[v], j, scale8, s8, BITS),
+                    _dequantized(low[v], j + 1, scale, s, BITS), _dequantized(high[v], j + 1, scale8, s8, BITS),
+                    x[v][j], x[v][j + 1], acc0, acc1, acc2, acc3)
+        zero_terms += z * s * total
+        zero_terms8 += z8 * s8 * total
     # every column of the accumulators holds the same sums: count lane t = 0's once, then sum the warps
     dots = gl.sum(gl.sum(gl.where(t == 0, acc0, 0.0) - zero_terms, axis=2), axis=0)  # rows g
     dots8 = gl.sum(gl.sum(gl.where(t == 0, acc2, 0.0) - zero_terms8, axis=2), axis=0)  # rows g + 8
@@ -118,33 +120,6 @@ def gemv_mma(xp_ptr, xs_ptr, qw_ptr, s_ptr, z_ptr, out_ptr, N, U, NG, stride_om,
     else:
         gl.atomic_add(out_ptr + m * stride_om + out_rows, dots, mask=out_rows < N, sem="relaxed")
         gl.atomic_add(out_ptr + m * stride_om + out_rows + 8, dots8, mask=out_rows + 8 < N, sem="relaxed")
-
-
-@gluon.jit
-def _mma_step(low, high, x, s, s8, acc0, acc1, acc2, acc3, BITS: gl.constexpr, VEC: gl.constexpr):
-    """One step's MMAs of a warp: every lane's VEC units of rows g and g + 8 against their activations."""
-    PAIRS: gl.constexpr = _pairs_per_unit(BITS)
-    scale = _half_pair(s)
-    scale8 = _half_pair(s8)
-    for v in gl.static_range(VEC):
-        for j in gl.static_range(0, PAIRS, 2):
-            acc0, acc1, acc2, acc3 = _mma(
-                _dequantized(low[v], j, scale, s, BITS), _dequantized(high[v], j, scale8, s8, BITS),
-                _dequantized(low[v], j + 1, scale, s, BITS), _dequantized(high[v], j + 1, scale8, s8, BITS),
-                x[v][j], x[v][j + 1], acc0, acc1, acc2, acc3)
-    return acc0, acc1, acc2, acc3
-
-
-@gluon.jit
-def _replaced(items, i: gl.constexpr, value):
-    """The tuple `items` with item i replaced by `value`."""
-    out = ()
-    for k in gl.static_range(len(items)):
-        if k == i:
-            out = out + (value,)
-        else:
-            out = out + (items[k],)
-    return out
 
 
 @gluon.jit
