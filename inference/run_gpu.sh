@@ -5,7 +5,8 @@
 # tests: the GPU tests.  configs: float16-pair GEMV configurations at 3 and 4 bits on three shapes.
 # mma: every tensor-core GEMV configuration at 2/3/4/8 bits on three shapes.
 # gemv: the batch-1 GEMV of every width on the 7B/70B shapes (tuner choices included).
-# floor: the read floor (a kernel that only reads) at the byte counts of int4 8192x8192, 4096x4096, 28672x8192.
+# floor: the read floor (a kernel that only reads) at the byte counts of int4 8192x8192, 4096x4096, 28672x8192,
+#   and the int4 8192x8192 and 4096x4096 codes read in row tiles as the tensor-core GEMV reads them.
 # ncu: Nsight Compute counters (DRAM throughput, occupancy, stall reasons) of the int4 8192x8192 tensor-core
 #   GEMV and of the read floor kernel at the same bytes.
 # decode: the Llama-2-7B mixed4 decode, eager steps in graphs and torch.compile'd steps in graphs, with
@@ -49,7 +50,11 @@ gemv)
   rm -f "$out"/*.png "$out"/*_latency.csv
   ;;
 floor)
-  timeout 120 python inference/read_floor.py --mb 35.6,8.9,124.3 2>&1 | tee "$out/read_floor.txt"
+  timeout 120 python inference/read_floor.py --mb 35.6,8.9,124.7 2>&1 | tee "$out/read_floor.txt"
+  for rows_of in 33.6/1024 8.4/512; do  # int4 8192x8192 and 4096x4096 codes, read as the tensor-core GEMV does
+    timeout 100 python inference/read_floor.py --mb ${rows_of%/*} --row-words ${rows_of#*/} 2>&1 \
+      | tail -2 | tee -a "$out/read_floor.txt"
+  done
   ;;
 ncu)
   metrics=gpu__time_duration.sum,dram__throughput.avg.pct_of_peak_sustained_elapsed,dram__bytes_read.sum
