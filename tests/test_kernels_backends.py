@@ -242,6 +242,18 @@ def test_tensor_core_gemv_spends_one_mma_per_eight_codes_of_a_lane():
         assert bits != 4 or len(body) / codes < 2.8  # the float16-pair GEMV on CUDA cores: 3.6
 
 
+@needs_triton
+def test_tensor_core_gemv_loading_activations_in_the_step_frees_registers():
+    """X_AHEAD 0 keeps only the words, scales and zeros a step ahead: the 2-bit loop (167 registers with
+    everything ahead, too many for four programs per SM) fits in 128, and the arithmetic stays the same."""
+    gemv_sass = _gemv_sass()
+    for bits in (2, 4):
+        ahead, in_step = (gemv_sass.sass_of(bits, (8, 1, 4, x_ahead), kernel="mma") for x_ahead in (1, 0))
+        assert gemv_sass.registers(in_step) <= min(128, gemv_sass.registers(ahead) - 32), bits
+        hmma = [sum(t.startswith("HMMA") for t in gemv_sass.loop_body(sass)) for sass in (ahead, in_step)]
+        assert hmma[0] == hmma[1], (bits, hmma)
+
+
 def test_a_compiled_caller_keeps_triton_layers_in_its_graph(monkeypatch):
     """Traced by torch.compile after its kernel state is built, a `triton` layer is the opaque operator
     bitalloc::quant_matmul: no graph break (fullgraph), and the same output as the eager call.  No GPU here,

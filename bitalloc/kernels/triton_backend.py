@@ -51,7 +51,7 @@ PAIR_BITS = (2, 3, 4, 8)
 # (results/gemv_mma_configs_h200.txt: 8/1/4/1 fastest for int4 and int8 on 8192x8192;
 # results/h200_unrolled/unrolled_configs.txt: 8/1/4/0 for int2 on four shapes)
 MMA_CONFIGS = [(8, 1, 4, 1), (8, 1, 8, 1), (4, 1, 4, 1), (4, 1, 8, 1), (2, 1, 4, 1), (2, 1, 8, 1), (1, 1, 4, 1),
-               (4, 2, 4, 1), (8, 2, 4, 1), (8, 1, 4, 0), (4, 1, 8, 0)]
+               (4, 2, 4, 1), (8, 2, 4, 1), (8, 1, 4, 0)]
 ARRANGE_BLOCK = 128
 DEQUANT_TILE = (32, 256)  # (BLOCK_N, BLOCK_K) of the dequantization pass
 
