@@ -134,8 +134,24 @@ def _profile(step: _Step, token: torch.Tensor, position: int, steps: int) -> str
 
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if torch.cuda.is_available() else [])
     with profile(activities=activities) as prof:
+        start = time.perf_counter()
         for offset in range(steps):
             token = step(token, position + offset).argmax(-1)
         _sync(token.device)
+        seconds = time.perf_counter() - start
+    events = prof.key_averages()
     sort = "cuda_time_total" if torch.cuda.is_available() else "cpu_time_total"
-    return prof.key_averages().table(sort_by=sort, row_limit=25, max_name_column_width=70)
+    summary = gpu_time_line(events, steps, seconds) if torch.cuda.is_available() else ""
+    return summary + events.table(sort_by=sort, row_limit=25, max_name_column_width=70)
+
+
+def gpu_time_line(events, steps: int, seconds: float) -> str:
+    """Per step: GPU operations launched, their summed GPU time, and the step's wall time under the
+    profiler; the difference is time the GPU spent between operations (launch gaps, waits on the host)."""
+    device = [e for e in events if e.device_type == torch.autograd.DeviceType.CUDA]
+    launches = sum(e.count for e in device) / steps
+    busy = sum(e.self_device_time_total for e in device) / 1e6 / steps
+    wall = seconds / steps
+    idle = max(0.0, wall - busy)
+    return (f"per step: {launches:.0f} GPU operations, {busy * 1e3:.3f} ms of GPU time, {wall * 1e3:.3f} ms wall "
+            f"under the profiler: {idle * 1e3:.3f} ms ({100 * idle / wall:.0f} %) between operations\n")

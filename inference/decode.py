@@ -42,7 +42,8 @@ def parse_args(argv):
                              "packed layers run outside the compiled code); compiling takes minutes")
     parser.add_argument("--profile", type=int, default=0, metavar="STEPS",
                         help="profile this many further steps per model (torch.profiler): <out>_profile.txt "
-                             "lists the GPU time of each kernel")
+                             "lists the GPU time of each kernel, after a line with the GPU operations per step, "
+                             "their GPU time and the time between them")
     parser.add_argument("--out", default="results/decode")
     return parser.parse_args(argv)
 

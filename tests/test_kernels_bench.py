@@ -59,3 +59,21 @@ def test_decode_profiles_further_steps_kernel_by_kernel():
                          num_attention_heads=2, num_key_value_heads=2, max_position_embeddings=32)
     result = decode(LlamaForCausalLM(config).eval(), torch.randint(0, 128, (1, 4)), 2, graphs=False, profile=2)
     assert len(result.step_seconds) == 2 and "aten::mm" in result.kernels
+
+
+def test_profile_line_counts_gpu_operations_and_the_time_between_them():
+    """What a GPU profile adds above its table: operations per step, their GPU time, and the wall time they
+    leave idle (CPU-side rows are not GPU time)."""
+    from types import SimpleNamespace
+
+    import torch
+
+    from bitalloc.decode import gpu_time_line
+
+    cuda, cpu = torch.autograd.DeviceType.CUDA, torch.autograd.DeviceType.CPU
+    events = [SimpleNamespace(device_type=cuda, count=300, self_device_time_total=4000.0),  # us
+              SimpleNamespace(device_type=cuda, count=100, self_device_time_total=2000.0),
+              SimpleNamespace(device_type=cpu, count=50, self_device_time_total=0.0)]
+    line = gpu_time_line(events, steps=2, seconds=0.008)
+    assert line == ("per step: 200 GPU operations, 3.000 ms of GPU time, 4.000 ms wall under the profiler: "
+                    "1.000 ms (25 %) between operations\n")
