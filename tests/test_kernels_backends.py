@@ -161,6 +161,24 @@ print(checked)
 """
 
 
+READ_FLOOR_CHECK = """
+import functools, operator, sys, torch
+sys.path.insert(0, {tests!r} + "/../inference")
+import read_floor
+
+words = torch.randint(0, 1 << 30, (5001,), dtype=torch.int32)
+out = torch.empty(2, dtype=torch.int32)
+read_floor.stream_read[(2,)](words, out, 5001, BLOCK=1024, TILES=4)
+xor = lambda values: functools.reduce(operator.xor, values.flatten().tolist(), 0)
+assert out.tolist() == [xor(words[:4096]), xor(words[4096:])]
+matrix = words[:32 * 150].reshape(32, 150)
+out = torch.empty(4, dtype=torch.int32)
+read_floor.row_tiles_read[(2, 2)](matrix, out, 150, ROWS=16, CHUNK=32, TILES=3)
+assert out.tolist() == [xor(matrix[16 * i:16 * (i + 1), 96 * j:96 * (j + 1)]) for i in range(2) for j in range(2)]
+print("ok")
+"""
+
+
 def _interpreted(tmp_path, text: str) -> str:
     """The last line a script printed when run by Triton's CPU interpreter (skips when it says SKIP)."""
     script = tmp_path / "check_triton.py"  # a file, not -c: triton.jit reads its kernels' source
@@ -187,6 +205,13 @@ def test_triton_kernels_match_reference_in_the_interpreter(tmp_path):
 def test_triton_dequantization_is_bit_identical_to_the_reference_in_the_interpreter(tmp_path):
     """The profiler's candidates use it in place of `dequantize_codes`: the same bits, every dtype."""
     assert int(_interpreted(tmp_path, DENSE_CHECK)) == (len(WEIGHT_ONLY) + 2) * 2
+
+
+@needs_triton
+def test_read_floor_kernels_read_every_word_once_in_the_interpreter(tmp_path):
+    """inference/read_floor.py: the streaming and the row-tile read each fold every word of their tile into
+    their program's xor (so no load is dead, and none is read twice)."""
+    assert _interpreted(tmp_path, READ_FLOOR_CHECK) == "ok"
 
 
 def _gemv_sass():
