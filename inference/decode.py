@@ -39,7 +39,8 @@ def parse_args(argv):
     parser.add_argument("--no-graphs", action="store_true", help="eager decode steps (no CUDA graphs)")
     parser.add_argument("--compile", action="store_true",
                         help="torch.compile the decode step (fuses the small operations between linears; "
-                             "packed layers run outside the compiled code); compiling takes minutes")
+                             "triton layers are one opaque operator in its graph, other packed layers graph "
+                             "breaks); compiling takes minutes")
     parser.add_argument("--profile", type=int, default=0, metavar="STEPS",
                         help="profile this many further steps per model (torch.profiler): <out>_profile.txt "
                              "lists the GPU time of each kernel, after a line with the GPU operations per step, "

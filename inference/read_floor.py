@@ -17,6 +17,7 @@ and not the GEMV's arithmetic, is what costs (an int4 8192x8192 layer's codes ar
 8192 rows of 1024 words, 33.6 MB).
 """
 import argparse
+import math
 import sys
 
 import torch
@@ -57,12 +58,17 @@ def row_tiles_read(src_ptr, out_ptr, row_words, ROWS: tl.constexpr, CHUNK: tl.co
     tl.store(out_ptr + tl.program_id(0) * tl.num_programs(1) + tl.program_id(1), tl.xor_sum(tl.xor_sum(acc, 1), 0))
 
 
+def _copies(*shape: int) -> list[torch.Tensor]:
+    """int32 tensors of `shape`, enough that reading them in turn comes from memory, not the L2 cache."""
+    cache = torch.cuda.get_device_properties(0).L2_cache_size
+    moved = 4 * math.prod(shape)
+    return [torch.ones(*shape, device="cuda", dtype=torch.int32)
+            for _ in range(min(MAX_COPIES, max(2, -(-4 * cache // moved))))]
+
+
 def row_tiles_seconds(rows: int, row_words: int) -> dict[tuple, float]:
     """Seconds per read of a [rows, row_words] int32 matrix in row tiles, for each of ROW_LAUNCHES."""
-    cache = torch.cuda.get_device_properties(0).L2_cache_size
-    moved = 4 * rows * row_words
-    copies = [torch.ones(rows, row_words, device="cuda", dtype=torch.int32)
-              for _ in range(min(MAX_COPIES, max(2, -(-4 * cache // moved))))]
+    copies = _copies(rows, row_words)
     seconds = {}
     for rows_per, chunk, tiles, warps in ROW_LAUNCHES:
         grid = (triton.cdiv(rows, rows_per), triton.cdiv(row_words, chunk * tiles))
@@ -80,9 +86,7 @@ def read_floor_seconds(moved: int) -> dict[tuple, float]:
     falls back to 4-byte loads (on the H200: 58 us for 124.3 MB that way, 29 us for the 124.7 MB of an int4
     28672x8192 layer, a multiple of 64 bytes)."""
     words = -(-moved // 256) * 64
-    cache = torch.cuda.get_device_properties(0).L2_cache_size
-    copies = [torch.ones(words, device="cuda", dtype=torch.int32)
-              for _ in range(min(MAX_COPIES, max(2, -(-4 * cache // moved))))]
+    copies = _copies(words)
     seconds = {}
     for block, tiles, warps in LAUNCHES:
         programs = triton.cdiv(words, block * tiles)

@@ -45,7 +45,6 @@ PAIR_CONFIGS = [(4, 4, 1, 2), (4, 4, 1, 4), (2, 4, 1, 4), (8, 4, 1, 4), (8, 2, 1
 # fastest of twelve timed on the H200 (results/gemv_pairs_configs_h200.txt; 4/1/1/2 on all three shapes), and
 # the split-K one for layers with few rows
 PAIR_CONFIGS_3BIT = [(4, 1, 1, 2), (4, 2, 1, 2), (8, 1, 1, 2), (2, 2, 1, 2), (8, 1, 1, 4), (4, 1, 2, 4)]
-PAIR_BITS = (2, 3, 4, 8)
 # the tensor-core GEMV: (VEC units per lane and row, SPLIT_K, num_warps, X_AHEAD); a program holds 16 rows;
 # X_AHEAD 1 loads a step's activations a step ahead, 0 in the step.  Ordered by the H200 sweeps
 # (results/gemv_mma_configs_h200.txt: 8/1/4/1 fastest for int4 and int8 on 8192x8192;
@@ -188,7 +187,7 @@ def candidates(m: int, group: int, bits: int, dtype: torch.dtype) -> list[tuple[
     """(kernel, launch parameters) worth trying for a batch of m rows; the float16-pair GEMV first (the
     choice without tuning).  Gluon kernels need triton >= 3.5 and do not run in Triton's CPU interpreter."""
     configs = []
-    if m <= GEMV_ROWS and dtype == torch.float16 and bits in PAIR_BITS and _gluon() and not tuner.interpreting():
+    if m <= GEMV_ROWS and dtype == torch.float16 and _gluon() and not tuner.interpreting():
         configs += [(PAIRS, c) for c in pair_configs(bits) if group % (c[1] * unit_codes(bits)) == 0]
         configs += [(MMA, c) for c in MMA_CONFIGS if group % (c[0] * unit_codes(bits)) == 0]
     if m <= GEMV_ROWS and group % 32 == 0:
