@@ -269,14 +269,32 @@ def test_tensor_core_gemv_spends_one_mma_per_eight_codes_of_a_lane():
 
 @needs_triton
 def test_tensor_core_gemv_loading_activations_in_the_step_frees_registers():
-    """X_AHEAD 0 keeps only the words, scales and zeros a step ahead: the 2-bit loop (167 registers with
+    """X_LOAD 0 keeps only the words, scales and zeros a step ahead: the 2-bit loop (167 registers with
     everything ahead, too many for four programs per SM) fits in 128, and the arithmetic stays the same."""
     gemv_sass = _gemv_sass()
     for bits in (2, 4):
-        ahead, in_step = (gemv_sass.sass_of(bits, (8, 1, 4, x_ahead), kernel="mma") for x_ahead in (1, 0))
+        ahead, in_step = (gemv_sass.sass_of(bits, (8, 1, 4, x_load), kernel="mma") for x_load in (1, 0))
         assert gemv_sass.registers(in_step) <= min(128, gemv_sass.registers(ahead) - 32), bits
         hmma = [sum(t.startswith("HMMA") for t in gemv_sass.loop_body(sass)) for sass in (ahead, in_step)]
         assert hmma[0] == hmma[1], (bits, hmma)
+
+
+@needs_triton
+def test_tensor_core_gemv_reading_x_itself_pairs_its_halves_and_mmas_the_zero_point():
+    """X_LOAD 2 reads float16 x as words instead of arranged pairs: one PRMT builds each activation pair, a
+    second MMA per MMA adds -z s times the same pairs (so no sums of x are loaded), and at most 128
+    registers (four programs of 4 warps per SM) even at VEC 8."""
+    gemv_sass = _gemv_sass()
+    for bits in (2, 3, 4, 8):
+        config = (4, 1, 4)
+        raw, arranged = (gemv_sass.sass_of(bits, (*config, x_load), kernel="mma") for x_load in (2, 0))
+        codes = gemv_sass.codes_per_thread("mma", bits, config)
+        pairs = codes / 4  # a lane's activation pairs serve rows g and g + 8
+        count = lambda sass, name: sum(t.startswith(name) for t in gemv_sass.loop_body(sass))  # noqa: E731
+        assert count(raw, "HMMA") == codes / 4 and count(raw, "HFMA2") == codes / 2, (bits, count(raw, "HMMA"))
+        merges = count(raw, "PRMT") - count(arranged, "PRMT")  # 3-bit codes merge their stream's windows too
+        assert 0.5 * pairs <= merges <= 1.3 * pairs, (bits, merges, pairs)  # give or take what ptxas shares
+        assert gemv_sass.registers(gemv_sass.sass_of(bits, (8 if bits != 3 else 4, 1, 4, 2), kernel="mma")) <= 128
 
 
 def test_a_compiled_caller_keeps_triton_layers_in_its_graph(monkeypatch):

@@ -61,7 +61,7 @@ def test_every_gemv_choice_matches_reference(option):
     opt = layer.option
     group = tb.kernel_group(opt.group_size, IN_FEATURES)
     key = tb.tuner_key(opt.bits, group, layer.zeros is not None, layer.qweight.shape, 1, torch.float16)
-    choices = tb.candidates(1, group, opt.bits, torch.float16)
+    choices = tb.candidates(1, group, opt.bits, torch.float16, IN_FEATURES)
     assert any(kind == tb.PAIRS for kind, _ in choices) and any(kind == tb.MMA for kind, _ in choices)
     x = torch.randn(1, IN_FEATURES, device="cuda", dtype=torch.float16)
     x[:, 37] *= 30
@@ -88,7 +88,7 @@ def test_tensor_core_gemv_matches_reference_without_masks(bits):
     for batch in (1, 3):
         x = torch.randn(batch, 4096, device="cuda", dtype=torch.float16)
         ref = reference(x).float()
-        for config in [c for kind, c in tb.candidates(batch, 128, bits, torch.float16) if kind == tb.MMA]:
+        for config in [c for kind, c in tb.candidates(batch, 128, bits, torch.float16, 4096) if kind == tb.MMA]:
             out = tb._launch(tb.MMA, config, x, reference.qweight, reference.scales, reference.zeros, bits, 128,
                              4096).float()
             error = float((out - ref).norm() / ref.norm())

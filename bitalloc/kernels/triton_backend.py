@@ -45,12 +45,16 @@ PAIR_CONFIGS = [(4, 4, 1, 2), (4, 4, 1, 4), (2, 4, 1, 4), (8, 4, 1, 4), (8, 2, 1
 # fastest of twelve timed on the H200 (results/gemv_pairs_configs_h200.txt; 4/1/1/2 on all three shapes), and
 # the split-K one for layers with few rows
 PAIR_CONFIGS_3BIT = [(4, 1, 1, 2), (4, 2, 1, 2), (8, 1, 1, 2), (2, 2, 1, 2), (8, 1, 1, 4), (4, 1, 2, 4)]
-# the tensor-core GEMV: (VEC units per lane and row, SPLIT_K, num_warps, X_AHEAD); a program holds 16 rows;
-# X_AHEAD 1 loads a step's activations a step ahead, 0 in the step.  Ordered by the H200 sweeps
+# the tensor-core GEMV: (VEC units per lane and row, SPLIT_K, num_warps, X_LOAD); a program holds 16 rows;
+# X_LOAD (triton_mma) 1 loads a step's arranged activations a step ahead, 0 in the step, 2 reads x itself in
+# the step (no activation pass; needs an even K).  The arranged ones ordered by the H200 sweeps
 # (results/gemv_mma_configs_h200.txt: 8/1/4/1 fastest for int4 and int8 on 8192x8192;
 # results/h200_unrolled/unrolled_configs.txt: 8/1/4/0 for int2 on four shapes)
 MMA_CONFIGS = [(8, 1, 4, 1), (8, 1, 8, 1), (4, 1, 4, 1), (4, 1, 8, 1), (2, 1, 4, 1), (2, 1, 8, 1), (1, 1, 4, 1),
-               (4, 2, 4, 1), (8, 2, 4, 1), (8, 1, 4, 0)]
+               (4, 2, 4, 1), (8, 2, 4, 1), (8, 1, 4, 0),
+               (8, 1, 4, 2), (8, 1, 8, 2), (4, 1, 4, 2), (4, 1, 8, 2), (2, 1, 4, 2), (2, 1, 8, 2), (8, 2, 4, 2),
+               (4, 2, 4, 2)]
+X_RAW = 2  # the X_LOAD reading x itself (triton_mma.RAW)
 ARRANGE_BLOCK = 128
 DEQUANT_TILE = (32, 256)  # (BLOCK_N, BLOCK_K) of the dequantization pass
 
@@ -103,7 +107,8 @@ def _gemv_output(x: torch.Tensor, n: int, split: int) -> torch.Tensor:
 
 
 def _launch_pairs(kind, config, x, qweight, scales, zeros_arg, bits, group, in_features, common):
-    """The float16-pair GEMVs (CUDA cores or tensor cores) after their activation pass."""
+    """The float16-pair GEMVs (CUDA cores or tensor cores) after their activation pass, or the tensor-core
+    one reading x itself (X_LOAD = RAW)."""
     from . import triton_mma as tm
     from . import triton_pairs as tp
 
@@ -111,17 +116,27 @@ def _launch_pairs(kind, config, x, qweight, scales, zeros_arg, bits, group, in_f
     codes = unit_codes(bits)
     units = packed_units(qweight.shape[1], bits)
     block_n, vec, split, warps = (tm.ROWS, *config[:3]) if kind == MMA else config
+    grid = (triton_cdiv(n, block_n), split, m)
+    if kind == MMA and config[3] == X_RAW:
+        out = _gemv_output(x, n, split)
+        if split > 1:
+            out.zero_()  # split-K adds into it (otherwise the activation pass zeroes it)
+        words = x.view(torch.int32)  # x is contiguous with an even K (`candidates`): two float16 per word
+        even = n % block_n == 0 and units % (warps * 4 * vec) == 0 and in_features == units * codes
+        tm.gemv_mma[grid](words, words, qweight, scales, zeros_arg, out, n, units, ng, out.stride(0), words.stride(0),
+                          words.shape[1], VEC=vec, SPLIT_K=split, EVEN=even, X_LOAD=X_RAW, num_warps=warps,
+                          **common)
+        return out.to(x.dtype)
     out = _gemv_output(x, n, split)
     xp = torch.empty(m, codes // 2, units, device=x.device, dtype=torch.int32)
     xs = torch.empty(m, triton_cdiv(units, vec), device=x.device, dtype=torch.float32)
     tp.arrange_pairs[(triton_cdiv(units, ARRANGE_BLOCK), m)](x, xp, xs, out, in_features, units, n, x.stride(0),
                                                               out.stride(0), CODES=codes, TILE=vec,
                                                               ZERO_OUT=split > 1, BLOCK=ARRANGE_BLOCK)
-    grid = (triton_cdiv(n, block_n), split, m)
     if kind == MMA:
         even = n % block_n == 0 and units % (warps * 4 * vec) == 0
-        tm.gemv_mma[grid](xp, xs, qweight, scales, zeros_arg, out, n, units, ng, out.stride(0), VEC=vec, SPLIT_K=split,
-                          EVEN=even, X_AHEAD=bool(config[3]), num_warps=warps, **common)
+        tm.gemv_mma[grid](xp, xs, qweight, scales, zeros_arg, out, n, units, ng, out.stride(0), xp.stride(0), 0,
+                          VEC=vec, SPLIT_K=split, EVEN=even, X_LOAD=config[3], num_warps=warps, **common)
     else:
         tp.gemv_pairs[grid](xp, xs, qweight, scales, zeros_arg, out, n, units, ng, out.stride(0), BLOCK_N=block_n,
                             VEC=vec, SPLIT_K=split, num_warps=warps, **common)
@@ -183,13 +198,15 @@ def triton_cdiv(a: int, b: int) -> int:
     return -(-a // b)
 
 
-def candidates(m: int, group: int, bits: int, dtype: torch.dtype) -> list[tuple[str, tuple]]:
+def candidates(m: int, group: int, bits: int, dtype: torch.dtype, in_features: int) -> list[tuple[str, tuple]]:
     """(kernel, launch parameters) worth trying for a batch of m rows; the float16-pair GEMV first (the
-    choice without tuning).  Gluon kernels need triton >= 3.5 and do not run in Triton's CPU interpreter."""
+    choice without tuning).  Gluon kernels need triton >= 3.5 and do not run in Triton's CPU interpreter;
+    the tensor-core GEMV reads x itself (X_LOAD 2) as words of two float16, so only for an even K."""
     configs = []
     if m <= GEMV_ROWS and dtype == torch.float16 and _gluon() and not tuner.interpreting():
         configs += [(PAIRS, c) for c in pair_configs(bits) if group % (c[1] * unit_codes(bits)) == 0]
-        configs += [(MMA, c) for c in MMA_CONFIGS if group % (c[0] * unit_codes(bits)) == 0]
+        configs += [(MMA, c) for c in MMA_CONFIGS if group % (c[0] * unit_codes(bits)) == 0
+                    and (c[3] != X_RAW or in_features % 2 == 0)]
     if m <= GEMV_ROWS and group % 32 == 0:
         configs += [(GEMV, c) for c in GEMV_CONFIGS]
     return configs + [(DEQUANT, DEQUANT_TILE)]
@@ -211,7 +228,7 @@ def tuner_key(bits: int, group: int, has_zeros: bool, packed_shape, rows: int, d
 def quant_matmul(x: torch.Tensor, qweight, scales, zeros, bits: int, group_size: int, in_features: int):
     """x [M, K] (contiguous) @ dequantized(qweight)^T -> [M, N] in x's dtype."""
     group = kernel_group(group_size, in_features)
-    configs = candidates(x.shape[0], group, bits, x.dtype)
+    configs = candidates(x.shape[0], group, bits, x.dtype, in_features)
     key = tuner_key(bits, group, zeros is not None, qweight.shape, x.shape[0], x.dtype)
     choice = tuner.choose(key, configs, lambda c: _launch(*c, x, qweight, scales, zeros, bits, group, in_features))
     return _launch(*choice, x, qweight, scales, zeros, bits, group, in_features)

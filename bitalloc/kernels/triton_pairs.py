@@ -114,6 +114,13 @@ def _merge_halves(low, high):
 
 
 @gluon.jit
+def _merge_high_halves(low, high):
+    """The high half-words of `low` and of `high` as one word (one PRMT)."""
+    return gl.inline_asm_elementwise("prmt.b32 $0, $1, $2, 0x7632;", "=r,r,r", [low, high], dtype=gl.uint32,
+                                     is_pure=True, pack=1)
+
+
+@gluon.jit
 def _stream_bits(words, START: gl.constexpr):
     """Bits START.. of a unit's bit stream (the tuple of its words) at bit 0: the next 9 at least."""
     k: gl.constexpr = START // 32
