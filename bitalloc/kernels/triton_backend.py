@@ -46,15 +46,15 @@ PAIR_CONFIGS = [(4, 4, 1, 2), (4, 4, 1, 4), (2, 4, 1, 4), (8, 4, 1, 4), (8, 2, 1
 # the split-K one for layers with few rows
 PAIR_CONFIGS_3BIT = [(4, 1, 1, 2), (4, 2, 1, 2), (8, 1, 1, 2), (2, 2, 1, 2), (8, 1, 1, 4), (4, 1, 2, 4)]
 # the tensor-core GEMV: (VEC units per lane and row, SPLIT_K, num_warps, X_LOAD); a program holds 16 rows;
-# X_LOAD (triton_mma) 1 loads a step's arranged activations a step ahead, 0 in the step, 2 and 3 read x itself
-# in the step or a step ahead (no activation pass; needs an even K).  The arranged ones ordered by the H200 sweeps
+# X_LOAD (triton_mma) 1 loads a step's arranged activations a step ahead, 0 in the step, 2 reads x itself in
+# the step (no activation pass; needs an even K).  The arranged ones ordered by the H200 sweeps
 # (results/gemv_mma_configs_h200.txt: 8/1/4/1 fastest for int4 and int8 on 8192x8192;
 # results/h200_unrolled/unrolled_configs.txt: 8/1/4/0 for int2 on four shapes)
 MMA_CONFIGS = [(8, 1, 4, 1), (8, 1, 8, 1), (4, 1, 4, 1), (4, 1, 8, 1), (2, 1, 4, 1), (2, 1, 8, 1), (1, 1, 4, 1),
                (4, 2, 4, 1), (8, 2, 4, 1), (8, 1, 4, 0),
                (8, 1, 4, 2), (8, 1, 8, 2), (4, 1, 4, 2), (4, 1, 8, 2), (2, 1, 4, 2), (2, 1, 8, 2), (8, 2, 4, 2),
-               (4, 2, 4, 2), (8, 1, 4, 3), (8, 1, 8, 3), (4, 1, 4, 3), (4, 1, 8, 3)]
-X_RAW = 2  # X_LOAD from this up reads x itself (triton_mma.RAW, RAW_AHEAD)
+               (4, 2, 4, 2)]
+X_RAW = 2  # the X_LOAD reading x itself (triton_mma.RAW)
 ARRANGE_BLOCK = 128
 DEQUANT_TILE = (32, 256)  # (BLOCK_N, BLOCK_K) of the dequantization pass
 
@@ -117,14 +117,14 @@ def _launch_pairs(kind, config, x, qweight, scales, zeros_arg, bits, group, in_f
     units = packed_units(qweight.shape[1], bits)
     block_n, vec, split, warps = (tm.ROWS, *config[:3]) if kind == MMA else config
     grid = (triton_cdiv(n, block_n), split, m)
-    if kind == MMA and config[3] >= X_RAW:
+    if kind == MMA and config[3] == X_RAW:
         out = _gemv_output(x, n, split)
         if split > 1:
             out.zero_()  # split-K adds into it (otherwise the activation pass zeroes it)
         words = x.view(torch.int32)  # x is contiguous with an even K (`candidates`): two float16 per word
         even = n % block_n == 0 and units % (warps * 4 * vec) == 0 and in_features == units * codes
         tm.gemv_mma[grid](words, words, qweight, scales, zeros_arg, out, n, units, ng, out.stride(0), words.stride(0),
-                          words.shape[1], VEC=vec, SPLIT_K=split, EVEN=even, X_LOAD=config[3], num_warps=warps,
+                          words.shape[1], VEC=vec, SPLIT_K=split, EVEN=even, X_LOAD=X_RAW, num_warps=warps,
                           **common)
         return out.to(x.dtype)
     out = _gemv_output(x, n, split)
@@ -201,12 +201,12 @@ def triton_cdiv(a: int, b: int) -> int:
 def candidates(m: int, group: int, bits: int, dtype: torch.dtype, in_features: int) -> list[tuple[str, tuple]]:
     """(kernel, launch parameters) worth trying for a batch of m rows; the float16-pair GEMV first (the
     choice without tuning).  Gluon kernels need triton >= 3.5 and do not run in Triton's CPU interpreter;
-    the tensor-core GEMV reads x itself (X_LOAD 2, 3) as words of two float16, so only for an even K."""
+    the tensor-core GEMV reads x itself (X_LOAD 2) as words of two float16, so only for an even K."""
     configs = []
     if m <= GEMV_ROWS and dtype == torch.float16 and _gluon() and not tuner.interpreting():
         configs += [(PAIRS, c) for c in pair_configs(bits) if group % (c[1] * unit_codes(bits)) == 0]
         configs += [(MMA, c) for c in MMA_CONFIGS if group % (c[0] * unit_codes(bits)) == 0
-                    and (c[3] < X_RAW or in_features % 2 == 0)]
+                    and (c[3] != X_RAW or in_features % 2 == 0)]
     if m <= GEMV_ROWS and group % 32 == 0:
         configs += [(GEMV, c) for c in GEMV_CONFIGS]
     return configs + [(DEQUANT, DEQUANT_TILE)]

@@ -18,7 +18,7 @@ So each lane dequantizes what it loaded, for rows g and g + 8, and the MMA
 consumes it in place.  Each warp of a program takes its own slice of the row's
 units; the zero-point term is summed per lane in float32, as in gemv_pairs.
 
-With X_LOAD = RAW (or RAW_AHEAD) the kernel reads the float16 activations themselves (no
+With X_LOAD = RAW the kernel reads the float16 activations themselves (no
 `arrange_pairs` pass, which costs a launch and ~1.5 us per layer): a unit's
 2 PAIRS activations are PAIRS consecutive words of x, pair j is the low (j even)
 or high (j odd) halves of words j // 2 and PAIRS / 2 + j // 2 (one PRMT), and the
@@ -33,9 +33,8 @@ from triton.experimental.gluon import language as gl
 from .triton_pairs import _fma_f16x2, _half_pair, _merge_halves, _merge_high_halves, _pair_codes, _pairs_per_unit
 
 ROWS = 16  # rows per program: one MMA tile
-# X_LOAD: arranged pairs loaded in the step or a step ahead; x itself in the step or a step ahead
-# (triton_backend.X_RAW and up)
-IN_STEP, AHEAD, RAW, RAW_AHEAD = gl.constexpr(0), gl.constexpr(1), gl.constexpr(2), gl.constexpr(3)
+# X_LOAD: arranged pairs loaded in the step or a step ahead; x itself in the step (triton_backend.X_RAW)
+IN_STEP, AHEAD, RAW = gl.constexpr(0), gl.constexpr(1), gl.constexpr(2)
 
 
 @gluon.constexpr_function
@@ -66,14 +65,14 @@ def gemv_mma(xp_ptr, xs_ptr, qw_ptr, s_ptr, z_ptr, out_ptr, N, U, NG, stride_om,
              SPLIT_K: gl.constexpr, EVEN: gl.constexpr, X_LOAD: gl.constexpr):
     """One row of float16 activations against 16 rows of packed codes: s * (sum_j q_j x_j - z sum_j x_j)
     through tensor-core MMAs (module docstring).  The activations are pairs arranged by `arrange_pairs`
-    (sums per VEC units in xs) or, X_LOAD >= RAW, x itself as int32 words (KX per row; xs unused);
+    (sums per VEC units in xs) or, X_LOAD = RAW, x itself as int32 words (KX per row; xs unused);
     stride_xm is the words from one row of activations to the next.
 
     Tensors are [warp, g, t]: one element per lane.  Lane (g, t) of warp w loads VEC units of rows g and
     g + 8 per step (chunk 4 w + t of the step's 4 * num_warps chunks), the matching activations, and
     its rows' scales and zeros; the next step's words, scales and zeros are loaded before this one
-    computes, its activations too if X_LOAD is AHEAD or RAW_AHEAD (else in the step, from L1: 40-45 fewer
-    registers, which 2-bit codes need).  EVEN (rows a multiple of 16, units of the step, and with RAW no ragged
+    computes, its activations too if X_LOAD = AHEAD (else in the step, from L1: 40-45 fewer registers,
+    which 2-bit codes need).  EVEN (rows a multiple of 16, units of the step, and with RAW no ragged
     units): no masks; the loads after the last step repeat it instead.
     """
     PAIRS: gl.constexpr = _pairs_per_unit(BITS)
@@ -97,7 +96,7 @@ def gemv_mma(xp_ptr, xs_ptr, qw_ptr, s_ptr, z_ptr, out_ptr, N, U, NG, stride_om,
     per_split = gl.cdiv(steps, SPLIT_K)
     first = pid_k * per_split
     last = gl.minimum(first + per_split, steps)
-    data = _mma_step_data(qw_ptr, xp_ptr, xs_ptr, s_ptr, z_ptr, rows, lane_chunk, N, U, NG, KX,
+    data = _mma_step_data(qw_ptr, xp_ptr, xs_ptr, s_ptr, z_ptr, rows, lane_chunk, N, U, NG,
                           gl.minimum(first, steps - 1), first < last, BITS, GROUP, HAS_ZEROS, VEC, STEP, EVEN, X_LOAD)
     acc0 = gl.zeros([WARPS, 8, 4], gl.float32, LANES)
     acc1 = gl.zeros([WARPS, 8, 4], gl.float32, LANES)
@@ -110,13 +109,13 @@ def gemv_mma(xp_ptr, xs_ptr, qw_ptr, s_ptr, z_ptr, out_ptr, N, U, NG, stride_om,
         if X_LOAD == IN_STEP:
             x = _mma_x(xp_ptr, rows, lane_chunk, U, step, True, BITS, VEC, STEP, EVEN)
         elif X_LOAD == RAW:
-            x = _mma_x_raw(xp_ptr, rows, lane_chunk, KX, step, True, BITS, VEC, STEP, EVEN)
-        data = _mma_step_data(qw_ptr, xp_ptr, xs_ptr, s_ptr, z_ptr, rows, lane_chunk, N, U, NG, KX,
+            x = _mma_x_raw(xp_ptr, rows, lane_chunk, KX, step, BITS, VEC, STEP, EVEN)
+        data = _mma_step_data(qw_ptr, xp_ptr, xs_ptr, s_ptr, z_ptr, rows, lane_chunk, N, U, NG,
                               gl.minimum(step + 1, last - 1), step + 1 < last, BITS, GROUP, HAS_ZEROS, VEC, STEP, EVEN,
                               X_LOAD)
         scale = _half_pair(s)
         scale8 = _half_pair(s8)
-        zs = _half_pair(-z * s)  # raw x: the zero-point term's A, the same for every column of the chunk
+        zs = _half_pair(-z * s)  # RAW: the zero-point term's A, the same for every column of the chunk
         zs8 = _half_pair(-z8 * s8)
         for v in gl.static_range(VEC):
             for j in gl.static_range(0, PAIRS, 2):
@@ -124,9 +123,9 @@ def gemv_mma(xp_ptr, xs_ptr, qw_ptr, s_ptr, z_ptr, out_ptr, N, U, NG, stride_om,
                     _dequantized(low[v], j, scale, s, BITS), _dequantized(high[v], j, scale8, s8, BITS),
                     _dequantized(low[v], j + 1, scale, s, BITS), _dequantized(high[v], j + 1, scale8, s8, BITS),
                     x[v][j], x[v][j + 1], acc0, acc1, acc2, acc3)
-                if X_LOAD >= RAW:
+                if X_LOAD == RAW:
                     acc0, acc1, acc2, acc3 = _mma(zs, zs8, zs, zs8, x[v][j], x[v][j + 1], acc0, acc1, acc2, acc3)
-        if X_LOAD < RAW:
+        if X_LOAD != RAW:
             zero_terms += z * s * total
             zero_terms8 += z8 * s8 * total
     # every column of the accumulators holds the same sums: count lane t = 0's once, then sum the warps
@@ -142,13 +141,12 @@ def gemv_mma(xp_ptr, xs_ptr, qw_ptr, s_ptr, z_ptr, out_ptr, N, U, NG, stride_om,
 
 
 @gluon.jit
-def _mma_step_data(qw_ptr, xp_ptr, xs_ptr, s_ptr, z_ptr, rows, lane_chunk, N, U, NG, KX, step, live,
+def _mma_step_data(qw_ptr, xp_ptr, xs_ptr, s_ptr, z_ptr, rows, lane_chunk, N, U, NG, step, live,
                    BITS: gl.constexpr, GROUP: gl.constexpr, HAS_ZEROS: gl.constexpr, VEC: gl.constexpr,
                    STEP: gl.constexpr, EVEN: gl.constexpr, X_LOAD: gl.constexpr):
     """A step's loads for every lane: the words of its VEC units in rows g and g + 8 (tuples per unit of
-    each unit's words), with X_LOAD = AHEAD or RAW_AHEAD the activation pairs of those units (`_mma_x`,
-    `_mma_x_raw`; else 0), the rows' scales and zeros (float32) and, for arranged activations, the chunk's
-    sum of x; zeros where not `live`."""
+    each unit's words), with X_LOAD = AHEAD the activation pairs of those units (`_mma_x`; else 0), the
+    rows' scales and zeros (float32) and, unless RAW, the chunk's sum of x; zeros where not `live`."""
     PAIRS: gl.constexpr = _pairs_per_unit(BITS)
     WORDS: gl.constexpr = PAIRS * 2 * BITS // 32
     chunk = step * (STEP // VEC) + lane_chunk
@@ -165,7 +163,7 @@ def _mma_step_data(qw_ptr, xp_ptr, xs_ptr, s_ptr, z_ptr, rows, lane_chunk, N, U,
         z = gl.full(s.shape, (1 << (BITS - 1)) * 1.0, gl.float32, s.type.layout)
         z8 = z
     total = 0.0
-    if X_LOAD < RAW:
+    if X_LOAD != RAW:
         total = _load(xs_ptr + chunk, chunk_ok, EVEN)
     u, row4 = _lane_units(rows, chunk, VEC)
     unit_ok = (u < U) & live
@@ -174,8 +172,6 @@ def _mma_step_data(qw_ptr, xp_ptr, xs_ptr, s_ptr, z_ptr, rows, lane_chunk, N, U,
     x = 0
     if X_LOAD == AHEAD:
         x = _mma_x(xp_ptr, rows, lane_chunk, U, step, live, BITS, VEC, STEP, EVEN)
-    elif X_LOAD == RAW_AHEAD:
-        x = _mma_x_raw(xp_ptr, rows, lane_chunk, KX, step, live, BITS, VEC, STEP, EVEN)
     return low, high, x, s, s8, z, z8, total
 
 
@@ -192,8 +188,8 @@ def _mma_x(xp_ptr, rows, lane_chunk, U, step, live, BITS: gl.constexpr, VEC: gl.
 
 
 @gluon.jit
-def _mma_x_raw(x_ptr, rows, lane_chunk, KX, step, live, BITS: gl.constexpr, VEC: gl.constexpr,
-               STEP: gl.constexpr, EVEN: gl.constexpr):
+def _mma_x_raw(x_ptr, rows, lane_chunk, KX, step, BITS: gl.constexpr, VEC: gl.constexpr, STEP: gl.constexpr,
+               EVEN: gl.constexpr):
     """The activation pairs of a lane's VEC units in a step from x itself (int32 words, two float16 each):
     unit u's codes j and j + PAIRS meet x[CODES u + j] and x[CODES u + j + PAIRS], the same half of words
     PAIRS u + j // 2 and PAIRS u + PAIRS / 2 + j // 2; a tuple per unit of its PAIRS pairs.  The lane's
@@ -201,7 +197,7 @@ def _mma_x_raw(x_ptr, rows, lane_chunk, KX, step, live, BITS: gl.constexpr, VEC:
     PAIRS: gl.constexpr = _pairs_per_unit(BITS)
     HALF: gl.constexpr = PAIRS // 2
     word, _ = _lane_units(rows, step * (STEP // VEC) + lane_chunk, VEC * PAIRS)
-    words = _unstack(_load(x_ptr + word, (word < KX) & live, EVEN), VEC * PAIRS)
+    words = _unstack(_load(x_ptr + word, word < KX, EVEN), VEC * PAIRS)
     per_unit = ()
     for v in gl.static_range(VEC):
         pairs = ()
