@@ -49,11 +49,12 @@ PAIR_CONFIGS_3BIT = [(4, 1, 1, 2), (4, 2, 1, 2), (8, 1, 1, 2), (2, 2, 1, 2), (8,
 # X_LOAD (triton_mma) 1 loads a step's arranged activations a step ahead, 0 in the step, 2 reads x itself in
 # the step (no activation pass; needs an even K).  The arranged ones ordered by the H200 sweeps
 # (results/gemv_mma_configs_h200.txt: 8/1/4/1 fastest for int4 and int8 on 8192x8192;
-# results/h200_unrolled/unrolled_configs.txt: 8/1/4/0 for int2 on four shapes)
+# results/h200_unrolled/unrolled_configs.txt: 8/1/4/0 for int2 on four shapes); reading x itself
+# (results/h200_raw_x/: 8/1/8/2 for int8 on 8192x8192, 4/1/16/2 for int4 on 4096x4096 and 4096x11008)
 MMA_CONFIGS = [(8, 1, 4, 1), (8, 1, 8, 1), (4, 1, 4, 1), (4, 1, 8, 1), (2, 1, 4, 1), (2, 1, 8, 1), (1, 1, 4, 1),
                (4, 2, 4, 1), (8, 2, 4, 1), (8, 1, 4, 0),
                (8, 1, 4, 2), (8, 1, 8, 2), (4, 1, 4, 2), (4, 1, 8, 2), (2, 1, 4, 2), (2, 1, 8, 2), (8, 2, 4, 2),
-               (4, 2, 4, 2), (8, 1, 16, 2), (4, 1, 16, 2), (2, 1, 16, 2)]
+               (4, 2, 4, 2), (8, 1, 16, 2), (4, 1, 16, 2)]
 X_RAW = 2  # the X_LOAD reading x itself (triton_mma.RAW)
 ARRANGE_BLOCK = 128
 DEQUANT_TILE = (32, 256)  # (BLOCK_N, BLOCK_K) of the dequantization pass
