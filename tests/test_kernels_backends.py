@@ -292,7 +292,7 @@ def test_tensor_core_gemv_reading_x_itself_pairs_its_halves_and_mmas_the_zero_po
         pairs = codes / 4  # a lane's activation pairs serve rows g and g + 8
         count = lambda sass, name: sum(t.startswith(name) for t in gemv_sass.loop_body(sass))  # noqa: E731
         assert count(raw, "HMMA") == codes / 4 and count(raw, "HFMA2") == codes / 2, (bits, count(raw, "HMMA"))
-        merges = count(raw, "PRMT") - count(arranged, "PRMT")  # 3-bit codes merge their stream's windows too
+        merges = count(raw, "PRMT") - count(arranged, "PRMT")  # beyond the 3-bit window merges both have
         assert 0.5 * pairs <= merges <= 1.3 * pairs, (bits, merges, pairs)  # give or take what ptxas shares
         assert gemv_sass.registers(gemv_sass.sass_of(bits, (8 if bits != 3 else 4, 1, 4, 2), kernel="mma")) <= 128
 
