@@ -8,7 +8,8 @@ packed in place by a mix of options (bitalloc.benchmarks.MIXES); a saved model
 (`apply --save`) is reloaded.  The baseline is the same model with dense
 float16 weights.  Decoding is greedy with a static KV cache, each step a CUDA
 graph replay (bitalloc.decode).  Writes <out>.json, <out>.txt, <out>.png and
-the plan of a built model as <out>_plan.json.
+the plan of a built model as <out>_plan.json and the launch the tuner chose per
+packed shape as <out>_tuner.json.
 """
 import argparse
 import logging
@@ -22,6 +23,7 @@ from bitalloc.benchmarks import LLAMA_CONFIGS, MIXES, mix_assignment, pack_in_pl
 from bitalloc.cost import average_bits, layer_shapes
 from bitalloc.decode import decode
 from bitalloc.errors import BitallocError, cli_entry
+from bitalloc.kernels import tuner
 from bitalloc.plan import Plan
 
 
@@ -103,6 +105,8 @@ def main(argv=None):
     atomic.write_json(out.with_suffix(".json"), result)
     if plan is not None:
         plan.save(out.parent / f"{out.name}_plan.json")
+    if tuner.CHOSEN:  # runs of the same plan may differ in these: shapes whose choices time alike
+        atomic.write_json(out.parent / f"{out.name}_tuner.json", tuner.choices_made())
     text = (f"{result['device']}: {result['model']} mix={result['mix']} avg_bits={bits}\n"
             f"fp16   {dense.tokens_per_second:8.1f} tok/s  p50 {dense.latency_ms['p50']:.3f} ms\n"
             f"packed {packed.tokens_per_second:8.1f} tok/s  p50 {packed.latency_ms['p50']:.3f} ms  "

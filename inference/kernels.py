@@ -77,8 +77,7 @@ def main(argv=None):
             atomic.write_text(out.with_suffix(".txt"), text)
             plot_speedups(rows, out.with_suffix(".png"), f"{rows[0]['device']}: speed-up over the dense layer")
             if tuner.CHOSEN:  # which launch choice each tuned (kernel, shape, batch bucket) got
-                atomic.write_json(out.parent / f"{out.name}_tuner.json",
-                                  {" ".join(map(str, key)): str(choice) for key, choice in tuner.CHOSEN.items()})
+                atomic.write_json(out.parent / f"{out.name}_tuner.json", tuner.choices_made())
     print(text)
     return 0
 

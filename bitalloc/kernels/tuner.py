@@ -23,6 +23,11 @@ log = logging.getLogger(__name__)
 CHOSEN: dict[tuple, Hashable] = {}
 
 
+def choices_made() -> dict[str, str]:
+    """CHOSEN as plain data (a benchmark writes it beside its timings: which launch each shape got)."""
+    return {" ".join(map(str, key)): str(choice) for key, choice in CHOSEN.items()}
+
+
 def interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET") == "1"
 
