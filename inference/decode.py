@@ -2,11 +2,14 @@
 
     python inference/decode.py --config llama-2-7b --mix mixed4 --out results/decode_h100
     python inference/decode.py --saved runs/smollm2/packed --out results/decode_saved
+    python inference/decode.py --config llama-2-7b --mix mixed4-tied --fuse --compile --out results/decode_fused
 
 A model built from a config gets random float16 weights on the GPU and is
 packed in place by a mix of options (bitalloc.benchmarks.MIXES); a saved model
 (`apply --save`) is reloaded.  The baseline is the same model with dense
-float16 weights.  Decoding is greedy with a static KV cache, each step a CUDA
+float16 weights.  --fuse stacks the linears of a built model that read one input
+and share an option into one wider linear each (bitalloc.fuse), in the baseline
+and the packed model alike.  Decoding is greedy with a static KV cache, each step a CUDA
 graph replay (bitalloc.decode).  Writes <out>.json, <out>.txt, <out>.png and
 the plan of a built model as <out>_plan.json and the launch the tuner chose per
 packed shape as <out>_tuner.json.
@@ -23,6 +26,7 @@ from bitalloc.benchmarks import LLAMA_CONFIGS, MIXES, mix_assignment, pack_in_pl
 from bitalloc.cost import average_bits, layer_shapes
 from bitalloc.decode import decode
 from bitalloc.errors import BitallocError, cli_entry
+from bitalloc.fuse import fusable, fuse_linears, shared_input_groups
 from bitalloc.kernels import tuner
 from bitalloc.plan import Plan
 
@@ -39,6 +43,10 @@ def parse_args(argv):
     parser.add_argument("--prompt", type=int, default=32, help="prompt tokens")
     parser.add_argument("--new-tokens", type=int, default=128)
     parser.add_argument("--no-graphs", action="store_true", help="eager decode steps (no CUDA graphs)")
+    parser.add_argument("--fuse", action="store_true",
+                        help="compute the linears that read one input and share an option (q/k/v, gate/up) as one "
+                             "wider linear each, in both models (a built model only; mix mixed4-tied gives every "
+                             "group one option)")
     parser.add_argument("--compile", action="store_true",
                         help="torch.compile the decode step (fuses the small operations between linears; "
                              "triton layers are one opaque operator in its graph, other packed layers graph "
@@ -49,6 +57,12 @@ def parse_args(argv):
                              "their GPU time and the time between them")
     parser.add_argument("--out", default="results/decode")
     return parser.parse_args(argv)
+
+
+def fusable_groups(model, assignment: dict) -> list[list[str]]:
+    """The linears that read one input (found by running 4 tokens) and share their option."""
+    ids = torch.zeros(1, 4, dtype=torch.long, device=model.device)
+    return fusable(shared_input_groups(model, lambda: model(input_ids=ids)), assignment)
 
 
 def memory() -> int:
@@ -64,13 +78,20 @@ def main(argv=None):
     out = Path(args.out)
     torch.manual_seed(0)
     graphs = not args.no_graphs
+    if args.fuse and not args.config:
+        raise BitallocError("--fuse needs --config: a saved model keeps its layers apart")
+    fused = {}
     if args.config:
         model = random_llama(args.config, device, args.layers)
         assignment = mix_assignment(model, args.mix)
-        shapes = layer_shapes(model)
-        bits = average_bits(shapes, assignment)
+        bits = average_bits(layer_shapes(model), assignment)
+        groups = fusable_groups(model, assignment) if args.fuse else []
         plan = Plan(model=f"{args.config} (random weights)", layers={k: str(v) for k, v in assignment.items()},
-                    predicted={"avg_bits": bits})
+                    predicted={"avg_bits": bits}, tie_groups=groups)
+        fused = fuse_linears(model, groups)
+        members = {name for names in fused.values() for name in names}
+        assignment = {**{n: o for n, o in assignment.items() if n not in members},
+                      **{name: assignment[names[0]] for name, names in fused.items()}}
     else:
         import bitalloc
 
@@ -97,7 +118,7 @@ def main(argv=None):
     kernels = sorted({getattr(m, "kernel", None) for m in model.modules() if hasattr(m, "kernel_state")})
     result = {"model": args.config or args.saved, "mix": args.mix if args.config else None, "avg_bits": bits,
               "device": torch.cuda.get_device_name(device), "torch": torch.__version__, "cuda_graphs": graphs,
-              "compiled": args.compile,
+              "compiled": args.compile, "fused_groups": list(fused.values()),
               "dense_fp16": dense.as_dict() | {"peak_cuda_bytes": dense_memory},
               "packed": packed.as_dict() | {"peak_cuda_bytes": memory(), "kernels": kernels},
               "speedup": packed.tokens_per_second / dense.tokens_per_second}
@@ -107,7 +128,8 @@ def main(argv=None):
         plan.save(out.parent / f"{out.name}_plan.json")
     if tuner.CHOSEN:  # runs of the same plan may differ in these: shapes whose choices time alike
         atomic.write_json(out.parent / f"{out.name}_tuner.json", tuner.choices_made())
-    text = (f"{result['device']}: {result['model']} mix={result['mix']} avg_bits={bits}\n"
+    text = (f"{result['device']}: {result['model']} mix={result['mix']} avg_bits={bits} "
+            f"fused groups={len(fused)}\n"
             f"fp16   {dense.tokens_per_second:8.1f} tok/s  p50 {dense.latency_ms['p50']:.3f} ms\n"
             f"packed {packed.tokens_per_second:8.1f} tok/s  p50 {packed.latency_ms['p50']:.3f} ms  "
             f"speed-up {result['speedup']:.2f}x  kernels {kernels}\n")

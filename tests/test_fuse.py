@@ -1,0 +1,91 @@
+"""Linears that read one input computed as one wider linear (bitalloc.fuse), on a tiny random Llama."""
+import pytest
+import torch
+
+from bitalloc.benchmarks import pack_in_place
+from bitalloc.errors import BitallocError
+from bitalloc.fuse import SharedSlice, fusable, fuse_linears, shared_input_groups
+from bitalloc.models import linear_layers
+from bitalloc.quant import parse
+
+
+def tiny_llama():
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=128, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64)
+    return LlamaForCausalLM(config).eval().requires_grad_(False)
+
+
+def groups_of(model, ids):
+    return shared_input_groups(model, lambda: model(input_ids=ids))
+
+
+def test_groups_are_the_linears_reading_one_input():
+    model, ids = tiny_llama(), torch.randint(0, 128, (1, 8))
+    names = [[n.rsplit(".", 1)[-1] for n in group] for group in groups_of(model, ids)]
+    assert names == [["q_proj", "k_proj", "v_proj"], ["gate_proj", "up_proj"]] * 2
+
+
+def test_fused_model_computes_the_same_logits_and_each_wider_linear_once_per_input():
+    model, ids = tiny_llama(), torch.randint(0, 128, (2, 8))
+    expected = model(input_ids=ids).logits
+    fused = fuse_linears(model, groups_of(model, ids))
+    assert sorted(fused) == sorted(f"model.layers.{i}.{p}.shared.fused" for i in range(2)
+                                   for p in ("self_attn.q_proj", "mlp.gate_proj"))
+    calls = []
+    for name in fused:
+        model.get_submodule(name).register_forward_hook(lambda *_: calls.append(1))
+    torch.testing.assert_close(model(input_ids=ids).logits, expected, rtol=1e-5, atol=1e-5)
+    assert len(calls) == 4  # four groups, one wider product each
+    slices = [m for m in model.modules() if isinstance(m, SharedSlice)]
+    assert len(slices) == 10 and all(m.shared._input is None for m in slices)  # nothing held after a pass
+
+
+def test_a_packed_wider_linear_equals_its_members_packed_apart():
+    """Per-row quantizers: packing the stacked rows gives each member's codes; so fusing after choosing one
+    option per group changes no output."""
+    model, ids = tiny_llama(), torch.randint(0, 128, (1, 8))
+    options = {n: parse("rtn:int4:g32:asym") for n in linear_layers(model)}
+    options.update({n: parse("rtn:int3:g32:asym") for n in options if n.endswith(("k_proj", "up_proj"))})
+    groups = fusable(groups_of(model, ids), options)
+    assert [[n.rsplit(".", 1)[-1] for n in g] for g in groups] == [["q_proj", "v_proj"]] * 2  # k differs; up too
+    apart = tiny_llama()
+    pack_in_place(apart, options, "reference", progress=False)
+    fused = fuse_linears(model, groups)
+    members = {m for names in fused.values() for m in names}
+    pack_in_place(model, {**{n: o for n, o in options.items() if n not in members},
+                          **{name: options[names[0]] for name, names in fused.items()}}, "reference", progress=False)
+    torch.testing.assert_close(model(input_ids=ids).logits, apart(input_ids=ids).logits, rtol=1e-5, atol=1e-5)
+
+
+def test_a_compiled_step_keeps_one_graph_with_fused_groups():
+    """The slices hand out state that is cleared within each pass, so torch.compile traces one graph (no
+    graph break with fullgraph) and does not recompile from call to call."""
+    model, ids = tiny_llama(), torch.randint(0, 128, (1, 8))
+    fuse_linears(model, groups_of(model, ids))
+    torch._dynamo.reset()
+    compiled = torch.compile(model, backend="eager", fullgraph=True)
+    expected = model(input_ids=ids).logits
+    for _ in range(3):
+        out = compiled(input_ids=ids).logits
+    torch.testing.assert_close(out, expected)
+    from torch._dynamo.utils import counters
+    assert counters["stats"]["unique_graphs"] == 1
+
+
+def test_members_of_different_widths_are_refused():
+    model = tiny_llama()
+    with pytest.raises(BitallocError, match="one input width"):
+        fuse_linears(model, [["model.layers.0.self_attn.q_proj", "model.layers.0.mlp.down_proj"]])
+
+
+def test_the_tied_mix_fuses_every_group_and_mixed4_only_q_with_k():
+    from bitalloc.benchmarks import mix_assignment
+
+    model, ids = tiny_llama(), torch.randint(0, 128, (1, 8))
+    groups = groups_of(model, ids)
+    short = lambda found: [[n.rsplit(".", 1)[-1] for n in g] for g in found]  # noqa: E731
+    assert short(fusable(groups, mix_assignment(model, "mixed4-tied"))) == short(groups)
+    assert short(fusable(groups, mix_assignment(model, "mixed4"))) == [["q_proj", "k_proj"]] * 2
