@@ -10,6 +10,8 @@
 # ncu: Nsight Compute counters (DRAM throughput, occupancy, stall reasons) of the int4 8192x8192 tensor-core
 #   GEMV and of the read floor kernel at the same bytes.
 # raw: the GEMV tests, then the tensor-core GEMV reading x itself (X_LOAD 2) against arranged activations.
+# fused: the Llama-2-7B mixed4-tied decode (compiled) with its layers apart and with q/k/v and gate/up each
+#   stacked into one wider layer (--fuse), both models alike.
 # decode: the Llama-2-7B mixed4 decode, eager steps in graphs and torch.compile'd steps in graphs, with
 #   a per-kernel GPU-time profile of a few steps of each.
 set -uo pipefail
@@ -85,6 +87,13 @@ decode)
   timeout 150 python inference/decode.py --config llama-2-7b --mix mixed4 --profile 3 --out "$out/decode" 2>&1 | tail -4
   timeout 300 python inference/decode.py --config llama-2-7b --mix mixed4 --compile --profile 3 \
     --out "$out/decode_compiled" 2>&1 | tail -4
+  rm -f "$out"/*.png "$out"/*_plan.json
+  ;;
+fused)
+  for fuse in "" --fuse; do
+    timeout 280 python inference/decode.py --config llama-2-7b --mix mixed4-tied $fuse --compile --profile 3 \
+      --out "$out/decode_tied${fuse:+_fused}" 2>&1 | tail -4
+  done
   rm -f "$out"/*.png "$out"/*_plan.json
   ;;
 full)
