@@ -1,8 +1,8 @@
 """Linears that read the same input (q/k/v, gate/up) computed as one wider linear.
 
 At batch 1 a layer's time is mostly the ramp-up and tail of one kernel over a
-few megabytes: a 4096x4096 GEMV moves its bytes at a quarter of the HBM
-bandwidth where a 28672x8192 one reaches two thirds (docs/RESULTS.md, issue 8).
+few megabytes: at 4 bits a 4096x4096 GEMV moves its bytes at a quarter of the
+HBM bandwidth where the 70B MLP shapes reach 57-65 % (docs/RESULTS.md, issue 8).
 Stacking the rows of layers that share an input makes one larger kernel and one
 launch out of several.  The model's code is left as it is: each member becomes a
 `SharedSlice` whose call returns its columns of the wider layer's output, which
@@ -50,7 +50,6 @@ class SharedSlice(nn.Module):
         super().__init__()
         self.shared = shared
         self.index = index
-        self.out_features = shared.sizes[index]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.shared.part(x, self.index)
