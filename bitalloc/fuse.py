@@ -9,6 +9,9 @@ launch out of several.  The model's code is left as it is: each member becomes a
 is computed once per input tensor (matched by identity, as `models.tie_groups`
 finds the groups).  A packed group needs one option for all its members (the
 solver's `--tie fused` plans have it); `fusable` splits groups by option.
+Members are nn.Linear (stack them, then pack the wider one: per-row quantizers
+give every row the codes it had alone) or packed QuantLinears (their stored rows
+are stacked as they are).
 """
 from __future__ import annotations
 
@@ -17,7 +20,9 @@ from torch import nn
 
 from .blocks import replace_module
 from .errors import BitallocError
-from .models import tie_groups
+from .kernels.layout import storage
+from .kernels.quant_linear import QuantLinear
+from .models import is_linear, tie_groups
 
 
 class SharedInput(nn.Module):
@@ -56,8 +61,17 @@ class SharedSlice(nn.Module):
 
 
 def shared_input_groups(model: nn.Module, run) -> list[list[str]]:
-    """Names of the linears of `model` that read one input tensor when `run()` runs it, two or more a group."""
-    return [group for group in tie_groups(model, run) if len(group) > 1]
+    """Names of the linears (nn.Linear or packed) of `model` that read one input tensor when `run()` runs it,
+    two or more a group."""
+    layers = {name: m for name, m in model.named_modules() if is_linear(m) or isinstance(m, QuantLinear)}
+    return [group for group in tie_groups(model, run, layers) if len(group) > 1]
+
+
+def fuse_packed(model: nn.Module, run) -> dict[str, list[str]]:
+    """Fuse the packed layers of `model` that read one input and share an option (`fuse_layers`)."""
+    options = {name: m.option for name, m in model.named_modules() if isinstance(m, QuantLinear)}
+    groups = [g for g in shared_input_groups(model, run) if all(name in options for name in g)]
+    return fuse_layers(model, fusable(groups, options))
 
 
 def fusable(groups: list[list[str]], options: dict) -> list[list[str]]:
@@ -72,27 +86,56 @@ def fusable(groups: list[list[str]], options: dict) -> list[list[str]]:
 
 
 @torch.no_grad()
-def fuse_linears(model: nn.Module, groups: list[list[str]]) -> dict[str, list[str]]:
-    """Replace each group of nn.Linear members by slices of one linear with their rows stacked (in group
-    order); returns the wider linears' names, each with its members' names.  A pack that follows packs the
-    wider linear: per-row quantizers give every row the codes it would have had alone."""
+def fuse_layers(model: nn.Module, groups: list[list[str]]) -> dict[str, list[str]]:
+    """Replace each group's members by slices of one layer with their rows stacked (in group order);
+    returns the wider layers' names, each with its members' names."""
     fused_names = {}
     for group in groups:
         members = [model.get_submodule(name) for name in group]
         first = members[0]
-        if not all(isinstance(m, nn.Linear) and m.in_features == first.in_features for m in members):
-            raise BitallocError(f"{group} are not linears of one input width")
-        has_bias = first.bias is not None
-        if any((m.bias is not None) != has_bias for m in members):
-            raise BitallocError(f"{group}: some have a bias and some do not")
-        fused = nn.Linear(first.in_features, sum(m.out_features for m in members), bias=has_bias,
-                          device=first.weight.device, dtype=first.weight.dtype)
-        fused.weight.copy_(torch.cat([m.weight for m in members]))
-        if has_bias:
-            fused.bias.copy_(torch.cat([m.bias for m in members]))
-        fused.requires_grad_(first.weight.requires_grad)
+        if len({m.in_features for m in members}) != 1 or len({m.bias is None for m in members}) != 1:
+            raise BitallocError(f"{group}: members of one input width and all with or all without a bias needed")
+        if all(isinstance(m, nn.Linear) for m in members):
+            fused = _stacked_linear(members)
+        elif all(isinstance(m, QuantLinear) for m in members):
+            fused = _stacked_packed(members, group)
+        else:
+            raise BitallocError(f"{group}: members must all be nn.Linear or all packed layers")
         shared = SharedInput(fused, [m.out_features for m in members])
         for index, name in enumerate(group):
             replace_module(model, name, SharedSlice(shared, index))
         fused_names[f"{group[0]}.shared.fused"] = group
     return fused_names
+
+
+def _stacked_linear(members: list[nn.Linear]) -> nn.Linear:
+    first = members[0]
+    fused = nn.Linear(first.in_features, sum(m.out_features for m in members), bias=first.bias is not None,
+                      device=first.weight.device, dtype=first.weight.dtype)
+    fused.weight.copy_(torch.cat([m.weight for m in members]))
+    if first.bias is not None:
+        fused.bias.copy_(torch.cat([m.bias for m in members]))
+    return fused.requires_grad_(first.weight.requires_grad)
+
+
+def _stacked_packed(members: list[QuantLinear], group: list[str]) -> QuantLinear:
+    """The members' stored tensors with their rows stacked (per-row tensors, by `layout.storage`) or, for
+    per-input ones (activation scales, outlier channels), the one they all hold; on the members' backend."""
+    first = members[0]
+    if len({str(m.option) for m in members}) != 1:
+        raise BitallocError(f"{group}: packed members need one option, not {sorted({str(m.option) for m in members})}")
+    has_act = first.act_scale is not None
+    spec = storage(first.option, 0, first.in_features, first.bias is not None, has_act)
+    with torch.device("meta"):  # every tensor is replaced below
+        fused = QuantLinear(first.option, first.in_features, sum(m.out_features for m in members),
+                            first.bias is not None, has_act, first.backend)
+    for name, (shape, _) in spec.items():
+        parts = [getattr(m, name) for m in members]
+        if shape[0] == 0:  # one row per output
+            setattr(fused, name, torch.cat(parts))
+        elif all(torch.equal(parts[0], part) for part in parts[1:]):
+            setattr(fused, name, parts[0].clone())
+        else:
+            raise BitallocError(f"{group}: their {name} differ, so one layer cannot stand for them")
+    fused.set_backend(first.backend)
+    return fused

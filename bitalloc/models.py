@@ -227,11 +227,13 @@ def block_index(layer_name: str) -> int:
     return int(match.group(1))
 
 
-def tie_groups(block: nn.Module, run_block) -> list[list[str]]:
-    """Linears that read the very same input tensor (q/k/v, gate/up): a fused kernel needs them equal.
+def tie_groups(block: nn.Module, run_block, layers: dict[str, nn.Module] | None = None) -> list[list[str]]:
+    """Linears (or the given `layers` of the block, by name) that read the very same input tensor (q/k/v,
+    gate/up): a fused kernel needs them equal.
 
     `run_block()` runs the block once; inputs are matched by identity, not by value.
     """
+    layers = block_linears(block) if layers is None else layers
     seen: dict[int, list[str]] = {}
     alive = []  # hold the inputs so no id is reused during the run
 
@@ -241,9 +243,9 @@ def tie_groups(block: nn.Module, run_block) -> list[list[str]]:
 
     handles = [
         module.register_forward_pre_hook(lambda m, args, name=name: record(name, args))
-        for name, module in block_linears(block).items()
+        for name, module in layers.items()
     ]
     run_hooked(handles, run_block)
-    order = list(block_linears(block))
+    order = list(layers)
     groups = [sorted(set(names), key=order.index) for names in seen.values()]
     return sorted(groups, key=lambda g: order.index(g[0]))

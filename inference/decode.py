@@ -7,9 +7,9 @@
 A model built from a config gets random float16 weights on the GPU and is
 packed in place by a mix of options (bitalloc.benchmarks.MIXES); a saved model
 (`apply --save`) is reloaded.  The baseline is the same model with dense
-float16 weights.  --fuse stacks the linears of a built model that read one input
-and share an option into one wider linear each (bitalloc.fuse), in the baseline
-and the packed model alike.  Decoding is greedy with a static KV cache, each step a CUDA
+float16 weights.  --fuse stacks the linears that read one input and share an
+option into one wider linear each (bitalloc.fuse), in the baseline and the
+packed model alike.  Decoding is greedy with a static KV cache, each step a CUDA
 graph replay (bitalloc.decode).  Writes <out>.json, <out>.txt, <out>.png and
 the plan of a built model as <out>_plan.json and the launch the tuner chose per
 packed shape as <out>_tuner.json.
@@ -26,7 +26,7 @@ from bitalloc.benchmarks import LLAMA_CONFIGS, MIXES, mix_assignment, pack_in_pl
 from bitalloc.cost import average_bits, layer_shapes
 from bitalloc.decode import decode
 from bitalloc.errors import BitallocError, cli_entry
-from bitalloc.fuse import fusable, fuse_linears, shared_input_groups
+from bitalloc.fuse import fusable, fuse_layers, fuse_packed, shared_input_groups
 from bitalloc.kernels import tuner
 from bitalloc.plan import Plan
 
@@ -45,8 +45,7 @@ def parse_args(argv):
     parser.add_argument("--no-graphs", action="store_true", help="eager decode steps (no CUDA graphs)")
     parser.add_argument("--fuse", action="store_true",
                         help="compute the linears that read one input and share an option (q/k/v, gate/up) as one "
-                             "wider linear each, in both models (a built model only; mix mixed4-tied gives every "
-                             "group one option)")
+                             "wider linear each, in both models (mix mixed4-tied gives every group one option)")
     parser.add_argument("--compile", action="store_true",
                         help="torch.compile the decode step (fuses the small operations between linears; "
                              "triton layers are one opaque operator in its graph, other packed layers graph "
@@ -59,10 +58,10 @@ def parse_args(argv):
     return parser.parse_args(argv)
 
 
-def fusable_groups(model, assignment: dict) -> list[list[str]]:
-    """The linears that read one input (found by running 4 tokens) and share their option."""
+def four_tokens(model):
+    """A run of the model on four tokens: how `bitalloc.fuse` finds the layers that read one input."""
     ids = torch.zeros(1, 4, dtype=torch.long, device=model.device)
-    return fusable(shared_input_groups(model, lambda: model(input_ids=ids)), assignment)
+    return lambda: model(input_ids=ids)
 
 
 def memory() -> int:
@@ -78,17 +77,15 @@ def main(argv=None):
     out = Path(args.out)
     torch.manual_seed(0)
     graphs = not args.no_graphs
-    if args.fuse and not args.config:
-        raise BitallocError("--fuse needs --config: a saved model keeps its layers apart")
     fused = {}
     if args.config:
         model = random_llama(args.config, device, args.layers)
         assignment = mix_assignment(model, args.mix)
         bits = average_bits(layer_shapes(model), assignment)
-        groups = fusable_groups(model, assignment) if args.fuse else []
+        groups = fusable(shared_input_groups(model, four_tokens(model)), assignment) if args.fuse else []
         plan = Plan(model=f"{args.config} (random weights)", layers={k: str(v) for k, v in assignment.items()},
                     predicted={"avg_bits": bits}, tie_groups=groups)
-        fused = fuse_linears(model, groups)
+        fused = fuse_layers(model, groups)
         members = {name for names in fused.values() for name in names}
         assignment = {**{n: o for n, o in assignment.items() if n not in members},
                       **{name: assignment[names[0]] for name, names in fused.items()}}
@@ -97,6 +94,8 @@ def main(argv=None):
 
         model = bitalloc.load(args.saved, device, backend="reference").model.half()
         plan, bits = None, None
+        if args.fuse:
+            fused = fuse_packed(model, four_tokens(model))
     prompt = torch.randint(0, model.config.vocab_size, (1, args.prompt), device=device)
     torch.cuda.reset_peak_memory_stats()
     if args.config:

@@ -4,7 +4,7 @@ import torch
 
 from bitalloc.benchmarks import pack_in_place
 from bitalloc.errors import BitallocError
-from bitalloc.fuse import SharedSlice, fusable, fuse_linears, shared_input_groups
+from bitalloc.fuse import SharedSlice, fusable, fuse_layers, fuse_packed, shared_input_groups
 from bitalloc.models import linear_layers
 from bitalloc.quant import parse
 
@@ -31,7 +31,7 @@ def test_groups_are_the_linears_reading_one_input():
 def test_fused_model_computes_the_same_logits_and_each_wider_linear_once_per_input():
     model, ids = tiny_llama(), torch.randint(0, 128, (2, 8))
     expected = model(input_ids=ids).logits
-    fused = fuse_linears(model, groups_of(model, ids))
+    fused = fuse_layers(model, groups_of(model, ids))
     assert sorted(fused) == sorted(f"model.layers.{i}.{p}.shared.fused" for i in range(2)
                                    for p in ("self_attn.q_proj", "mlp.gate_proj"))
     calls = []
@@ -53,7 +53,7 @@ def test_a_packed_wider_linear_equals_its_members_packed_apart():
     assert [[n.rsplit(".", 1)[-1] for n in g] for g in groups] == [["q_proj", "v_proj"]] * 2  # k differs; up too
     apart = tiny_llama()
     pack_in_place(apart, options, "reference", progress=False)
-    fused = fuse_linears(model, groups)
+    fused = fuse_layers(model, groups)
     members = {m for names in fused.values() for m in names}
     pack_in_place(model, {**{n: o for n, o in options.items() if n not in members},
                           **{name: options[names[0]] for name, names in fused.items()}}, "reference", progress=False)
@@ -64,7 +64,7 @@ def test_a_compiled_step_keeps_one_graph_with_fused_groups():
     """The slices hand out state that is cleared within each pass, so torch.compile traces one graph (no
     graph break with fullgraph) and does not recompile from call to call."""
     model, ids = tiny_llama(), torch.randint(0, 128, (1, 8))
-    fuse_linears(model, groups_of(model, ids))
+    fuse_layers(model, groups_of(model, ids))
     torch._dynamo.reset()
     compiled = torch.compile(model, backend="eager", fullgraph=True)
     expected = model(input_ids=ids).logits
@@ -78,7 +78,7 @@ def test_a_compiled_step_keeps_one_graph_with_fused_groups():
 def test_members_of_different_widths_are_refused():
     model = tiny_llama()
     with pytest.raises(BitallocError, match="one input width"):
-        fuse_linears(model, [["model.layers.0.self_attn.q_proj", "model.layers.0.mlp.down_proj"]])
+        fuse_layers(model, [["model.layers.0.self_attn.q_proj", "model.layers.0.mlp.down_proj"]])
 
 
 def test_the_tied_mix_fuses_every_group_and_mixed4_only_q_with_k():
@@ -89,3 +89,31 @@ def test_the_tied_mix_fuses_every_group_and_mixed4_only_q_with_k():
     short = lambda found: [[n.rsplit(".", 1)[-1] for n in g] for g in found]  # noqa: E731
     assert short(fusable(groups, mix_assignment(model, "mixed4-tied"))) == short(groups)
     assert short(fusable(groups, mix_assignment(model, "mixed4"))) == [["q_proj", "k_proj"]] * 2
+
+
+@pytest.mark.parametrize("backend", ["reference", "cpu"])
+def test_packed_layers_sharing_an_input_and_an_option_fuse_after_loading(backend):
+    """A saved model's packed layers are fused as stored (rows stacked, codes untouched): same logits."""
+    model, ids = tiny_llama(), torch.randint(0, 128, (1, 8))
+    options = {n: parse("rtn:int4:g32:asym") for n in linear_layers(model)}
+    options.update({n: parse("rtn:int8:pc:sym") for n in options if n.endswith("v_proj")})
+    pack_in_place(model, options, backend, progress=False)
+    expected = model(input_ids=ids).logits
+    fused = fuse_packed(model, lambda: model(input_ids=ids))
+    assert sorted(n.split(".")[-3] for n in fused) == ["gate_proj", "gate_proj", "q_proj", "q_proj"]
+    layer = model.get_submodule(next(iter(fused)))
+    assert layer.out_features == 64 + 32 and layer.backend == backend and layer.qweight.device.type == "cpu"
+    torch.testing.assert_close(model(input_ids=ids).logits, expected, rtol=1e-5, atol=1e-5)
+
+
+def test_packed_layers_with_different_outlier_channels_are_refused():
+    from bitalloc.blocks import replace_module
+    from bitalloc.kernels.quant_linear import QuantLinear
+
+    model = tiny_llama()
+    names = ["model.layers.0.mlp.gate_proj", "model.layers.0.mlp.up_proj"]
+    for name in names:  # stored tensors all zero but the outlier channels' indices
+        replace_module(model, name, QuantLinear(parse("rtn:int4:g32:asym:outliers=2"), 64, 96))
+    model.get_submodule(names[1]).outlier_idx[0] = 1
+    with pytest.raises(BitallocError, match="outlier_idx differ"):
+        fuse_layers(model, [names])
