@@ -6,7 +6,8 @@
 
 A configuration is BLOCK_N/BLOCK_K/SPLIT_K/num_warps (`triton_backend.GEMV_CONFIGS` by default); for
 the float16-pair GEMV it is BLOCK_N/VEC/SPLIT_K/num_warps (`triton_backend.pair_configs`), for the
-tensor-core one VEC/SPLIT_K/num_warps/X_LOAD (`triton_backend.MMA_CONFIGS`; X_LOAD 2 reads x itself).
+tensor-core one VEC/SPLIT_K/num_warps/X_LOAD (`triton_backend.MMA_CONFIGS`; X_LOAD 2 reads x itself),
+with /1 appended to launch an X_LOAD 2 configuration as a programmatic dependent (PDL).
 Same timing as inference/kernels.py: CUDA-graph replay over weight copies that exceed the L2
 cache; options rtn:intN:g128:asym.  Prints, per shape and bit width, the fastest configurations,
 the speed-up over fp16 cuBLAS and the % of the memory roofline; for gemv_units also its activation
@@ -35,7 +36,7 @@ def parse_args(argv):
     parser.add_argument("--bits", default="4,2,3,8")
     parser.add_argument("--kernel", choices=["gemv", "gemv-pairs", "gemv-mma"], default="gemv")
     parser.add_argument("--configs", default=None, help="BLOCK_N/BLOCK_K (gemv-pairs: VEC)/SPLIT_K/num_warps, "
-                        "or VEC/SPLIT_K/num_warps/X_LOAD (gemv-mma); comma separated")
+                        "or VEC/SPLIT_K/num_warps/X_LOAD[/PDL] (gemv-mma); comma separated")
     parser.add_argument("--top", type=int, default=6, help="how many configurations to print per case")
     return parser.parse_args(argv)
 

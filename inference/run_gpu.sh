@@ -12,6 +12,8 @@
 # raw: the GEMV tests, then the tensor-core GEMV reading x itself (X_LOAD 2) against arranged activations.
 # fused: the Llama-2-7B mixed4-tied decode (compiled) with its layers apart and with q/k/v and gate/up each
 #   stacked into one wider layer (--fuse), both models alike.
+# pdl: the tensor-core GEMV reading x itself launched as a programmatic dependent (its test, then a sweep
+#   with and without PDL on the 7B shapes; the harness replays calls back to back, as a decode step runs them).
 # decode: the Llama-2-7B mixed4 decode, eager steps in graphs and torch.compile'd steps in graphs, with
 #   a per-kernel GPU-time profile of a few steps of each.
 set -uo pipefail
@@ -88,6 +90,14 @@ decode)
   timeout 300 python inference/decode.py --config llama-2-7b --mix mixed4 --compile --profile 3 \
     --out "$out/decode_compiled" 2>&1 | tail -4
   rm -f "$out"/*.png "$out"/*_plan.json
+  ;;
+pdl)
+  timeout 150 python -m pytest -q -rf -p no:cacheprovider tests/test_kernels_gpu.py -k programmatic \
+    2>&1 | tee "$out/pytest_gpu_pdl.txt" | tail -3
+  timeout 150 python inference/gemv_configs.py --kernel gemv-mma --bits 4,8,3 --top 8 \
+    --shapes 4096x4096,11008x4096,4096x11008,8192x8192 --configs \
+    8/1/4/1,8/1/4/2,8/1/4/2/1,4/1/8/2,4/1/8/2/1,8/1/8/2,8/1/8/2/1,4/1/16/2,4/1/16/2/1,2/1/8/2,2/1/8/2/1 \
+    2>&1 | tee "$out/gemv_mma_pdl.txt"
   ;;
 fused)
   for fuse in "" --fuse; do

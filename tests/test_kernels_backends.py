@@ -297,6 +297,24 @@ def test_tensor_core_gemv_reading_x_itself_pairs_its_halves_and_mmas_the_zero_po
         assert gemv_sass.registers(gemv_sass.sass_of(bits, (8 if bits != 3 else 4, 1, 4, 2), kernel="mma")) <= 128
 
 
+@needs_triton
+def test_tensor_core_gemv_as_a_programmatic_dependent_waits_once_before_its_loop():
+    """PDL (config 8/1/4/2/1): one grid-dependency wait (SASS ACQBULK) after the first step's weight loads are
+    issued and before the loop, one early-launch hint (PREEXIT) after it; the loop's MMAs unchanged."""
+    gemv_sass = _gemv_sass()
+    plain, pdl = (gemv_sass.sass_of(4, (8, 1, 4, 2, flag), kernel="mma") for flag in (0, 1))
+    code = {name: [text for _, text in gemv_sass.ADDRESS.findall(sass)]
+            for name, sass in (("plain", plain), ("pdl", pdl))}
+    count = lambda name, op: sum(t.startswith(op) for t in code[name])  # noqa: E731
+    assert (count("pdl", "ACQBULK"), count("pdl", "PREEXIT")) == (1, 1)
+    assert (count("plain", "ACQBULK"), count("plain", "PREEXIT")) == (0, 0)
+    body = gemv_sass.loop_body(pdl)
+    assert not any(t.startswith(("ACQBULK", "PREEXIT")) for t in body)
+    assert sum(t.startswith("HMMA") for t in body) == sum(t.startswith("HMMA") for t in gemv_sass.loop_body(plain))
+    wait = next(i for i, t in enumerate(code["pdl"]) if t.startswith("ACQBULK"))
+    assert any(t.startswith("LDG") for t in code["pdl"][:wait])  # weights requested before the wait
+
+
 def test_a_compiled_caller_keeps_triton_layers_in_its_graph(monkeypatch):
     """Traced by torch.compile after its kernel state is built, a `triton` layer is the opaque operator
     bitalloc::quant_matmul: no graph break (fullgraph), and the same output as the eager call.  No GPU here,

@@ -95,6 +95,36 @@ def test_tensor_core_gemv_matches_reference_without_masks(bits):
             assert error < 3e-3, (config, batch, error)
 
 
+@pytest.mark.parametrize("bits", [2, 3, 4, 8])
+def test_tensor_core_gemv_launched_as_a_programmatic_dependent_waits_for_its_input(bits):
+    """Configurations with PDL (fifth element 1): two GEMVs in one CUDA graph, the second reading the first's
+    output, so its loads of x must wait for the first; masked shapes (1000 rows, K 1000) and unmasked."""
+    from bitalloc.kernels import triton_backend as tb
+
+    generator = torch.Generator().manual_seed(0)
+    for first_shape, second_shape in (((1000, 1000), (264, 1000)), ((1024, 1024), (256, 1024))):
+        first, second = (QuantLinear.from_weight(quantize(torch.randn(*shape, generator=generator) * 0.05,
+                                                          parse(f"rtn:int{bits}:g128:asym")), None).cuda()
+                         for shape in (first_shape, second_shape))
+        x = torch.randn(1, first_shape[1], device="cuda", dtype=torch.float16)
+        expected = second(first(x)).float()
+        for config in [c for c in ((8, 1, 4, 2, 1), (4, 1, 4, 2, 1), (4, 1, 16, 2, 1), (4, 2, 4, 2, 1))
+                       if 128 % (c[0] * tb.unit_codes(bits)) == 0]:
+            def chain():
+                y = tb._launch(tb.MMA, config, x, first.qweight, first.scales, first.zeros, bits, 128,
+                               first_shape[1])
+                return tb._launch(tb.MMA, config, y, second.qweight, second.scales, second.zeros, bits, 128,
+                                  second_shape[1])
+
+            chain()  # compiles outside the capture
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph):
+                out = chain()
+            graph.replay()
+            error = float((out.float() - expected).norm() / expected.norm())
+            assert error < 5e-3, (config, first_shape, error)
+
+
 @pytest.mark.parametrize("option", WEIGHT_ONLY)
 def test_triton_dequantization_is_bit_identical_on_cuda(option):
     """What the profiler's candidates use instead of `dequantize_codes` (bfloat16 rounding included)."""

@@ -56,6 +56,8 @@ MMA_CONFIGS = [(8, 1, 4, 1), (8, 1, 8, 1), (4, 1, 4, 1), (4, 1, 8, 1), (2, 1, 4,
                (8, 1, 4, 2), (8, 1, 8, 2), (4, 1, 4, 2), (4, 1, 8, 2), (2, 1, 4, 2), (2, 1, 8, 2), (8, 2, 4, 2),
                (4, 2, 4, 2), (8, 1, 16, 2), (4, 1, 16, 2)]
 X_RAW = 2  # the X_LOAD reading x itself (triton_mma.RAW)
+# a fifth element 1 launches a configuration reading x itself as a programmatic dependent (PDL: its weights
+# load while the kernel before finishes); timed by inference/gemv_configs.py, not yet offered to the tuner
 ARRANGE_BLOCK = 128
 DEQUANT_TILE = (32, 256)  # (BLOCK_N, BLOCK_K) of the dequantization pass
 
@@ -124,9 +126,10 @@ def _launch_pairs(kind, config, x, qweight, scales, zeros_arg, bits, group, in_f
             out.zero_()  # split-K adds into it (otherwise the activation pass zeroes it)
         words = x.view(torch.int32)  # x is contiguous with an even K (`candidates`): two float16 per word
         even = n % block_n == 0 and units % (warps * 4 * vec) == 0 and in_features == units * codes
+        pdl = len(config) > 4 and bool(config[4])
         tm.gemv_mma[grid](words, words, qweight, scales, zeros_arg, out, n, units, ng, out.stride(0), words.stride(0),
-                          words.shape[1], VEC=vec, SPLIT_K=split, EVEN=even, X_LOAD=X_RAW, num_warps=warps,
-                          **common)
+                          words.shape[1], VEC=vec, SPLIT_K=split, EVEN=even, X_LOAD=X_RAW, PDL=pdl, launch_pdl=pdl,
+                          num_warps=warps, **common)
         return out.to(x.dtype)
     out = _gemv_output(x, n, split)
     xp = torch.empty(m, codes // 2, units, device=x.device, dtype=torch.int32)

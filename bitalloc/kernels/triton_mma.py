@@ -29,6 +29,7 @@ from __future__ import annotations
 
 from triton.experimental import gluon
 from triton.experimental.gluon import language as gl
+from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
 
 from .triton_pairs import _fma_f16x2, _half_pair, _merge_halves, _merge_high_halves, _pair_codes, _pairs_per_unit
 
@@ -62,7 +63,7 @@ def _dequantized(words, j: gl.constexpr, scale, s, BITS: gl.constexpr):
 @gluon.jit
 def gemv_mma(xp_ptr, xs_ptr, qw_ptr, s_ptr, z_ptr, out_ptr, N, U, NG, stride_om, stride_xm, KX,
              BITS: gl.constexpr, GROUP: gl.constexpr, HAS_ZEROS: gl.constexpr, VEC: gl.constexpr,
-             SPLIT_K: gl.constexpr, EVEN: gl.constexpr, X_LOAD: gl.constexpr):
+             SPLIT_K: gl.constexpr, EVEN: gl.constexpr, X_LOAD: gl.constexpr, PDL: gl.constexpr = False):
     """One row of float16 activations against 16 rows of packed codes: s * (sum_j q_j x_j - z sum_j x_j)
     through tensor-core MMAs (module docstring).  The activations are pairs arranged by `arrange_pairs`
     (sums per VEC units in xs) or, X_LOAD = RAW, x itself as int32 words (KX per row; xs unused);
@@ -73,7 +74,9 @@ def gemv_mma(xp_ptr, xs_ptr, qw_ptr, s_ptr, z_ptr, out_ptr, N, U, NG, stride_om,
     its rows' scales and zeros; the next step's words, scales and zeros are loaded before this one
     computes, its activations too if X_LOAD = AHEAD (else in the step, from L1: 40-45 fewer registers,
     which 2-bit codes need).  EVEN (rows a multiple of 16, units of the step, and with RAW no ragged
-    units): no masks; the loads after the last step repeat it instead.
+    units): no masks; the loads after the last step repeat it instead.  PDL (launched as a programmatic
+    dependent, with RAW): the first step's weights are requested before waiting for the kernel that writes
+    x, and the next kernel may launch once the sums are done.
     """
     PAIRS: gl.constexpr = _pairs_per_unit(BITS)
     WARPS: gl.constexpr = gl.num_warps()
@@ -81,6 +84,7 @@ def gemv_mma(xp_ptr, xs_ptr, qw_ptr, s_ptr, z_ptr, out_ptr, N, U, NG, stride_om,
     LANES: gl.constexpr = _lanes(WARPS)
     gl.static_assert(GROUP % (VEC * 2 * PAIRS) == 0, "a lane's chunk must lie in one group")
     gl.static_assert(PAIRS % 2 == 0, "an MMA takes two pairs of each row")
+    gl.static_assert(not PDL or X_LOAD == RAW, "with PDL only x may come from the kernel before")
     pid_n = gl.program_id(0)
     pid_k = gl.program_id(1)
     m = gl.program_id(2)
@@ -104,6 +108,8 @@ def gemv_mma(xp_ptr, xs_ptr, qw_ptr, s_ptr, z_ptr, out_ptr, N, U, NG, stride_om,
     acc3 = gl.zeros([WARPS, 8, 4], gl.float32, LANES)
     zero_terms = gl.zeros([WARPS, 8, 4], gl.float32, LANES)  # rows g and g + 8 summed apart: two tensors
     zero_terms8 = gl.zeros([WARPS, 8, 4], gl.float32, LANES)
+    if PDL:
+        gdc_wait()  # x is written by the kernel before; the weights, scales and zeros were not
     for step in range(first, last):
         low, high, x, s, s8, z, z8, total = data
         if X_LOAD == IN_STEP:
@@ -128,6 +134,8 @@ def gemv_mma(xp_ptr, xs_ptr, qw_ptr, s_ptr, z_ptr, out_ptr, N, U, NG, stride_om,
         if X_LOAD != RAW:
             zero_terms += z * s * total
             zero_terms8 += z8 * s8 * total
+    if PDL:
+        gdc_launch_dependents()  # a dependent kernel still waits for this one's stores before reading them
     # every column of the accumulators holds the same sums: count lane t = 0's once, then sum the warps
     dots = gl.sum(gl.sum(gl.where(t == 0, acc0, 0.0) - zero_terms, axis=2), axis=0)  # rows g
     dots8 = gl.sum(gl.sum(gl.where(t == 0, acc2, 0.0) - zero_terms8, axis=2), axis=0)  # rows g + 8
