@@ -183,3 +183,24 @@ def test_graph_decoding_follows_the_full_forward(compile):
         logits = model(input_ids=sequence).logits[0, prompt.shape[1] - 1:-1].float()
     chosen = logits.gather(1, torch.tensor(tokens, device="cuda")[:, None])[:, 0]
     assert (logits.max(1).values - chosen).max() < 0.05 * logits.abs().max()
+
+
+def test_fused_triton_layers_compute_the_same_logits():
+    """`bitalloc.fuse.fuse_packed` on `triton` layers: q/k/v and gate/up each one wider GEMV, same logits."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from bitalloc.benchmarks import pack_in_place
+    from bitalloc.fuse import fuse_packed
+    from bitalloc.models import linear_layers
+
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=512, hidden_size=256, intermediate_size=512, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256)
+    model = LlamaForCausalLM(config).cuda().half().eval()
+    pack_in_place(model, {n: parse("rtn:int4:g64:asym") for n in linear_layers(model)}, "triton", progress=False)
+    ids = torch.randint(0, 512, (1, 1), device="cuda")
+    with torch.no_grad():
+        expected = model(input_ids=ids).logits.float()
+        assert len(fuse_packed(model, lambda: model(input_ids=ids))) == 4
+        out = model(input_ids=ids).logits.float()
+    assert float((out - expected).norm() / expected.norm()) < 3e-3
