@@ -160,15 +160,11 @@ def test_every_w8a8_product_choice_is_the_same_product():
             assert ((out - expected).abs() <= 1e-3 * expected.abs() + 1e-3).all(), (rows, config)
 
 
-@pytest.mark.parametrize("compile", [False, True])
-def test_graph_decoding_follows_the_full_forward(compile):
-    """Each token decoded by graph replay on the static cache (of a torch.compile'd step with `compile`)
-    is the full (uncached) forward's argmax, up to float16 near-ties (cuBLAS may pick other algorithms
-    inside a graph)."""
+def packed_tiny_llama():
+    """A 2-block random Llama on the GPU, every linear int4 g64 on `triton`."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
     from bitalloc.benchmarks import pack_in_place
-    from bitalloc.decode import decode
     from bitalloc.models import linear_layers
 
     torch.manual_seed(0)
@@ -176,6 +172,17 @@ def test_graph_decoding_follows_the_full_forward(compile):
                          num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256)
     model = LlamaForCausalLM(config).cuda().half().eval()
     pack_in_place(model, {n: parse("rtn:int4:g64:asym") for n in linear_layers(model)}, "triton", progress=False)
+    return model
+
+
+@pytest.mark.parametrize("compile", [False, True])
+def test_graph_decoding_follows_the_full_forward(compile):
+    """Each token decoded by graph replay on the static cache (of a torch.compile'd step with `compile`)
+    is the full (uncached) forward's argmax, up to float16 near-ties (cuBLAS may pick other algorithms
+    inside a graph)."""
+    from bitalloc.decode import decode
+
+    model = packed_tiny_llama()
     prompt = torch.randint(0, 512, (1, 12), device="cuda")
     tokens = decode(model, prompt, 16, graphs=True, compile=compile).tokens
     sequence = torch.cat([prompt, torch.tensor([tokens], device="cuda")], dim=1)
@@ -187,17 +194,9 @@ def test_graph_decoding_follows_the_full_forward(compile):
 
 def test_fused_triton_layers_compute_the_same_logits():
     """`bitalloc.fuse.fuse_packed` on `triton` layers: q/k/v and gate/up each one wider GEMV, same logits."""
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    from bitalloc.benchmarks import pack_in_place
     from bitalloc.fuse import fuse_packed
-    from bitalloc.models import linear_layers
 
-    torch.manual_seed(0)
-    config = LlamaConfig(vocab_size=512, hidden_size=256, intermediate_size=512, num_hidden_layers=2,
-                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256)
-    model = LlamaForCausalLM(config).cuda().half().eval()
-    pack_in_place(model, {n: parse("rtn:int4:g64:asym") for n in linear_layers(model)}, "triton", progress=False)
+    model = packed_tiny_llama()
     ids = torch.randint(0, 512, (1, 1), device="cuda")
     with torch.no_grad():
         expected = model(input_ids=ids).logits.float()
