@@ -85,6 +85,13 @@ def fusable(groups: list[list[str]], options: dict) -> list[list[str]]:
     return split
 
 
+def options_after_fusing(options: dict, fused: dict[str, list[str]]) -> dict:
+    """Layer name -> option with each fused group's members replaced by its wider layer (`fuse_layers`)."""
+    members = {name for names in fused.values() for name in names}
+    return {**{name: option for name, option in options.items() if name not in members},
+            **{name: options[names[0]] for name, names in fused.items()}}
+
+
 @torch.no_grad()
 def fuse_layers(model: nn.Module, groups: list[list[str]]) -> dict[str, list[str]]:
     """Replace each group's members by slices of one layer with their rows stacked (in group order);

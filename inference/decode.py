@@ -26,7 +26,7 @@ from bitalloc.benchmarks import LLAMA_CONFIGS, MIXES, mix_assignment, pack_in_pl
 from bitalloc.cost import average_bits, layer_shapes
 from bitalloc.decode import decode
 from bitalloc.errors import BitallocError, cli_entry
-from bitalloc.fuse import fusable, fuse_layers, fuse_packed, shared_input_groups
+from bitalloc.fuse import fusable, fuse_layers, fuse_packed, options_after_fusing, shared_input_groups
 from bitalloc.kernels import tuner
 from bitalloc.plan import Plan
 
@@ -86,9 +86,7 @@ def main(argv=None):
         plan = Plan(model=f"{args.config} (random weights)", layers={k: str(v) for k, v in assignment.items()},
                     predicted={"avg_bits": bits}, tie_groups=groups)
         fused = fuse_layers(model, groups)
-        members = {name for names in fused.values() for name in names}
-        assignment = {**{n: o for n, o in assignment.items() if n not in members},
-                      **{name: assignment[names[0]] for name, names in fused.items()}}
+        assignment = options_after_fusing(assignment, fused)
     else:
         import bitalloc
 

@@ -4,7 +4,8 @@ import torch
 
 from bitalloc.benchmarks import pack_in_place
 from bitalloc.errors import BitallocError
-from bitalloc.fuse import SharedSlice, fusable, fuse_layers, fuse_packed, shared_input_groups
+from bitalloc.fuse import (SharedSlice, fusable, fuse_layers, fuse_packed, options_after_fusing,
+                           shared_input_groups)
 from bitalloc.models import linear_layers
 from bitalloc.quant import parse
 
@@ -53,10 +54,7 @@ def test_a_packed_wider_linear_equals_its_members_packed_apart():
     assert [[n.rsplit(".", 1)[-1] for n in g] for g in groups] == [["q_proj", "v_proj"]] * 2  # k differs; up too
     apart = tiny_llama()
     pack_in_place(apart, options, "reference", progress=False)
-    fused = fuse_layers(model, groups)
-    members = {m for names in fused.values() for m in names}
-    pack_in_place(model, {**{n: o for n, o in options.items() if n not in members},
-                          **{name: options[names[0]] for name, names in fused.items()}}, "reference", progress=False)
+    pack_in_place(model, options_after_fusing(options, fuse_layers(model, groups)), "reference", progress=False)
     torch.testing.assert_close(model(input_ids=ids).logits, apart(input_ids=ids).logits, rtol=1e-5, atol=1e-5)
 
 

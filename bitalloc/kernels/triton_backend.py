@@ -120,12 +120,13 @@ def _launch_pairs(kind, config, x, qweight, scales, zeros_arg, bits, group, in_f
     units = packed_units(qweight.shape[1], bits)
     block_n, vec, split, warps = (tm.ROWS, *config[:3]) if kind == MMA else config
     grid = (triton_cdiv(n, block_n), split, m)
+    even = kind == MMA and n % block_n == 0 and units % (warps * 4 * vec) == 0  # gemv_mma's unmasked path
     if kind == MMA and config[3] == X_RAW:
         out = _gemv_output(x, n, split)
         if split > 1:
             out.zero_()  # split-K adds into it (otherwise the activation pass zeroes it)
         words = x.view(torch.int32)  # x is contiguous with an even K (`candidates`): two float16 per word
-        even = n % block_n == 0 and units % (warps * 4 * vec) == 0 and in_features == units * codes
+        even = even and in_features == units * codes
         pdl = len(config) > 4 and bool(config[4])
         tm.gemv_mma[grid](words, words, qweight, scales, zeros_arg, out, n, units, ng, out.stride(0), words.stride(0),
                           words.shape[1], VEC=vec, SPLIT_K=split, EVEN=even, X_LOAD=X_RAW, PDL=pdl, launch_pdl=pdl,
@@ -138,7 +139,6 @@ def _launch_pairs(kind, config, x, qweight, scales, zeros_arg, bits, group, in_f
                                                               out.stride(0), CODES=codes, TILE=vec,
                                                               ZERO_OUT=split > 1, BLOCK=ARRANGE_BLOCK)
     if kind == MMA:
-        even = n % block_n == 0 and units % (warps * 4 * vec) == 0
         tm.gemv_mma[grid](xp, xs, qweight, scales, zeros_arg, out, n, units, ng, out.stride(0), xp.stride(0), 0,
                           VEC=vec, SPLIT_K=split, EVEN=even, X_LOAD=config[3], num_warps=warps, **common)
     else:
