@@ -56,8 +56,11 @@ MMA_CONFIGS = [(8, 1, 4, 1), (8, 1, 8, 1), (4, 1, 4, 1), (4, 1, 8, 1), (2, 1, 4,
                (8, 1, 4, 2), (8, 1, 8, 2), (4, 1, 4, 2), (4, 1, 8, 2), (2, 1, 4, 2), (2, 1, 8, 2), (8, 2, 4, 2),
                (4, 2, 4, 2), (8, 1, 16, 2), (4, 1, 16, 2)]
 X_RAW = 2  # the X_LOAD reading x itself (triton_mma.RAW)
-# a fifth element 1 launches a configuration reading x itself as a programmatic dependent (PDL: its weights
-# load while the kernel before finishes); timed by inference/gemv_configs.py, not yet offered to the tuner
+# a fifth element 1 launches a configuration reading x itself as a programmatic dependent (PDL: its first
+# weights load while the kernel before finishes).  On the H200 it was faster than the same configuration
+# without it on every 7B shape, when GEMVs run back to back (results/h200_pdl/gemv_mma_pdl.txt); the tuner
+# times it after a kernel that is not a dependent launch, as most GEMVs of a decode step run
+MMA_CONFIGS += [c + (1,) for c in MMA_CONFIGS if c[3] == X_RAW]
 ARRANGE_BLOCK = 128
 DEQUANT_TILE = (32, 256)  # (BLOCK_N, BLOCK_K) of the dequantization pass
 
