@@ -1,6 +1,8 @@
 """Every backend computes what `reference` computes, for every bit width, group size and batch size."""
+import collections
 import importlib.util
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -265,6 +267,17 @@ def test_tensor_core_gemv_spends_one_mma_per_eight_codes_of_a_lane():
         assert count("HMMA") == codes / 8 and count("HFMA2") == codes / 2, (bits, count("HMMA"), count("HFMA2"))
         assert count("HADD2") <= 4  # only the rows' scales and zeros to float32, once per step
         assert bits != 4 or len(body) / codes < 2.8  # the float16-pair GEMV on CUDA cores: 3.6
+
+
+@needs_triton
+def test_tensor_core_gemv_reads_three_bit_units_with_wide_loads():
+    """A lane's units of three words are consecutive words: read as 16-byte vectors, not word by word
+    (the 4-byte loads left int3 at ~20 % of the HBM roofline on the H200)."""
+    gemv_sass = _gemv_sass()
+    body = gemv_sass.loop_body(gemv_sass.sass_of(3, (4, 1, 4, 2), kernel="mma"))
+    loads = collections.Counter(re.search(r"LDG\.E[.\w]*", t).group(0) for t in body if "LDG" in t)
+    assert set(loads) == {"LDG.E.128", "LDG.E.U16"}, loads  # codes and x; scales and zeros
+    assert loads["LDG.E.128"] == 2 * 3 + 4 * 16 // 4, loads  # rows g and g + 8 x 3 words; 64 words of x
 
 
 @needs_triton

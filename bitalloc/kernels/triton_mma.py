@@ -173,10 +173,7 @@ def _mma_step_data(qw_ptr, xp_ptr, xs_ptr, s_ptr, z_ptr, rows, lane_chunk, N, U,
     total = 0.0
     if X_LOAD != RAW:
         total = _load(xs_ptr + chunk, chunk_ok, EVEN)
-    u, row4 = _lane_units(rows, chunk, VEC)
-    unit_ok = (u < U) & live
-    low = _units(qw_ptr, row4, u, unit_ok & (row4 < N), U, WORDS, VEC, EVEN)
-    high = _units(qw_ptr + 8 * U * WORDS, row4, u, unit_ok & (row4 + 8 < N), U, WORDS, VEC, EVEN)
+    low, high = _units(qw_ptr, rows, chunk, live, N, U, WORDS, VEC, EVEN)
     x = 0
     if X_LOAD == AHEAD:
         x = _mma_x(xp_ptr, rows, lane_chunk, U, step, live, BITS, VEC, STEP, EVEN)
@@ -227,13 +224,32 @@ def _lane_units(rows, chunk, VEC: gl.constexpr):
 
 
 @gluon.jit
-def _units(qw_ptr, row4, u, ok, U, WORDS: gl.constexpr, VEC: gl.constexpr, EVEN: gl.constexpr):
-    """The words of units u of rows row4 ([WARPS, 8, 4, VEC]) as a tuple over the VEC units of tuples of
-    each unit's words, every word one element per lane."""
-    per_word = ()
+def _units(qw_ptr, rows, chunk, live, N, U, WORDS: gl.constexpr, VEC: gl.constexpr, EVEN: gl.constexpr):
+    """The words of a lane's VEC units (chunk `chunk`) in rows g and g + 8: for each row a tuple over the
+    units of tuples of each unit's words, every word one element per lane.  The units' VEC * WORDS words
+    are consecutive, so they are read as WORDS vectors of VEC words (16-byte loads at VEC 4, three-word
+    units included; reading word k of each unit apart would take 4-byte loads)."""
+    low = ()
+    high = ()
     for k in gl.static_range(WORDS):
-        per_word = per_word + (_unstack(_load(qw_ptr + row4 * (U * WORDS) + u * WORDS + k, ok, EVEN), VEC),)
-    return _transposed(per_word, WORDS, VEC)
+        word, row4 = _lane_units(rows, chunk * WORDS + k, VEC)
+        ok = (word < U * WORDS) & live
+        low = low + _unstack(_load(qw_ptr + row4 * (U * WORDS) + word, ok & (row4 < N), EVEN), VEC)
+        high = high + _unstack(_load(qw_ptr + 8 * U * WORDS + row4 * (U * WORDS) + word, ok & (row4 + 8 < N),
+                                     EVEN), VEC)
+    return _grouped(low, WORDS), _grouped(high, WORDS)
+
+
+@gluon.jit
+def _grouped(flat, SIZE: gl.constexpr):
+    """A flat tuple cut into consecutive tuples of SIZE."""
+    groups = ()
+    for i in gl.static_range(len(flat) // SIZE):
+        group = ()
+        for k in gl.static_range(SIZE):
+            group = group + (flat[i * SIZE + k],)
+        groups = groups + (group,)
+    return groups
 
 
 @gluon.jit
