@@ -60,6 +60,13 @@ class SharedSlice(nn.Module):
         return self.shared.part(x, self.index)
 
 
+def four_tokens(model: nn.Module):
+    """A run of a causal LM on four tokens: enough for `shared_input_groups` to see which linears share
+    an input."""
+    ids = torch.zeros(1, 4, dtype=torch.long, device=next(model.parameters()).device)
+    return lambda: model(input_ids=ids)
+
+
 def shared_input_groups(model: nn.Module, run) -> list[list[str]]:
     """Names of the linears (nn.Linear or packed) of `model` that read one input tensor when `run()` runs it,
     two or more a group."""

@@ -26,6 +26,7 @@ from safetensors.torch import save_model as save_tensors
 
 from . import atomic
 from .blocks import replace_module
+from .fuse import four_tokens, fuse_packed
 from .errors import BitallocError
 from .kernels.quant_linear import QuantLinear
 from .models import LoadedModel, fingerprint_path
@@ -102,8 +103,9 @@ def read_meta(directory) -> dict:
     return meta
 
 
-def load(directory, device="cpu", backend: str | None = None) -> LoadedModel:
-    """Rebuild a saved model; `backend` overrides the saved per-layer backends ("auto" picks per layer)."""
+def load(directory, device="cpu", backend: str | None = None, fuse: bool = False) -> LoadedModel:
+    """Rebuild a saved model; `backend` overrides the saved per-layer backends ("auto" picks per layer);
+    `fuse` stacks the packed layers that read one input and share an option into one (`bitalloc.fuse`)."""
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
     directory = Path(directory)
@@ -124,6 +126,9 @@ def load(directory, device="cpu", backend: str | None = None) -> LoadedModel:
     model.eval().to(device)
     for layer in quant_layers(model).values():
         layer.set_backend(backend or layer.backend)
+    if fuse:
+        with torch.no_grad():
+            fuse_packed(model, four_tokens(model))
     tokenizer = None
     if (directory / "tokenizer_config.json").is_file():
         tokenizer = AutoTokenizer.from_pretrained(directory)

@@ -26,7 +26,7 @@ from bitalloc.benchmarks import LLAMA_CONFIGS, MIXES, mix_assignment, pack_in_pl
 from bitalloc.cost import average_bits, layer_shapes
 from bitalloc.decode import decode
 from bitalloc.errors import BitallocError, cli_entry
-from bitalloc.fuse import fusable, fuse_layers, fuse_packed, options_after_fusing, shared_input_groups
+from bitalloc.fuse import four_tokens, fusable, fuse_layers, fuse_packed, options_after_fusing, shared_input_groups
 from bitalloc.kernels import tuner
 from bitalloc.plan import Plan
 
@@ -56,12 +56,6 @@ def parse_args(argv):
                              "their GPU time and the time between them")
     parser.add_argument("--out", default="results/decode")
     return parser.parse_args(argv)
-
-
-def four_tokens(model):
-    """A run of the model on four tokens: how `bitalloc.fuse` finds the layers that read one input."""
-    ids = torch.zeros(1, 4, dtype=torch.long, device=model.device)
-    return lambda: model(input_ids=ids)
 
 
 def memory() -> int:

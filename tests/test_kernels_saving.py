@@ -69,3 +69,23 @@ def test_apply_saves_a_model_that_loads(cli_env, tiny_dir, capsys):
     reloaded = bitalloc.load(cli_env / "out")
     assert reloaded.tokenizer is not None
     assert sum(1 for m in reloaded.model.modules() if getattr(m, "kernel", None) == "cpu") == 4
+
+
+def test_reload_can_fuse_the_layers_that_share_an_input_and_an_option(tmp_path):
+    """q/k/v and gate/up under one option each (a `--tie fused` plan) reload as two wider layers per block,
+    with the logits of the layers apart."""
+    from bitalloc.fuse import SharedSlice
+
+    loaded = from_module(tiny_llama(seed=5))
+    tied = {"q_proj": "rtn:int4:g32:asym", "k_proj": "rtn:int4:g32:asym", "v_proj": "rtn:int4:g32:asym",
+            "gate_proj": "rtn:int3:g64:sym", "up_proj": "rtn:int3:g64:sym", "o_proj": "rtn:int8:pc:sym",
+            "down_proj": "rtn:int2:g32:asym"}
+    assignment = {name: parse(tied[name.rsplit(".", 1)[-1]]) for name in linear_layers(loaded.model)}
+    quantize_model(loaded, assignment, backend="reference", progress=False)
+    save(loaded, tmp_path / "saved")
+    ids = torch.randint(0, 320, (1, 12), generator=torch.Generator().manual_seed(0))
+    apart, fused = (bitalloc.load(tmp_path / "saved", fuse=fuse).model for fuse in (False, True))
+    slices = [name.rsplit(".", 1)[-1] for name, m in fused.named_modules() if isinstance(m, SharedSlice)]
+    assert sorted(slices) == sorted(["q_proj", "k_proj", "v_proj", "gate_proj", "up_proj"] * 2)
+    with torch.no_grad():
+        torch.testing.assert_close(fused(input_ids=ids).logits, apart(input_ids=ids).logits, rtol=1e-5, atol=1e-5)
