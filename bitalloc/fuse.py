@@ -106,7 +106,6 @@ def fuse_layers(model: nn.Module, groups: list[list[str]]) -> dict[str, list[str
     fused_names = {}
     for group in groups:
         members = [model.get_submodule(name) for name in group]
-        first = members[0]
         if len({m.in_features for m in members}) != 1 or len({m.bias is None for m in members}) != 1:
             raise BitallocError(f"{group}: members of one input width and all with or all without a bias needed")
         if all(isinstance(m, nn.Linear) for m in members):

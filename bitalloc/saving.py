@@ -26,8 +26,8 @@ from safetensors.torch import save_model as save_tensors
 
 from . import atomic
 from .blocks import replace_module
-from .fuse import four_tokens, fuse_packed
 from .errors import BitallocError
+from .fuse import four_tokens, fuse_packed
 from .kernels.quant_linear import QuantLinear
 from .models import LoadedModel, fingerprint_path
 from .quant.option import parse
