@@ -55,7 +55,7 @@ def test_cached_rows_are_reused_and_new_options_only_measured(setup, tmp_path, m
     loaded, ids = setup
     first = profile(loaded, ids, OPTIONS[:2], cache_dir=tmp_path, batch_size=2, progress=False,
                     metrics=["rel", "fisher"])
-    block_calls, linear_calls = [], []
+    block_calls = []
     _spy(monkeypatch, profile_module, "measure_block", block_calls)
     again = profile(loaded, ids, OPTIONS[:2], cache_dir=tmp_path, batch_size=2, progress=False,
                     metrics=["rel", "fisher"])
