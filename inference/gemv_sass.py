@@ -57,8 +57,8 @@ ADDRESS = re.compile(r"/\*([0-9a-f]{4,})\*/\s+(.*?)\s*;")
 
 
 def sass_of(bits: int, config: tuple[int, ...], group: int = 128, kernel: str = "units") -> str:
-    if kernel == "mma":  # VEC/SPLIT_K/num_warps[/X_LOAD[/PDL]]
-        config = (tm.ROWS, *config, 1, 0)[:6] if len(config) < 4 else (tm.ROWS, *config, 0)[:6]
+    if kernel == "mma":  # VEC/SPLIT_K/num_warps[/X_LOAD[/PDL]], X_LOAD 1 and no PDL unless given
+        config = (tm.ROWS, *config, *(1, 0)[len(config) - 3:])
     block_n, block_k, split, warps = config[:4]
     codes = 32 * (1 if 32 % bits == 0 else bits) // bits
     arguments, names = SIGNATURES[kernel]
