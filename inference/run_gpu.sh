@@ -15,7 +15,7 @@
 # pdl: the tensor-core GEMV reading x itself launched as a programmatic dependent (its test, then a sweep
 #   with and without PDL on the 7B shapes; the harness replays calls back to back, as a decode step runs them).
 # int3: the GPU tests of the 16-byte int3 loads the seventh session could not finish (every GEMV choice at
-#   int3, the unmasked tensor-core path at 3 bits), then the compiled Llama-2-7B mixed4 decode with them.
+#   int3, the unmasked tensor-core path at 3 bits), then the compiled, stacked Llama-2-7B mixed4-tied decode.
 # decode: the Llama-2-7B mixed4 decode, eager steps in graphs and torch.compile'd steps in graphs, with
 #   a per-kernel GPU-time profile of a few steps of each.
 set -uo pipefail
@@ -111,8 +111,8 @@ fused)
 int3)
   timeout 240 python -m pytest -q -rf -p no:cacheprovider tests/test_kernels_gpu.py \
     -k "(every_gemv and int3) or (without_masks and 3)" 2>&1 | tee "$out/pytest_gpu_int3.txt" | tail -3
-  timeout 300 python inference/decode.py --config llama-2-7b --mix mixed4 --compile --profile 3 \
-    --out "$out/decode_compiled_int3" 2>&1 | tail -4
+  timeout 300 python inference/decode.py --config llama-2-7b --mix mixed4-tied --fuse --compile --profile 3 \
+    --out "$out/decode_tied_fused_int3" 2>&1 | tail -4
   rm -f "$out"/*.png "$out"/*_plan.json
   ;;
 full)
