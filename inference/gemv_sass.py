@@ -4,7 +4,7 @@
     python inference/gemv_sass.py --bits 4 --configs 128/128/16/4 --dump /tmp/gemv4.sass
     python inference/gemv_sass.py --kernel pairs --bits 4,2,8 --configs 4/4/1/2,8/4/1/4
     python inference/gemv_sass.py --kernel mma --bits 4,3 --configs 4/1/4,2/1/8
-    python inference/gemv_sass.py --kernel mma --bits 4 --configs 8/1/4/2/0/4/64  # TMA ring of 4 steps
+    python inference/gemv_sass.py --kernel mma --bits 4 --configs 8/1/4/2/0/4     # TMA ring of 4 steps
 
 Triton compiles `gemv_units` (or, with --kernel pairs, the Gluon `gemv_pairs`)
 for sm_90 (H100/H200) with the launch's specializations (pointers and sizes
@@ -59,9 +59,8 @@ ADDRESS = re.compile(r"/\*([0-9a-f]{4,})\*/\s+(.*?)\s*;")
 
 
 def sass_of(bits: int, config: tuple[int, ...], group: int = 128, kernel: str = "units") -> str:
-    if kernel == "mma":  # VEC/SPLIT_K/num_warps[/X_LOAD[/PDL[/STAGES/MAXNREG]]], X_LOAD 1, no PDL, no ring unless given
-        config = (tm.ROWS, *config, *(1, 0, 0, 0)[len(config) - 3:])
-    maxnreg = {"maxnreg": config[7]} if kernel == "mma" and config[7] else {}
+    if kernel == "mma":  # VEC/SPLIT_K/num_warps[/X_LOAD[/PDL[/STAGES]]], X_LOAD 1, no PDL, no ring unless given
+        config = (tm.ROWS, *config, *(1, 0, 0)[len(config) - 3:])
     block_n, block_k, split, warps = config[:4]
     codes = 32 * (1 if 32 % bits == 0 else bits) // bits
     arguments, names = SIGNATURES[kernel]
@@ -79,7 +78,7 @@ def sass_of(bits: int, config: tuple[int, ...], group: int = 128, kernel: str = 
     divisible = {(i,): [["tt.divisibility", 16]] for i in range(len(arguments))}
     fn, source = KERNELS[kernel]
     compiled = triton.compile(source(fn=fn, signature=signature, constexprs=values, attrs=divisible),
-                              target=GPUTarget("cuda", 90, 32), options={"num_warps": warps, **maxnreg})
+                              target=GPUTarget("cuda", 90, 32), options={"num_warps": warps})
     with tempfile.NamedTemporaryFile(suffix=".cubin", delete=False) as handle:
         handle.write(compiled.asm["cubin"])
     try:
@@ -107,19 +106,14 @@ def codes_per_thread(kernel: str, bits: int, config: tuple[int, ...]) -> float:
 
 
 def loop_body(sass: str) -> list[str]:
-    """The instructions of the K loop: the longest loop (a backward branch's target up to the branch) holding
-    no other loop; a warp-specialized kernel's wait loops and register hand-overs are short ones."""
+    """The instructions between a backward branch's target and the branch (the K loop)."""
     code = [(int(m.group(1), 16), m.group(2)) for m in map(ADDRESS.search, sass.splitlines()) if m]
-    loops = []
     for address, text in code:
         jump = re.search(r"BRA (?:`\(\.L_x_\d+\) |0x)([0-9a-f]+)", text)
         if jump and int(jump.group(1), 16) < address:
-            loops.append((int(jump.group(1), 16), address))
-    innermost = [(a, b) for a, b in loops if not any(a <= c and d < b for c, d in loops if (c, d) != (a, b))]
-    if not innermost:
-        raise SystemExit("no loop found in the SASS")
-    start, end = max(innermost, key=lambda loop: loop[1] - loop[0])
-    return [t for a, t in code if start <= a <= end]
+            start = int(jump.group(1), 16)
+            return [t for a, t in code if start <= a <= address]
+    raise SystemExit("no loop found in the SASS")
 
 
 def main(argv=None) -> int:

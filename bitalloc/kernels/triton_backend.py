@@ -62,13 +62,11 @@ X_RAW = 2  # the X_LOAD reading x itself (triton_mma.RAW)
 # without it on every 7B shape, when GEMVs run back to back (results/h200_pdl/gemv_mma_pdl.txt); the tuner
 # times it after a kernel that is not a dependent launch, as most GEMVs of a decode step run
 MMA_CONFIGS += [c + (1,) for c in MMA_CONFIGS if c[3] == X_RAW]
-# a sixth element STAGES > 0 (Hopper's TMA; 2, 4 and 8 bits): a producer warp brings the program's code words
-# by bulk copies into a ring of STAGES steps in shared memory while the program's warps compute, so the bytes
-# in flight cost no registers and no compute warp waits on its own loads (triton_mma `_fill_ring`); the
-# seventh, the registers per thread at launch (Triton's warp specialization shares them out per CTA: 64 with
-# 4 compute warps leaves them 104 and fits 4 programs per SM)
-RING_CONFIGS = [(8, 1, 4, X_RAW, 0, 4, 64), (8, 1, 4, 0, 0, 4, 64), (8, 1, 8, X_RAW, 0, 4, 56),
-                (4, 1, 8, X_RAW, 0, 4, 56), (8, 1, 4, X_RAW, 1, 4, 64)]
+# a sixth element STAGES > 0 (Hopper's TMA; 2, 4 and 8 bits): a program's code words arrive by bulk copies
+# into a ring of STAGES steps in shared memory instead of each lane's loads a step ahead, so the bytes in
+# flight no longer cost registers or wait on a lane's own loads (triton_mma `_request`)
+RING_CONFIGS = [(8, 1, 4, X_RAW, 0, 4), (8, 1, 4, 0, 0, 4), (4, 1, 8, X_RAW, 0, 4), (8, 1, 8, X_RAW, 0, 3),
+                (4, 1, 16, X_RAW, 0, 2), (8, 1, 4, X_RAW, 1, 4)]
 MMA_CONFIGS += RING_CONFIGS
 ARRANGE_BLOCK = 128
 DEQUANT_TILE = (32, 256)  # (BLOCK_N, BLOCK_K) of the dequantization pass
@@ -135,7 +133,7 @@ def _launch_pairs(kind, config, x, qweight, scales, zeros_arg, bits, group, in_f
     even = kind == MMA and n % block_n == 0 and units % (warps * 4 * vec) == 0  # gemv_mma's unmasked path
     ring = {}
     if kind == MMA and len(config) > 5 and config[5]:
-        ring = dict(STAGES=config[5], qw_desc=_ring_descriptor(qweight, warps * 4 * vec), maxnreg=config[6])
+        ring = dict(STAGES=config[5], qw_desc=_ring_descriptor(qweight, warps * 4 * vec))
     if kind == MMA and config[3] == X_RAW:
         out = _gemv_output(x, n, split)
         if split > 1:

@@ -81,63 +81,39 @@ def gemv_mma(xp_ptr, xs_ptr, qw_ptr, s_ptr, z_ptr, out_ptr, N, U, NG, stride_om,
     dependent, with RAW): the first step's weights are requested before waiting for the kernel that writes
     x, and the next kernel may launch once the sums are done.
     """
-    WARPS: gl.constexpr = gl.num_warps()
-    STEP: gl.constexpr = WARPS * 4 * VEC  # units per row and step
-    TILE: gl.constexpr = STEP * (_pairs_per_unit(BITS) * 2 * BITS // 32)  # words per row and step
-    LANES: gl.constexpr = _lanes(WARPS)
-    gl.static_assert(not PDL or X_LOAD == RAW, "with PDL only x may come from the kernel before")
-    pid_n = gl.program_id(0)
-    m = gl.program_id(2)
-    steps = gl.cdiv(U, STEP)
-    per_split = gl.cdiv(steps, SPLIT_K)
-    first = gl.program_id(1) * per_split
-    last = gl.minimum(first + per_split, steps)
-    xp_ptr += m * stride_xm
-    xs_ptr += m * gl.cdiv(U, VEC)
-    if STAGES > 0:  # one extra warp fills the ring; the program's warps compute
-        ring = gl.allocate_shared_memory(gl.int32, [STAGES, 16, TILE], qw_desc.layout)
-        ready = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
-        empty = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
-        for i in gl.static_range(STAGES):
-            mbarrier.init(ready.index(i), count=1)
-            mbarrier.init(empty.index(i), count=1)
-        dots, dots8 = gl.warp_specialize(
-            [(_sums, (xp_ptr, xs_ptr, qw_ptr, s_ptr, z_ptr, N, U, NG, KX, pid_n, first, last, BITS, GROUP, HAS_ZEROS,
-                      VEC, EVEN, X_LOAD, PDL, STAGES, ring, ready, empty)),
-             (_fill_ring, (qw_desc, ring, ready, empty, pid_n, first, last, STAGES, TILE))], [1], [40])
-    else:
-        dots, dots8 = _sums(xp_ptr, xs_ptr, qw_ptr, s_ptr, z_ptr, N, U, NG, KX, pid_n, first, last, BITS, GROUP,
-                            HAS_ZEROS, VEC, EVEN, X_LOAD, PDL, 0, 0, 0, 0)
-    out_rows = pid_n * 16 + gl.arange(0, 8, layout=gl.SliceLayout(0, gl.SliceLayout(2, LANES)))
-    if SPLIT_K == 1:
-        gl.store(out_ptr + m * stride_om + out_rows, dots.to(out_ptr.dtype.element_ty), mask=out_rows < N)
-        gl.store(out_ptr + m * stride_om + out_rows + 8, dots8.to(out_ptr.dtype.element_ty), mask=out_rows + 8 < N)
-    else:
-        gl.atomic_add(out_ptr + m * stride_om + out_rows, dots, mask=out_rows < N, sem="relaxed")
-        gl.atomic_add(out_ptr + m * stride_om + out_rows + 8, dots8, mask=out_rows + 8 < N, sem="relaxed")
-
-
-@gluon.jit
-def _sums(xp_ptr, xs_ptr, qw_ptr, s_ptr, z_ptr, N, U, NG, KX, pid_n, first, last, BITS: gl.constexpr,
-          GROUP: gl.constexpr, HAS_ZEROS: gl.constexpr, VEC: gl.constexpr, EVEN: gl.constexpr, X_LOAD: gl.constexpr,
-          PDL: gl.constexpr, STAGES: gl.constexpr, ring, ready, empty):
-    """Rows g and g + 8's sums over steps [first, last) for gemv_mma (its docstring); with STAGES > 0 the code
-    words come from the ring `_fill_ring` fills: a slot is waited for, read, and handed back."""
     PAIRS: gl.constexpr = _pairs_per_unit(BITS)
     WARPS: gl.constexpr = gl.num_warps()
     STEP: gl.constexpr = WARPS * 4 * VEC  # units per row and step
     LANES: gl.constexpr = _lanes(WARPS)
     gl.static_assert(GROUP % (VEC * 2 * PAIRS) == 0, "a lane's chunk must lie in one group")
     gl.static_assert(PAIRS % 2 == 0, "an MMA takes two pairs of each row")
+    gl.static_assert(not PDL or X_LOAD == RAW, "with PDL only x may come from the kernel before")
+    pid_n = gl.program_id(0)
+    pid_k = gl.program_id(1)
+    m = gl.program_id(2)
+    xp_ptr += m * stride_xm
+    xs_ptr += m * gl.cdiv(U, VEC)
     warp = gl.expand_dims(gl.expand_dims(gl.arange(0, WARPS, layout=gl.SliceLayout(1, gl.SliceLayout(2, LANES))),
                                          1), 2)
     g = gl.expand_dims(gl.expand_dims(gl.arange(0, 8, layout=gl.SliceLayout(0, gl.SliceLayout(2, LANES))), 0), 2)
     t = gl.expand_dims(gl.expand_dims(gl.arange(0, 4, layout=gl.SliceLayout(0, gl.SliceLayout(1, LANES))), 0), 1)
     rows = pid_n * 16 + g + 0 * warp + 0 * t  # [WARPS, 8, 4]: row g of every lane
     lane_chunk = warp * 4 + t + 0 * g  # the lane's chunk within a step
+    steps = gl.cdiv(U, STEP)
+    per_split = gl.cdiv(steps, SPLIT_K)
+    first = pid_k * per_split
+    last = gl.minimum(first + per_split, steps)
     data = _mma_step_data(qw_ptr, xp_ptr, xs_ptr, s_ptr, z_ptr, rows, lane_chunk, N, U, NG,
-                          gl.minimum(first, gl.cdiv(U, STEP) - 1), first < last, BITS, GROUP, HAS_ZEROS, VEC, STEP, EVEN,
-                          X_LOAD, STAGES)
+                          gl.minimum(first, steps - 1), first < last, BITS, GROUP, HAS_ZEROS, VEC, STEP, EVEN, X_LOAD,
+                          STAGES)
+    TILE: gl.constexpr = STEP * (PAIRS * 2 * BITS // 32)  # words per row and step
+    if STAGES > 0:
+        ring = gl.allocate_shared_memory(gl.int32, [STAGES, 16, TILE], qw_desc.layout)
+        ready = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+        for i in gl.static_range(STAGES):
+            mbarrier.init(ready.index(i), count=1)
+        for i in gl.static_range(STAGES):
+            _request(qw_desc, ring, ready, pid_n, first + i, i, first + i < last, TILE)
     acc0 = gl.zeros([WARPS, 8, 4], gl.float32, LANES)
     acc1 = gl.zeros([WARPS, 8, 4], gl.float32, LANES)
     acc2 = gl.zeros([WARPS, 8, 4], gl.float32, LANES)
@@ -152,7 +128,8 @@ def _sums(xp_ptr, xs_ptr, qw_ptr, s_ptr, z_ptr, N, U, NG, KX, pid_n, first, last
             slot = (step - first) % STAGES
             mbarrier.wait(ready.index(slot), ((step - first) // STAGES) & 1)
             low, high = _ring_units(ring.index(slot), BITS, VEC)
-            mbarrier.arrive(empty.index(slot))
+            # refill the slot: Triton puts a CTA barrier between its reads and the copy (shared-memory hazard)
+            _request(qw_desc, ring, ready, pid_n, step + STAGES, slot, step + STAGES < last, TILE)
         if X_LOAD == IN_STEP:
             x = _mma_x(xp_ptr, rows, lane_chunk, U, step, True, BITS, VEC, STEP, EVEN)
         elif X_LOAD == RAW:
@@ -180,19 +157,13 @@ def _sums(xp_ptr, xs_ptr, qw_ptr, s_ptr, z_ptr, N, U, NG, KX, pid_n, first, last
     # every column of the accumulators holds the same sums: count lane t = 0's once, then sum the warps
     dots = gl.sum(gl.sum(gl.where(t == 0, acc0, 0.0) - zero_terms, axis=2), axis=0)  # rows g
     dots8 = gl.sum(gl.sum(gl.where(t == 0, acc2, 0.0) - zero_terms8, axis=2), axis=0)  # rows g + 8
-    return dots, dots8
-
-
-@gluon.jit
-def _fill_ring(qw_desc, ring, ready, empty, pid_n, first, last, STAGES: gl.constexpr, TILE: gl.constexpr):
-    """The producer warp: each step's [16, TILE] code words by TMA into the next slot once it is handed back
-    (zeros past the tensor's edges)."""
-    for step in range(first, last):
-        slot = (step - first) % STAGES
-        mbarrier.wait(empty.index(slot), (((step - first) // STAGES) & 1) ^ 1)  # the first round passes at once
-        bar = ready.index(slot)
-        mbarrier.expect(bar, 16 * TILE * 4)
-        _tma_load(qw_desc, [pid_n * 16, step * TILE], bar, ring.index(slot))
+    out_rows = pid_n * 16 + gl.arange(0, 8, layout=gl.SliceLayout(0, gl.SliceLayout(2, LANES)))
+    if SPLIT_K == 1:
+        gl.store(out_ptr + m * stride_om + out_rows, dots.to(out_ptr.dtype.element_ty), mask=out_rows < N)
+        gl.store(out_ptr + m * stride_om + out_rows + 8, dots8.to(out_ptr.dtype.element_ty), mask=out_rows + 8 < N)
+    else:
+        gl.atomic_add(out_ptr + m * stride_om + out_rows, dots, mask=out_rows < N, sem="relaxed")
+        gl.atomic_add(out_ptr + m * stride_om + out_rows + 8, dots8, mask=out_rows + 8 < N, sem="relaxed")
 
 
 @gluon.jit
@@ -201,8 +172,8 @@ def _mma_step_data(qw_ptr, xp_ptr, xs_ptr, s_ptr, z_ptr, rows, lane_chunk, N, U,
                    STEP: gl.constexpr, EVEN: gl.constexpr, X_LOAD: gl.constexpr, STAGES: gl.constexpr):
     """A step's loads for every lane: the words of its VEC units in rows g and g + 8 (tuples per unit of
     each unit's words; 0 when STAGES > 0, as TMA brings them to shared memory), with X_LOAD = AHEAD the
-    activation pairs of those units (`_mma_x`; else 0), the rows' scales and zeros (float32) and, unless
-    RAW, the chunk's sum of x; zeros where not `live`."""
+    activation pairs of those units (`_mma_x`; else 0), the
+    rows' scales and zeros (float32) and, unless RAW, the chunk's sum of x; zeros where not `live`."""
     PAIRS: gl.constexpr = _pairs_per_unit(BITS)
     WORDS: gl.constexpr = PAIRS * 2 * BITS // 32
     chunk = step * (STEP // VEC) + lane_chunk
@@ -288,6 +259,14 @@ def _units(qw_ptr, rows, chunk, live, N, U, WORDS: gl.constexpr, VEC: gl.constex
         high = high + _unstack(_load(qw_ptr + 8 * U * WORDS + row4 * (U * WORDS) + word, ok & (row4 + 8 < N),
                                      EVEN), VEC)
     return _grouped(low, WORDS), _grouped(high, WORDS)
+
+
+@gluon.jit
+def _request(qw_desc, ring, ready, pid_n, step, slot, live, TILE: gl.constexpr):
+    """Ask TMA for a step's [16, TILE] words of the program's rows (zeros past the tensor's edges)."""
+    bar = ready.index(slot)
+    mbarrier.expect(bar, 16 * TILE * 4, pred=live)
+    _tma_load(qw_desc, [pid_n * 16, step * TILE], bar, ring.index(slot), pred=live)
 
 
 @gluon.jit
