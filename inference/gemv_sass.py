@@ -4,7 +4,6 @@
     python inference/gemv_sass.py --bits 4 --configs 128/128/16/4 --dump /tmp/gemv4.sass
     python inference/gemv_sass.py --kernel pairs --bits 4,2,8 --configs 4/4/1/2,8/4/1/4
     python inference/gemv_sass.py --kernel mma --bits 4,3 --configs 4/1/4,2/1/8
-    python inference/gemv_sass.py --kernel mma --bits 4 --configs 8/1/4/2/0/4     # TMA ring of 4 steps
 
 Triton compiles `gemv_units` (or, with --kernel pairs, the Gluon `gemv_pairs`)
 for sm_90 (H100/H200) with the launch's specializations (pointers and sizes
@@ -35,7 +34,6 @@ from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 from triton.compiler.errors import CompilationError
 from triton.experimental.gluon._runtime import GluonASTSource
-from triton.experimental.gluon.language import NVMMASharedLayout
 
 from bitalloc.kernels import triton_kernels as tk
 from bitalloc.kernels import triton_mma as tm
@@ -51,7 +49,7 @@ SIGNATURES = {  # kernel -> (pointer and size arguments, constexpr names)
     "mma": ({"xp_ptr": "*i32", "xs_ptr": "*fp32", "qw_ptr": "*i32", "s_ptr": "*fp16", "z_ptr": "*fp16",
              "out_ptr": "*fp32", "N": "i32", "U": "i32", "NG": "i32", "stride_om": "i32", "stride_xm": "i32",
              "KX": "i32"},
-            ("BITS", "GROUP", "HAS_ZEROS", "VEC", "SPLIT_K", "EVEN", "X_LOAD", "PDL", "STAGES")),
+            ("BITS", "GROUP", "HAS_ZEROS", "VEC", "SPLIT_K", "EVEN", "X_LOAD", "PDL")),
 }
 KERNELS = {"units": (tk.gemv_units, ASTSource), "pairs": (tp.gemv_pairs, GluonASTSource),
            "mma": (tm.gemv_mma, GluonASTSource)}
@@ -59,22 +57,16 @@ ADDRESS = re.compile(r"/\*([0-9a-f]{4,})\*/\s+(.*?)\s*;")
 
 
 def sass_of(bits: int, config: tuple[int, ...], group: int = 128, kernel: str = "units") -> str:
-    if kernel == "mma":  # VEC/SPLIT_K/num_warps[/X_LOAD[/PDL[/STAGES]]], X_LOAD 1, no PDL, no ring unless given
-        config = (tm.ROWS, *config, *(1, 0, 0)[len(config) - 3:])
+    if kernel == "mma":  # VEC/SPLIT_K/num_warps[/X_LOAD[/PDL]], X_LOAD 1 and no PDL unless given
+        config = (tm.ROWS, *config, *(1, 0)[len(config) - 3:])
     block_n, block_k, split, warps = config[:4]
     codes = 32 * (1 if 32 % bits == 0 else bits) // bits
     arguments, names = SIGNATURES[kernel]
     values = dict(BITS=bits, GROUP=group, HAS_ZEROS=True, PER_SHIFT=max(1, 8 // bits), BLOCK_N=block_n,
                   BLOCK_U=max(1, block_k // codes), VEC=block_k, SPLIT_K=split, EVEN=True,
-                  X_LOAD=config[4] if kernel == "mma" else 1, PDL=kernel == "mma" and bool(config[5]),
-                  STAGES=config[6] if kernel == "mma" else 0)
+                  X_LOAD=config[4] if kernel == "mma" else 1, PDL=kernel == "mma" and bool(config[5]))
     values = {name: values[name] for name in names}
     signature = {**arguments, **{name: "constexpr" for name in names}}
-    if values.get("STAGES"):  # the code words' TMA descriptor, as triton_backend._ring_descriptor makes it
-        layout = NVMMASharedLayout(swizzle_byte_width=0, element_bitwidth=32, rank=2)
-        signature["qw_desc"] = f"tensordesc<i32[16, {warps * 4 * block_k}],{layout!r}>"
-    elif kernel == "mma":
-        signature["qw_desc"], values["qw_desc"] = "constexpr", None
     divisible = {(i,): [["tt.divisibility", 16]] for i in range(len(arguments))}
     fn, source = KERNELS[kernel]
     compiled = triton.compile(source(fn=fn, signature=signature, constexprs=values, attrs=divisible),

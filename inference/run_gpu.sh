@@ -16,8 +16,6 @@
 #   with and without PDL on the 7B shapes; the harness replays calls back to back, as a decode step runs them).
 # int3: the GPU tests of the 16-byte int3 loads the seventh session could not finish (every GEMV choice at
 #   int3, the unmasked tensor-core path at 3 bits), then the compiled, stacked Llama-2-7B mixed4-tied decode.
-# ring: the tensor-core GEMV fed by TMA bulk copies into a ring of shared memory (unmasked tests at every width,
-#   then a sweep of ring depths and launch shapes beside the best register-loading configurations).
 # decode: the Llama-2-7B mixed4 decode, eager steps in graphs and torch.compile'd steps in graphs, with
 #   a per-kernel GPU-time profile of a few steps of each.
 set -uo pipefail
@@ -116,14 +114,6 @@ int3)
   timeout 300 python inference/decode.py --config llama-2-7b --mix mixed4-tied --fuse --compile --profile 3 \
     --out "$out/decode_tied_fused_int3" 2>&1 | tail -4
   rm -f "$out"/*.png "$out"/*_plan.json
-  ;;
-ring)
-  timeout 220 python -m pytest -q -rf -p no:cacheprovider tests/test_kernels_gpu.py -k "without_masks" 2>&1 \
-    | tee "$out/pytest_gpu_ring.txt" | tail -3
-  timeout 300 python inference/gemv_configs.py --kernel gemv-mma --bits 4,8,2 --top 10 \
-    --shapes 8192x8192,4096x4096,4096x11008,12288x4096 --configs \
-    8/1/4/1,8/1/4/2,8/1/8/2,4/1/16/2/1,8/1/4/2/0/2,8/1/4/2/0/3,8/1/4/2/0/4,8/1/4/2/0/6,8/1/4/0/0/4,8/1/8/2/0/3,\
-4/1/8/2/0/4,4/1/16/2/0/2,4/1/16/2/0/4,8/1/4/2/1/4,4/1/4/2/0/4,8/2/4/2/0/4 2>&1 | tee "$out/gemv_mma_ring.txt"
   ;;
 full)
   timeout 90 python -m pytest -q -p no:cacheprovider tests/test_kernels_gpu.py 2>&1 | tee "$out/pytest_gpu.txt" | tail -3

@@ -22,7 +22,6 @@ import torch
 
 from . import tuner
 from .backends import Fallback, add_bias, divide_act_scale, register_backend
-from .layout import packed_words
 
 BITS = (2, 3, 4, 8)
 ONE_GROUP = 1 << 30  # group size for per-channel scales: every column falls in group 0
@@ -62,12 +61,6 @@ X_RAW = 2  # the X_LOAD reading x itself (triton_mma.RAW)
 # without it on every 7B shape, when GEMVs run back to back (results/h200_pdl/gemv_mma_pdl.txt); the tuner
 # times it after a kernel that is not a dependent launch, as most GEMVs of a decode step run
 MMA_CONFIGS += [c + (1,) for c in MMA_CONFIGS if c[3] == X_RAW]
-# a sixth element STAGES > 0 (Hopper's TMA; 2, 4 and 8 bits): a program's code words arrive by bulk copies
-# into a ring of STAGES steps in shared memory instead of each lane's loads a step ahead, so the bytes in
-# flight no longer cost registers or wait on a lane's own loads (triton_mma `_request`)
-RING_CONFIGS = [(8, 1, 4, X_RAW, 0, 4), (8, 1, 4, 0, 0, 4), (4, 1, 8, X_RAW, 0, 4), (8, 1, 8, X_RAW, 0, 3),
-                (4, 1, 16, X_RAW, 0, 2), (8, 1, 4, X_RAW, 1, 4)]
-MMA_CONFIGS += RING_CONFIGS
 ARRANGE_BLOCK = 128
 DEQUANT_TILE = (32, 256)  # (BLOCK_N, BLOCK_K) of the dequantization pass
 
@@ -131,9 +124,6 @@ def _launch_pairs(kind, config, x, qweight, scales, zeros_arg, bits, group, in_f
     block_n, vec, split, warps = (tm.ROWS, *config[:3]) if kind == MMA else config
     grid = (triton_cdiv(n, block_n), split, m)
     even = kind == MMA and n % block_n == 0 and units % (warps * 4 * vec) == 0  # gemv_mma's unmasked path
-    ring = {}
-    if kind == MMA and len(config) > 5 and config[5]:
-        ring = dict(STAGES=config[5], qw_desc=_ring_descriptor(qweight, warps * 4 * vec))
     if kind == MMA and config[3] == X_RAW:
         out = _gemv_output(x, n, split)
         if split > 1:
@@ -143,7 +133,7 @@ def _launch_pairs(kind, config, x, qweight, scales, zeros_arg, bits, group, in_f
         pdl = len(config) > 4 and bool(config[4])
         tm.gemv_mma[grid](words, words, qweight, scales, zeros_arg, out, n, units, ng, out.stride(0), words.stride(0),
                           words.shape[1], VEC=vec, SPLIT_K=split, EVEN=even, X_LOAD=X_RAW, PDL=pdl, launch_pdl=pdl,
-                          num_warps=warps, **ring, **common)
+                          num_warps=warps, **common)
         return out.to(x.dtype)
     out = _gemv_output(x, n, split)
     xp = torch.empty(m, codes // 2, units, device=x.device, dtype=torch.int32)
@@ -153,20 +143,11 @@ def _launch_pairs(kind, config, x, qweight, scales, zeros_arg, bits, group, in_f
                                                               ZERO_OUT=split > 1, BLOCK=ARRANGE_BLOCK)
     if kind == MMA:
         tm.gemv_mma[grid](xp, xs, qweight, scales, zeros_arg, out, n, units, ng, out.stride(0), xp.stride(0), 0,
-                          VEC=vec, SPLIT_K=split, EVEN=even, X_LOAD=config[3], num_warps=warps, **ring, **common)
+                          VEC=vec, SPLIT_K=split, EVEN=even, X_LOAD=config[3], num_warps=warps, **common)
     else:
         tp.gemv_pairs[grid](xp, xs, qweight, scales, zeros_arg, out, n, units, ng, out.stride(0), BLOCK_N=block_n,
                             VEC=vec, SPLIT_K=split, num_warps=warps, **common)
     return out.to(x.dtype)
-
-
-def _ring_descriptor(qweight: torch.Tensor, tile: int):
-    """The TMA descriptor of the code words: [16, tile] boxes of a plain row-major [N, words] tensor."""
-    from triton.experimental.gluon import language as gl
-    from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
-
-    layout = gl.NVMMASharedLayout(swizzle_byte_width=0, element_bitwidth=32, rank=2)
-    return TensorDescriptor.from_tensor(qweight.contiguous(), [16, tile], layout)
 
 
 def dequantize(qweight, scales, zeros, bits: int, group: int, in_features: int, dtype: torch.dtype,
@@ -232,21 +213,10 @@ def candidates(m: int, group: int, bits: int, dtype: torch.dtype, in_features: i
     if m <= GEMV_ROWS and dtype == torch.float16 and _gluon() and not tuner.interpreting():
         configs += [(PAIRS, c) for c in pair_configs(bits) if group % (c[1] * unit_codes(bits)) == 0]
         configs += [(MMA, c) for c in MMA_CONFIGS if group % (c[0] * unit_codes(bits)) == 0
-                    and (c[3] != X_RAW or in_features % 2 == 0) and (len(c) < 6 or _ring_fits(c, bits, in_features))]
+                    and (c[3] != X_RAW or in_features % 2 == 0)]
     if m <= GEMV_ROWS and group % 32 == 0:
         configs += [(GEMV, c) for c in GEMV_CONFIGS]
     return configs + [(DEQUANT, DEQUANT_TILE)]
-
-
-def _ring_fits(config: tuple, bits: int, in_features: int) -> bool:
-    """A TMA ring needs a Hopper GPU, one-word units, a box of <= 256 words and rows of 16-byte multiples."""
-    return (bits != 3 and config[0] * config[2] * 4 <= 256 and packed_words(in_features, bits) % 4 == 0
-            and _hopper())
-
-
-@functools.cache
-def _hopper() -> bool:
-    return torch.cuda.is_available() and torch.cuda.get_device_capability() >= (9, 0)
 
 
 @functools.cache

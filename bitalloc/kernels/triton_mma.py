@@ -29,7 +29,6 @@ from __future__ import annotations
 
 from triton.experimental import gluon
 from triton.experimental.gluon import language as gl
-from triton.experimental.gluon.language.nvidia.hopper import mbarrier, tma
 from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
 
 from .triton_pairs import _fma_f16x2, _half_pair, _merge_halves, _merge_high_halves, _pair_codes, _pairs_per_unit
@@ -37,7 +36,6 @@ from .triton_pairs import _fma_f16x2, _half_pair, _merge_halves, _merge_high_hal
 ROWS = 16  # rows per program: one MMA tile
 # X_LOAD: arranged pairs loaded in the step or a step ahead; x itself in the step (triton_backend.X_RAW)
 IN_STEP, AHEAD, RAW = gl.constexpr(0), gl.constexpr(1), gl.constexpr(2)
-_tma_load = getattr(tma, "async_load", None) or tma.async_copy_global_to_shared  # triton >= 3.7 renamed it
 
 
 @gluon.constexpr_function
@@ -65,8 +63,7 @@ def _dequantized(words, j: gl.constexpr, scale, s, BITS: gl.constexpr):
 @gluon.jit
 def gemv_mma(xp_ptr, xs_ptr, qw_ptr, s_ptr, z_ptr, out_ptr, N, U, NG, stride_om, stride_xm, KX,
              BITS: gl.constexpr, GROUP: gl.constexpr, HAS_ZEROS: gl.constexpr, VEC: gl.constexpr,
-             SPLIT_K: gl.constexpr, EVEN: gl.constexpr, X_LOAD: gl.constexpr, PDL: gl.constexpr = False,
-             STAGES: gl.constexpr = 0, qw_desc=None):
+             SPLIT_K: gl.constexpr, EVEN: gl.constexpr, X_LOAD: gl.constexpr, PDL: gl.constexpr = False):
     """One row of float16 activations against 16 rows of packed codes: s * (sum_j q_j x_j - z sum_j x_j)
     through tensor-core MMAs (module docstring).  The activations are pairs arranged by `arrange_pairs`
     (sums per VEC units in xs) or, X_LOAD = RAW, x itself as int32 words (KX per row; xs unused);
@@ -104,16 +101,7 @@ def gemv_mma(xp_ptr, xs_ptr, qw_ptr, s_ptr, z_ptr, out_ptr, N, U, NG, stride_om,
     first = pid_k * per_split
     last = gl.minimum(first + per_split, steps)
     data = _mma_step_data(qw_ptr, xp_ptr, xs_ptr, s_ptr, z_ptr, rows, lane_chunk, N, U, NG,
-                          gl.minimum(first, steps - 1), first < last, BITS, GROUP, HAS_ZEROS, VEC, STEP, EVEN, X_LOAD,
-                          STAGES)
-    TILE: gl.constexpr = STEP * (PAIRS * 2 * BITS // 32)  # words per row and step
-    if STAGES > 0:
-        ring = gl.allocate_shared_memory(gl.int32, [STAGES, 16, TILE], qw_desc.layout)
-        ready = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
-        for i in gl.static_range(STAGES):
-            mbarrier.init(ready.index(i), count=1)
-        for i in gl.static_range(STAGES):
-            _request(qw_desc, ring, ready, pid_n, first + i, i, first + i < last, TILE)
+                          gl.minimum(first, steps - 1), first < last, BITS, GROUP, HAS_ZEROS, VEC, STEP, EVEN, X_LOAD)
     acc0 = gl.zeros([WARPS, 8, 4], gl.float32, LANES)
     acc1 = gl.zeros([WARPS, 8, 4], gl.float32, LANES)
     acc2 = gl.zeros([WARPS, 8, 4], gl.float32, LANES)
@@ -124,19 +112,13 @@ def gemv_mma(xp_ptr, xs_ptr, qw_ptr, s_ptr, z_ptr, out_ptr, N, U, NG, stride_om,
         gdc_wait()  # x is written by the kernel before; the weights, scales and zeros were not
     for step in range(first, last):
         low, high, x, s, s8, z, z8, total = data
-        if STAGES > 0:
-            slot = (step - first) % STAGES
-            mbarrier.wait(ready.index(slot), ((step - first) // STAGES) & 1)
-            low, high = _ring_units(ring.index(slot), BITS, VEC)
-            # refill the slot: Triton puts a CTA barrier between its reads and the copy (shared-memory hazard)
-            _request(qw_desc, ring, ready, pid_n, step + STAGES, slot, step + STAGES < last, TILE)
         if X_LOAD == IN_STEP:
             x = _mma_x(xp_ptr, rows, lane_chunk, U, step, True, BITS, VEC, STEP, EVEN)
         elif X_LOAD == RAW:
             x = _mma_x_raw(xp_ptr, rows, lane_chunk, KX, step, BITS, VEC, STEP, EVEN)
         data = _mma_step_data(qw_ptr, xp_ptr, xs_ptr, s_ptr, z_ptr, rows, lane_chunk, N, U, NG,
                               gl.minimum(step + 1, last - 1), step + 1 < last, BITS, GROUP, HAS_ZEROS, VEC, STEP, EVEN,
-                              X_LOAD, STAGES)
+                              X_LOAD)
         scale = _half_pair(s)
         scale8 = _half_pair(s8)
         zs = _half_pair(-z * s)  # RAW: the zero-point term's A, the same for every column of the chunk
@@ -169,10 +151,9 @@ def gemv_mma(xp_ptr, xs_ptr, qw_ptr, s_ptr, z_ptr, out_ptr, N, U, NG, stride_om,
 @gluon.jit
 def _mma_step_data(qw_ptr, xp_ptr, xs_ptr, s_ptr, z_ptr, rows, lane_chunk, N, U, NG, step, live,
                    BITS: gl.constexpr, GROUP: gl.constexpr, HAS_ZEROS: gl.constexpr, VEC: gl.constexpr,
-                   STEP: gl.constexpr, EVEN: gl.constexpr, X_LOAD: gl.constexpr, STAGES: gl.constexpr):
+                   STEP: gl.constexpr, EVEN: gl.constexpr, X_LOAD: gl.constexpr):
     """A step's loads for every lane: the words of its VEC units in rows g and g + 8 (tuples per unit of
-    each unit's words; 0 when STAGES > 0, as TMA brings them to shared memory), with X_LOAD = AHEAD the
-    activation pairs of those units (`_mma_x`; else 0), the
+    each unit's words), with X_LOAD = AHEAD the activation pairs of those units (`_mma_x`; else 0), the
     rows' scales and zeros (float32) and, unless RAW, the chunk's sum of x; zeros where not `live`."""
     PAIRS: gl.constexpr = _pairs_per_unit(BITS)
     WORDS: gl.constexpr = PAIRS * 2 * BITS // 32
@@ -192,9 +173,7 @@ def _mma_step_data(qw_ptr, xp_ptr, xs_ptr, s_ptr, z_ptr, rows, lane_chunk, N, U,
     total = 0.0
     if X_LOAD != RAW:
         total = _load(xs_ptr + chunk, chunk_ok, EVEN)
-    low, high = 0, 0
-    if STAGES == 0:
-        low, high = _units(qw_ptr, rows, chunk, live, N, U, WORDS, VEC, EVEN)
+    low, high = _units(qw_ptr, rows, chunk, live, N, U, WORDS, VEC, EVEN)
     x = 0
     if X_LOAD == AHEAD:
         x = _mma_x(xp_ptr, rows, lane_chunk, U, step, live, BITS, VEC, STEP, EVEN)
@@ -259,25 +238,6 @@ def _units(qw_ptr, rows, chunk, live, N, U, WORDS: gl.constexpr, VEC: gl.constex
         high = high + _unstack(_load(qw_ptr + 8 * U * WORDS + row4 * (U * WORDS) + word, ok & (row4 + 8 < N),
                                      EVEN), VEC)
     return _grouped(low, WORDS), _grouped(high, WORDS)
-
-
-@gluon.jit
-def _request(qw_desc, ring, ready, pid_n, step, slot, live, TILE: gl.constexpr):
-    """Ask TMA for a step's [16, TILE] words of the program's rows (zeros past the tensor's edges)."""
-    bar = ready.index(slot)
-    mbarrier.expect(bar, 16 * TILE * 4, pred=live)
-    _tma_load(qw_desc, [pid_n * 16, step * TILE], bar, ring.index(slot), pred=live)
-
-
-@gluon.jit
-def _ring_units(tile, BITS: gl.constexpr, VEC: gl.constexpr):
-    """`_units` from a step's [16, TILE] words in shared memory: lane (w, g, t)'s chunk is words
-    (4 w + t) VEC ... of rows g and g + 8, read as vectors of VEC words."""
-    WARPS: gl.constexpr = gl.num_warps()
-    BOTH: gl.constexpr = gl.BlockedLayout([1, 1, 1, VEC, 2], [1, 8, 4, 1, 1], [WARPS, 1, 1, 1, 1], [3, 4, 2, 1, 0])
-    view = tile.reshape([2, 8, WARPS, 4, VEC]).permute([2, 1, 3, 4, 0])  # [w, g, t, v, half]
-    low, high = gl.split(view.load(BOTH))
-    return _grouped(_unstack(low, VEC), 1), _grouped(_unstack(high, VEC), 1)
 
 
 @gluon.jit
