@@ -155,7 +155,7 @@ def _raw_step(low, high, x, s, s8, zs, zs8, acc0, acc1, acc2, acc3, BITS: gl.con
     into fresh float32 sums, a second MMA per MMA takes out M x (A = -M, exact), and the chunk's sums,
     scaled once, join the accumulators, which the zero-point MMAs (A = -z s) feed directly."""
     PAIRS: gl.constexpr = _pairs_per_unit(BITS)
-    c0 = gl.zeros(s.shape, gl.float32, s.type.layout)
+    c0 = gl.full(s.shape, 0.0, gl.float32, s.type.layout)
     c1 = c0
     c2 = c0
     c3 = c0
