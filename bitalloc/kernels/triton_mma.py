@@ -22,8 +22,11 @@ With X_LOAD = RAW the kernel reads the float16 activations themselves (no
 `arrange_pairs` pass, which costs a launch and ~1.5 us per layer): a unit's
 2 PAIRS activations are PAIRS consecutive words of x, pair j is the low (j even)
 or high (j odd) halves of words j // 2 and PAIRS / 2 + j // 2 (one PRMT), and the
-zero-point term is a second MMA per MMA with A = -z s: exact float32 sums of
-float16 products, without chunk sums of x.
+zero-point term is an MMA with A = -z s: exact float32 sums of float16 products,
+without chunk sums of x.  That path also skips the HFMA2 that scales each pair:
+its MMAs take the unpacked pairs M + q as they are (integers below 2048, exact in
+float16) into float32 sums that start afresh each step, one MMA with the constant
+A = -M takes out M x, and the step's sums join the accumulators scaled once.
 """
 from __future__ import annotations
 
