@@ -22,11 +22,8 @@ With X_LOAD = RAW the kernel reads the float16 activations themselves (no
 `arrange_pairs` pass, which costs a launch and ~1.5 us per layer): a unit's
 2 PAIRS activations are PAIRS consecutive words of x, pair j is the low (j even)
 or high (j odd) halves of words j // 2 and PAIRS / 2 + j // 2 (one PRMT), and the
-zero-point term is an MMA with A = -z s: exact float32 sums of float16 products,
-without chunk sums of x.  That path also skips the HFMA2 that scales each pair:
-its MMAs take the unpacked pairs M + q as they are (integers below 2048, exact in
-float16) into float32 sums that start afresh each step, one MMA with the constant
-A = -M takes out M x, and the step's sums join the accumulators scaled once.
+zero-point term is a second MMA per MMA with A = -z s: exact float32 sums of
+float16 products, without chunk sums of x.
 """
 from __future__ import annotations
 
@@ -34,8 +31,7 @@ from triton.experimental import gluon
 from triton.experimental.gluon import language as gl
 from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
 
-from .triton_pairs import (_fma_f16x2, _half_pair, _merge_halves, _merge_high_halves, _pair_codes, _pairs_per_unit,
-                           code_bit)
+from .triton_pairs import _fma_f16x2, _half_pair, _merge_halves, _merge_high_halves, _pair_codes, _pairs_per_unit
 
 ROWS = 16  # rows per program: one MMA tile
 # X_LOAD: arranged pairs loaded in the step or a step ahead; x itself in the step (triton_backend.X_RAW)
@@ -127,15 +123,15 @@ def gemv_mma(xp_ptr, xs_ptr, qw_ptr, s_ptr, z_ptr, out_ptr, N, U, NG, stride_om,
         scale8 = _half_pair(s8)
         zs = _half_pair(-z * s)  # RAW: the zero-point term's A, the same for every column of the chunk
         zs8 = _half_pair(-z8 * s8)
-        if X_LOAD == RAW:
-            acc0, acc1, acc2, acc3 = _raw_step(low, high, x, s, s8, zs, zs8, acc0, acc1, acc2, acc3, BITS, VEC)
-        else:
-            for v in gl.static_range(VEC):
-                for j in gl.static_range(0, PAIRS, 2):
-                    acc0, acc1, acc2, acc3 = _mma(
-                        _dequantized(low[v], j, scale, s, BITS), _dequantized(high[v], j, scale8, s8, BITS),
-                        _dequantized(low[v], j + 1, scale, s, BITS), _dequantized(high[v], j + 1, scale8, s8, BITS),
-                        x[v][j], x[v][j + 1], acc0, acc1, acc2, acc3)
+        for v in gl.static_range(VEC):
+            for j in gl.static_range(0, PAIRS, 2):
+                acc0, acc1, acc2, acc3 = _mma(
+                    _dequantized(low[v], j, scale, s, BITS), _dequantized(high[v], j, scale8, s8, BITS),
+                    _dequantized(low[v], j + 1, scale, s, BITS), _dequantized(high[v], j + 1, scale8, s8, BITS),
+                    x[v][j], x[v][j + 1], acc0, acc1, acc2, acc3)
+                if X_LOAD == RAW:
+                    acc0, acc1, acc2, acc3 = _mma(zs, zs8, zs, zs8, x[v][j], x[v][j + 1], acc0, acc1, acc2, acc3)
+        if X_LOAD != RAW:
             zero_terms += z * s * total
             zero_terms8 += z8 * s8 * total
     if PDL:
@@ -150,36 +146,6 @@ def gemv_mma(xp_ptr, xs_ptr, qw_ptr, s_ptr, z_ptr, out_ptr, N, U, NG, stride_om,
     else:
         gl.atomic_add(out_ptr + m * stride_om + out_rows, dots, mask=out_rows < N, sem="relaxed")
         gl.atomic_add(out_ptr + m * stride_om + out_rows + 8, dots8, mask=out_rows + 8 < N, sem="relaxed")
-
-
-@gluon.jit
-def _raw_step(low, high, x, s, s8, zs, zs8, acc0, acc1, acc2, acc3, BITS: gl.constexpr, VEC: gl.constexpr):
-    """A step of the RAW path: the MMAs take the pairs M + q as `_pair_codes` leaves them (no HFMA2 per pair)
-    into fresh float32 sums, a second MMA per MMA takes out M x (A = -M, exact), and the chunk's sums,
-    scaled once, join the accumulators, which the zero-point MMAs (A = -z s) feed directly."""
-    PAIRS: gl.constexpr = _pairs_per_unit(BITS)
-    c0 = gl.full(s.shape, 0.0, gl.float32, s.type.layout)
-    c1 = c0
-    c2 = c0
-    c3 = c0
-    for v in gl.static_range(VEC):
-        for j in gl.static_range(0, PAIRS, 2):
-            c0, c1, c2, c3 = _mma(_pair_codes(low[v], j, BITS)[0], _pair_codes(high[v], j, BITS)[0],
-                                  _pair_codes(low[v], j + 1, BITS)[0], _pair_codes(high[v], j + 1, BITS)[0],
-                                  x[v][j], x[v][j + 1], c0, c1, c2, c3)
-            offset0 = gl.full(s.shape, _negated_offsets(j, BITS), gl.uint32, s.type.layout)
-            offset2 = gl.full(s.shape, _negated_offsets(j + 1, BITS), gl.uint32, s.type.layout)
-            c0, c1, c2, c3 = _mma(offset0, offset0, offset2, offset2, x[v][j], x[v][j + 1], c0, c1, c2, c3)
-            acc0, acc1, acc2, acc3 = _mma(zs, zs8, zs, zs8, x[v][j], x[v][j + 1], acc0, acc1, acc2, acc3)
-    return acc0 + s * c0, acc1, acc2 + s8 * c2, acc3
-
-
-@gluon.constexpr_function
-def _negated_offsets(j, bits):
-    """The uint32 holding float16 -M in both halves, M = 2**(10 - b) the offset `_pair_codes` leaves on code j:
-    sign, biased exponent 25 - b, no mantissa."""
-    half = 0x8000 | ((25 - code_bit(j, bits)) << 10)
-    return half | (half << 16)
 
 
 @gluon.jit

@@ -146,8 +146,11 @@ def _pair_codes(w, J: gl.constexpr, BITS: gl.constexpr):
     9 (J // 3) and 48 bits further are shifted down and their low halves merged,
     so codes J of a window sit at bits b = 0, 3, 6 of both halves.
     """
-    b: gl.constexpr = code_bit(J, BITS)
-    d: gl.constexpr = J * BITS - b  # the shift that leaves code J at bit b (2, 4, 8 bits)
+    FIT: gl.constexpr = (10 - BITS) // BITS + 1
+    SPAN: gl.constexpr = FIT * BITS
+    o: gl.constexpr = J * BITS
+    d: gl.constexpr = o // SPAN * SPAN
+    b: gl.constexpr = 3 * (J % 3) if BITS == 3 else o - d
     MASK: gl.constexpr = ((1 << BITS) - 1) << b
     EXPONENT: gl.constexpr = (25 - b) << 10  # float16 2**(10 - b): its mantissa's bit b is worth 1
     if BITS == 3:
@@ -260,16 +263,6 @@ def _step_data(qw_ptr, xp_ptr, xs_ptr, s_ptr, z_ptr, rows2, row_ok, chunks, lane
         pair = gl.load(xp_ptr + j * U + u, mask=u_ok, other=0)
         x = x + (pair.to(gl.uint32, bitcast=True),)
     return w, x, s, z, total
-
-
-@gluon.constexpr_function
-def code_bit(j, bits):
-    """The bit b of a half-word at which `_pair_codes` leaves code j: 2, 4, 8 bits shift a word by a multiple
-    of the span of codes that fit in the 10-bit mantissa; 3-bit windows hold codes at 0, 3, 6."""
-    if bits == 3:
-        return 3 * (j % 3)
-    span = ((10 - bits) // bits + 1) * bits
-    return j * bits % span
 
 
 @gluon.constexpr_function
