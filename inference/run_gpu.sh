@@ -16,6 +16,9 @@
 #   with and without PDL on the 7B shapes; the harness replays calls back to back, as a decode step runs them).
 # int3: the GPU tests of the 16-byte int3 loads the seventh session could not finish (every GEMV choice at
 #   int3, the unmasked tensor-core path at 3 bits), then the compiled, stacked Llama-2-7B mixed4-tied decode.
+# unpacked: for the tensor-core GEMV whose MMAs take the unpacked pairs M + q (prepared in 64862b0, reverted
+#   untested in 401203d: `git revert 401203d` first), the GEMV tests, then a sweep of the arranged-activation
+#   configurations its 86-register int4 loop opens up beside the current best ones.
 # decode: the Llama-2-7B mixed4 decode, eager steps in graphs and torch.compile'd steps in graphs, with
 #   a per-kernel GPU-time profile of a few steps of each.
 set -uo pipefail
@@ -114,6 +117,13 @@ int3)
   timeout 300 python inference/decode.py --config llama-2-7b --mix mixed4-tied --fuse --compile --profile 3 \
     --out "$out/decode_tied_fused_int3" 2>&1 | tail -4
   rm -f "$out"/*.png "$out"/*_plan.json
+  ;;
+unpacked)
+  timeout 300 python -m pytest -q -rf -p no:cacheprovider tests/test_kernels_gpu.py \
+    -k "every_gemv or tensor_core or triton_matches" 2>&1 | tee "$out/pytest_gpu_unpacked.txt" | tail -3
+  timeout 260 python inference/gemv_configs.py --kernel gemv-mma --bits 4,8,2,3 --top 8 \
+    --shapes 8192x8192,4096x4096,4096x11008,22016x4096 --configs \
+    8/1/4/1,8/1/8/1,8/1/4/0,8/1/16/1,4/1/16/1,4/1/4/1,4/1/8/1,8/1/4/2,4/1/16/2/1 2>&1 | tee "$out/gemv_mma_unpacked.txt"
   ;;
 full)
   timeout 90 python -m pytest -q -p no:cacheprovider tests/test_kernels_gpu.py 2>&1 | tee "$out/pytest_gpu.txt" | tail -3
