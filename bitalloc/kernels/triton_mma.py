@@ -101,11 +101,12 @@ def gemv_mma(xp_ptr, xs_ptr, qw_ptr, s_ptr, z_ptr, out_ptr, N, U, NG, stride_om,
     t = gl.expand_dims(gl.expand_dims(gl.arange(0, 4, layout=gl.SliceLayout(0, gl.SliceLayout(1, LANES))), 0), 1)
     rows = pid_n * 16 + g + 0 * warp + 0 * t  # [WARPS, 8, 4]: row g of every lane
     lane_chunk = warp * 4 + t + 0 * g  # the lane's chunk within a step
+    feeds = (g == 2 * t) & (warp >= 0)  # arranged x: the lanes whose pairs are column 2 t of the MMA's B
     steps = gl.cdiv(U, STEP)
     per_split = gl.cdiv(steps, SPLIT_K)
     first = pid_k * per_split
     last = gl.minimum(first + per_split, steps)
-    data = _mma_step_data(qw_ptr, xp_ptr, xs_ptr, s_ptr, z_ptr, rows, lane_chunk, N, U, NG,
+    data = _mma_step_data(qw_ptr, xp_ptr, xs_ptr, s_ptr, z_ptr, rows, lane_chunk, feeds, N, U, NG,
                           gl.minimum(first, steps - 1), first < last, BITS, GROUP, HAS_ZEROS, VEC, STEP, EVEN, X_LOAD)
     acc0 = gl.zeros([WARPS, 8, 4], gl.float32, LANES)
     acc1 = gl.zeros([WARPS, 8, 4], gl.float32, LANES)
@@ -118,10 +119,10 @@ def gemv_mma(xp_ptr, xs_ptr, qw_ptr, s_ptr, z_ptr, out_ptr, N, U, NG, stride_om,
     for step in range(first, last):
         low, high, x, s, s8, z, z8, total, offsets = data
         if X_LOAD == IN_STEP:
-            x = _mma_x(xp_ptr, rows, lane_chunk, U, step, True, BITS, VEC, STEP, EVEN)
+            x = _mma_x(xp_ptr, feeds, lane_chunk, U, step, BITS, VEC, STEP, EVEN)
         elif X_LOAD == RAW:
             x = _mma_x_raw(xp_ptr, rows, lane_chunk, KX, step, BITS, VEC, STEP, EVEN)
-        data = _mma_step_data(qw_ptr, xp_ptr, xs_ptr, s_ptr, z_ptr, rows, lane_chunk, N, U, NG,
+        data = _mma_step_data(qw_ptr, xp_ptr, xs_ptr, s_ptr, z_ptr, rows, lane_chunk, feeds, N, U, NG,
                               gl.minimum(step + 1, last - 1), step + 1 < last, BITS, GROUP, HAS_ZEROS, VEC, STEP, EVEN,
                               X_LOAD)
         scale = _half_pair(s)
@@ -146,15 +147,17 @@ def gemv_mma(xp_ptr, xs_ptr, qw_ptr, s_ptr, z_ptr, out_ptr, N, U, NG, stride_om,
                     c0, c1, c2, c3 = _mma(_pair_codes(low[v], j, BITS), _pair_codes(high[v], j, BITS),
                                           _pair_codes(low[v], j + 1, BITS), _pair_codes(high[v], j + 1, BITS),
                                           x[v][j], x[v][j + 1], c0, c1, c2, c3)
-            acc0 += s * c0
+            acc0 += s * c0  # column 2 t: the lane's own chunk (`feeds`), so its own scales
             acc2 += s8 * c2
             zero_terms += s * (offsets + z * total)
             zero_terms8 += s8 * (offsets + z8 * total)
     if PDL:
         gdc_launch_dependents()  # a dependent kernel still waits for this one's stores before reading them
-    # every column of the accumulators holds the same sums: count lane t = 0's once, then sum the warps
-    dots = gl.sum(gl.sum(gl.where(t == 0, acc0, 0.0) - zero_terms, axis=2), axis=0)  # rows g
-    dots8 = gl.sum(gl.sum(gl.where(t == 0, acc2, 0.0) - zero_terms8, axis=2), axis=0)  # rows g + 8
+    # RAW: every column of the accumulators holds the same sums, so count lane t = 0's once; arranged: each
+    # lane holds its own chunk's sums.  Then sum the lanes and warps.
+    counted = (t == 0) | (X_LOAD != RAW)
+    dots = gl.sum(gl.sum(gl.where(counted, acc0, 0.0) - zero_terms, axis=2), axis=0)  # rows g
+    dots8 = gl.sum(gl.sum(gl.where(counted, acc2, 0.0) - zero_terms8, axis=2), axis=0)  # rows g + 8
     out_rows = pid_n * 16 + gl.arange(0, 8, layout=gl.SliceLayout(0, gl.SliceLayout(2, LANES)))
     if SPLIT_K == 1:
         gl.store(out_ptr + m * stride_om + out_rows, dots.to(out_ptr.dtype.element_ty), mask=out_rows < N)
@@ -165,7 +168,7 @@ def gemv_mma(xp_ptr, xs_ptr, qw_ptr, s_ptr, z_ptr, out_ptr, N, U, NG, stride_om,
 
 
 @gluon.jit
-def _mma_step_data(qw_ptr, xp_ptr, xs_ptr, s_ptr, z_ptr, rows, lane_chunk, N, U, NG, step, live,
+def _mma_step_data(qw_ptr, xp_ptr, xs_ptr, s_ptr, z_ptr, rows, lane_chunk, feeds, N, U, NG, step, live,
                    BITS: gl.constexpr, GROUP: gl.constexpr, HAS_ZEROS: gl.constexpr, VEC: gl.constexpr,
                    STEP: gl.constexpr, EVEN: gl.constexpr, X_LOAD: gl.constexpr):
     """A step's loads for every lane: the words of its VEC units in rows g and g + 8 (tuples per unit of
@@ -195,19 +198,22 @@ def _mma_step_data(qw_ptr, xp_ptr, xs_ptr, s_ptr, z_ptr, rows, lane_chunk, N, U,
     low, high = _units(qw_ptr, rows, chunk, live, N, U, WORDS, VEC, EVEN)
     x = 0
     if X_LOAD == AHEAD:
-        x = _mma_x(xp_ptr, rows, lane_chunk, U, step, live, BITS, VEC, STEP, EVEN)
+        x = _mma_x(xp_ptr, feeds & live, lane_chunk, U, step, BITS, VEC, STEP, EVEN)
     return low, high, x, s, s8, z, z8, total, offsets
 
 
 @gluon.jit
-def _mma_x(xp_ptr, rows, lane_chunk, U, step, live, BITS: gl.constexpr, VEC: gl.constexpr, STEP: gl.constexpr,
+def _mma_x(xp_ptr, feeds, lane_chunk, U, step, BITS: gl.constexpr, VEC: gl.constexpr, STEP: gl.constexpr,
            EVEN: gl.constexpr):
-    """The activation pairs of a lane's VEC units in a step: a tuple per unit of its PAIRS pairs."""
+    """The activation pairs of a lane's VEC units in a step: a tuple per unit of its PAIRS pairs; zero in
+    the lanes that do not `feed` the MMA's B, so that column 2 t of the product sums lane t's chunk alone
+    (the chunks of a quad may lie in different groups, and each is scaled by its own lane)."""
     PAIRS: gl.constexpr = _pairs_per_unit(BITS)
-    u, _ = _lane_units(rows, step * (STEP // VEC) + lane_chunk, VEC)
+    u, feeds4 = _lane_units(feeds, step * (STEP // VEC) + lane_chunk, VEC)
+    ok = feeds4 if EVEN else feeds4 & (u < U)
     per_pair = ()
     for j in gl.static_range(PAIRS):
-        per_pair = per_pair + (_unstack(_load(xp_ptr + j * U + u, (u < U) & live, EVEN), VEC),)
+        per_pair = per_pair + (_unstack(gl.load(xp_ptr + j * U + u, mask=ok, other=0), VEC),)
     return _transposed(per_pair, PAIRS, VEC)
 
 
@@ -233,13 +239,14 @@ def _mma_x_raw(x_ptr, rows, lane_chunk, KX, step, BITS: gl.constexpr, VEC: gl.co
 
 
 @gluon.jit
-def _lane_units(rows, chunk, VEC: gl.constexpr):
-    """[WARPS, 8, 4, VEC]: a lane's VEC units side by side (16-byte loads), and its row g alike."""
+def _lane_units(per_lane, chunk, VEC: gl.constexpr):
+    """[WARPS, 8, 4, VEC]: a lane's VEC units side by side (16-byte loads), and a value of the lane (its row
+    g, say) in the same layout, [WARPS, 8, 4, 1]."""
     VECTORS: gl.constexpr = gl.BlockedLayout([1, 1, 1, VEC], [1, 8, 4, 1], [gl.num_warps(), 1, 1, 1], [3, 2, 1, 0])
     v = gl.arange(0, VEC, layout=gl.SliceLayout(0, gl.SliceLayout(1, gl.SliceLayout(2, VECTORS))))
     v = gl.expand_dims(gl.expand_dims(gl.expand_dims(v, 0), 1), 2)
     u = gl.expand_dims(gl.convert_layout(chunk, gl.SliceLayout(3, VECTORS)), 3) * VEC + v
-    return u, gl.expand_dims(gl.convert_layout(rows, gl.SliceLayout(3, VECTORS)), 3)
+    return u, gl.expand_dims(gl.convert_layout(per_lane, gl.SliceLayout(3, VECTORS)), 3)
 
 
 @gluon.jit
