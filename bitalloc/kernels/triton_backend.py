@@ -137,11 +137,10 @@ def _launch_pairs(kind, config, x, qweight, scales, zeros_arg, bits, group, in_f
         return out.to(x.dtype)
     out = _gemv_output(x, n, split)
     xp = torch.empty(m, codes // 2, units, device=x.device, dtype=torch.int32)
-    offsets = kind == MMA  # the tensor-core GEMV also takes the chunks' sums of M x (`arrange_pairs`)
-    xs = torch.empty(m, (1 + offsets) * triton_cdiv(units, vec), device=x.device, dtype=torch.float32)
+    xs = torch.empty(m, triton_cdiv(units, vec), device=x.device, dtype=torch.float32)
     tp.arrange_pairs[(triton_cdiv(units, ARRANGE_BLOCK), m)](x, xp, xs, out, in_features, units, n, x.stride(0),
                                                               out.stride(0), CODES=codes, TILE=vec,
-                                                              ZERO_OUT=split > 1, BLOCK=ARRANGE_BLOCK, OFFSETS=offsets)
+                                                              ZERO_OUT=split > 1, BLOCK=ARRANGE_BLOCK)
     if kind == MMA:
         tm.gemv_mma[grid](xp, xs, qweight, scales, zeros_arg, out, n, units, ng, out.stride(0), xp.stride(0), 0,
                           VEC=vec, SPLIT_K=split, EVEN=even, X_LOAD=config[3], num_warps=warps, **common)
