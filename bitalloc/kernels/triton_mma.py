@@ -3,9 +3,7 @@
 `gemv_pairs` (triton_pairs.py) spends one HFMA2 per code on the product with
 the activations and moves its float16 sums to float32 every few steps.  Here a
 warp hands its dequantized pairs to one m16n8k16 MMA per four pairs: 16 rows x
-16 codes against 16 activations, summed in float32 by the tensor core.  Only
-one column of the MMA's 8 is needed; every column gets the same activations,
-so any lane's accumulator holds its rows' sums.
+16 codes against 16 activations, summed in float32 by the tensor core.
 
 Why the layout fits without moving data: in an m16n8k16 MMA, lane 4 g + t holds
 the A pairs (row g, columns 2t, 2t + 1) and (row g + 8, same columns), and the
@@ -14,9 +12,19 @@ g + 8.  A dot product does not care in which order its terms are summed, so the
 MMA's columns need not be consecutive codes: column pair (2t, 2t + 1) is code j
 and its twin j + PAIRS of a unit that lane t loaded (`_pair_codes` builds that
 pair), and the activations arranged by `arrange_pairs` are already those pairs.
-So each lane dequantizes what it loaded, for rows g and g + 8, and the MMA
-consumes it in place.  Each warp of a program takes its own slice of the row's
-units; the zero-point term is summed per lane in float32, as in gemv_pairs.
+So each lane unpacks what it loaded, for rows g and g + 8, and the MMA consumes
+it in place.  Each warp of a program takes its own slice of the row's units.
+
+On arranged activations the MMAs take the pairs M + q as `_pair_codes` leaves
+them (integers below 2048, exact in float16; no HFMA2 per pair) into float32
+sums that start afresh each step.  Only lane (2t, t) of a quad passes its
+activations as B (the others pass zeros), so column 2t of the product sums lane
+t's chunk alone: lane (g, t) finds its own chunk's sums for rows g and g + 8 in
+its first and third accumulators, whatever group each of the quad's chunks lies
+in, and scales them once per step; s (sum M x + z sum x) leaves once per chunk,
+from the chunk sums `arrange_pairs` writes.  DEQUANTIZE keeps the older step
+instead: q s rounded to float16 per pair (one HFMA2), every column of B the same
+activations, one running sum per row (the fastest for int4 on 8192x8192).
 
 With X_LOAD = RAW the kernel reads the float16 activations themselves (no
 `arrange_pairs` pass, which costs a launch and ~1.5 us per layer): a unit's
@@ -31,7 +39,8 @@ from triton.experimental import gluon
 from triton.experimental.gluon import language as gl
 from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
 
-from .triton_pairs import _fma_f16x2, _half_pair, _merge_halves, _merge_high_halves, _pair_codes, _pairs_per_unit
+from .triton_pairs import (_fma_f16x2, _half_pair, _merge_halves, _merge_high_halves, _pair_codes, _pairs_per_unit,
+                           code_offset)
 
 ROWS = 16  # rows per program: one MMA tile
 # X_LOAD: arranged pairs loaded in the step or a step ahead; x itself in the step (triton_backend.X_RAW)
@@ -56,14 +65,15 @@ def _mma(a0, a1, a2, a3, b0, b1, c0, c1, c2, c3):
 @gluon.jit
 def _dequantized(words, j: gl.constexpr, scale, s, BITS: gl.constexpr):
     """Codes j and j + PAIRS of a unit as the float16 pair (q s, q' s), one rounding each."""
-    codes, M = _pair_codes(words, j, BITS)
-    return _fma_f16x2(codes, scale, _half_pair(-M * s))
+    M: gl.constexpr = code_offset(j, BITS)
+    return _fma_f16x2(_pair_codes(words, j, BITS), scale, _half_pair(-M * s))
 
 
 @gluon.jit
 def gemv_mma(xp_ptr, xs_ptr, qw_ptr, s_ptr, z_ptr, out_ptr, N, U, NG, stride_om, stride_xm, KX,
              BITS: gl.constexpr, GROUP: gl.constexpr, HAS_ZEROS: gl.constexpr, VEC: gl.constexpr,
-             SPLIT_K: gl.constexpr, EVEN: gl.constexpr, X_LOAD: gl.constexpr, PDL: gl.constexpr = False):
+             SPLIT_K: gl.constexpr, EVEN: gl.constexpr, X_LOAD: gl.constexpr, PDL: gl.constexpr = False,
+             DEQUANTIZE: gl.constexpr = False):
     """One row of float16 activations against 16 rows of packed codes: s * (sum_j q_j x_j - z sum_j x_j)
     through tensor-core MMAs (module docstring).  The activations are pairs arranged by `arrange_pairs`
     (sums per VEC units in xs) or, X_LOAD = RAW, x itself as int32 words (KX per row; xs unused);
@@ -73,7 +83,7 @@ def gemv_mma(xp_ptr, xs_ptr, qw_ptr, s_ptr, z_ptr, out_ptr, N, U, NG, stride_om,
     g + 8 per step (chunk 4 w + t of the step's 4 * num_warps chunks), the matching activations, and
     its rows' scales and zeros; the next step's words, scales and zeros are loaded before this one
     computes, its activations too if X_LOAD = AHEAD (else in the step, from L1: 40-45 fewer registers,
-    which 2-bit codes need).  EVEN (rows a multiple of 16, units of the step, and with RAW no ragged
+    which 2-bit codes need).  DEQUANTIZE (arranged): the older step of the module docstring.  EVEN (rows a multiple of 16, units of the step, and with RAW no ragged
     units): no masks; the loads after the last step repeat it instead.  PDL (launched as a programmatic
     dependent, with RAW): the first step's weights are requested before waiting for the kernel that writes
     x, and the next kernel may launch once the sums are done.
@@ -85,23 +95,26 @@ def gemv_mma(xp_ptr, xs_ptr, qw_ptr, s_ptr, z_ptr, out_ptr, N, U, NG, stride_om,
     gl.static_assert(GROUP % (VEC * 2 * PAIRS) == 0, "a lane's chunk must lie in one group")
     gl.static_assert(PAIRS % 2 == 0, "an MMA takes two pairs of each row")
     gl.static_assert(not PDL or X_LOAD == RAW, "with PDL only x may come from the kernel before")
+    UNPACKED: gl.constexpr = X_LOAD != RAW and not DEQUANTIZE  # the MMAs take M + q (module docstring)
     pid_n = gl.program_id(0)
     pid_k = gl.program_id(1)
     m = gl.program_id(2)
     xp_ptr += m * stride_xm
-    xs_ptr += m * gl.cdiv(U, VEC)
+    xs_ptr += m * (1 + UNPACKED) * gl.cdiv(U, VEC)  # the chunk sums of x (UNPACKED: then of M x)
     warp = gl.expand_dims(gl.expand_dims(gl.arange(0, WARPS, layout=gl.SliceLayout(1, gl.SliceLayout(2, LANES))),
                                          1), 2)
     g = gl.expand_dims(gl.expand_dims(gl.arange(0, 8, layout=gl.SliceLayout(0, gl.SliceLayout(2, LANES))), 0), 2)
     t = gl.expand_dims(gl.expand_dims(gl.arange(0, 4, layout=gl.SliceLayout(0, gl.SliceLayout(1, LANES))), 0), 1)
     rows = pid_n * 16 + g + 0 * warp + 0 * t  # [WARPS, 8, 4]: row g of every lane
     lane_chunk = warp * 4 + t + 0 * g  # the lane's chunk within a step
+    feeds = (g == 2 * t) & (warp >= 0)  # UNPACKED: the lanes whose x is column 2 t of the MMA's B
     steps = gl.cdiv(U, STEP)
     per_split = gl.cdiv(steps, SPLIT_K)
     first = pid_k * per_split
     last = gl.minimum(first + per_split, steps)
-    data = _mma_step_data(qw_ptr, xp_ptr, xs_ptr, s_ptr, z_ptr, rows, lane_chunk, N, U, NG,
-                          gl.minimum(first, steps - 1), first < last, BITS, GROUP, HAS_ZEROS, VEC, STEP, EVEN, X_LOAD)
+    data = _mma_step_data(qw_ptr, xp_ptr, xs_ptr, s_ptr, z_ptr, rows, lane_chunk, feeds, N, U, NG,
+                          gl.minimum(first, steps - 1), first < last, BITS, GROUP, HAS_ZEROS, VEC, STEP, EVEN, X_LOAD,
+                          UNPACKED)
     acc0 = gl.zeros([WARPS, 8, 4], gl.float32, LANES)
     acc1 = gl.zeros([WARPS, 8, 4], gl.float32, LANES)
     acc2 = gl.zeros([WARPS, 8, 4], gl.float32, LANES)
@@ -111,34 +124,51 @@ def gemv_mma(xp_ptr, xs_ptr, qw_ptr, s_ptr, z_ptr, out_ptr, N, U, NG, stride_om,
     if PDL:
         gdc_wait()  # x is written by the kernel before; the weights, scales and zeros were not
     for step in range(first, last):
-        low, high, x, s, s8, z, z8, total = data
+        low, high, x, s, s8, z, z8, total, offsets = data
         if X_LOAD == IN_STEP:
-            x = _mma_x(xp_ptr, rows, lane_chunk, U, step, True, BITS, VEC, STEP, EVEN)
+            x = _mma_x(xp_ptr, feeds, lane_chunk, U, step, True, BITS, VEC, STEP, EVEN, UNPACKED)
         elif X_LOAD == RAW:
             x = _mma_x_raw(xp_ptr, rows, lane_chunk, KX, step, BITS, VEC, STEP, EVEN)
-        data = _mma_step_data(qw_ptr, xp_ptr, xs_ptr, s_ptr, z_ptr, rows, lane_chunk, N, U, NG,
+        data = _mma_step_data(qw_ptr, xp_ptr, xs_ptr, s_ptr, z_ptr, rows, lane_chunk, feeds, N, U, NG,
                               gl.minimum(step + 1, last - 1), step + 1 < last, BITS, GROUP, HAS_ZEROS, VEC, STEP, EVEN,
-                              X_LOAD)
+                              X_LOAD, UNPACKED)
         scale = _half_pair(s)
         scale8 = _half_pair(s8)
         zs = _half_pair(-z * s)  # RAW: the zero-point term's A, the same for every column of the chunk
         zs8 = _half_pair(-z8 * s8)
-        for v in gl.static_range(VEC):
-            for j in gl.static_range(0, PAIRS, 2):
-                acc0, acc1, acc2, acc3 = _mma(
-                    _dequantized(low[v], j, scale, s, BITS), _dequantized(high[v], j, scale8, s8, BITS),
-                    _dequantized(low[v], j + 1, scale, s, BITS), _dequantized(high[v], j + 1, scale8, s8, BITS),
-                    x[v][j], x[v][j + 1], acc0, acc1, acc2, acc3)
-                if X_LOAD == RAW:
-                    acc0, acc1, acc2, acc3 = _mma(zs, zs8, zs, zs8, x[v][j], x[v][j + 1], acc0, acc1, acc2, acc3)
-        if X_LOAD != RAW:
-            zero_terms += z * s * total
-            zero_terms8 += z8 * s8 * total
+        if not UNPACKED:
+            for v in gl.static_range(VEC):
+                for j in gl.static_range(0, PAIRS, 2):
+                    acc0, acc1, acc2, acc3 = _mma(
+                        _dequantized(low[v], j, scale, s, BITS), _dequantized(high[v], j, scale8, s8, BITS),
+                        _dequantized(low[v], j + 1, scale, s, BITS), _dequantized(high[v], j + 1, scale8, s8, BITS),
+                        x[v][j], x[v][j + 1], acc0, acc1, acc2, acc3)
+                    if X_LOAD == RAW:
+                        acc0, acc1, acc2, acc3 = _mma(zs, zs8, zs, zs8, x[v][j], x[v][j + 1], acc0, acc1, acc2, acc3)
+            if X_LOAD != RAW:
+                zero_terms += z * s * total
+                zero_terms8 += z8 * s8 * total
+        else:  # the pairs M + q as unpacked: the chunk's sums of M x and z x come from the activation pass
+            c0 = gl.full(s.shape, 0.0, gl.float32, s.type.layout)
+            c1 = c0
+            c2 = c0
+            c3 = c0
+            for v in gl.static_range(VEC):
+                for j in gl.static_range(0, PAIRS, 2):
+                    c0, c1, c2, c3 = _mma(_pair_codes(low[v], j, BITS), _pair_codes(high[v], j, BITS),
+                                          _pair_codes(low[v], j + 1, BITS), _pair_codes(high[v], j + 1, BITS),
+                                          x[v][j], x[v][j + 1], c0, c1, c2, c3)
+            acc0 += s * c0  # column 2 t: the lane's own chunk (`feeds`), so its own scales
+            acc2 += s8 * c2
+            zero_terms += s * (offsets + z * total)
+            zero_terms8 += s8 * (offsets + z8 * total)
     if PDL:
         gdc_launch_dependents()  # a dependent kernel still waits for this one's stores before reading them
-    # every column of the accumulators holds the same sums: count lane t = 0's once, then sum the warps
-    dots = gl.sum(gl.sum(gl.where(t == 0, acc0, 0.0) - zero_terms, axis=2), axis=0)  # rows g
-    dots8 = gl.sum(gl.sum(gl.where(t == 0, acc2, 0.0) - zero_terms8, axis=2), axis=0)  # rows g + 8
+    # UNPACKED: each lane holds its own chunk's sums; else every column of the accumulators holds the same
+    # sums, so count lane t = 0's once.  Then sum the lanes and warps.
+    counted = (t == 0) | UNPACKED
+    dots = gl.sum(gl.sum(gl.where(counted, acc0, 0.0) - zero_terms, axis=2), axis=0)  # rows g
+    dots8 = gl.sum(gl.sum(gl.where(counted, acc2, 0.0) - zero_terms8, axis=2), axis=0)  # rows g + 8
     out_rows = pid_n * 16 + gl.arange(0, 8, layout=gl.SliceLayout(0, gl.SliceLayout(2, LANES)))
     if SPLIT_K == 1:
         gl.store(out_ptr + m * stride_om + out_rows, dots.to(out_ptr.dtype.element_ty), mask=out_rows < N)
@@ -149,12 +179,13 @@ def gemv_mma(xp_ptr, xs_ptr, qw_ptr, s_ptr, z_ptr, out_ptr, N, U, NG, stride_om,
 
 
 @gluon.jit
-def _mma_step_data(qw_ptr, xp_ptr, xs_ptr, s_ptr, z_ptr, rows, lane_chunk, N, U, NG, step, live,
+def _mma_step_data(qw_ptr, xp_ptr, xs_ptr, s_ptr, z_ptr, rows, lane_chunk, feeds, N, U, NG, step, live,
                    BITS: gl.constexpr, GROUP: gl.constexpr, HAS_ZEROS: gl.constexpr, VEC: gl.constexpr,
-                   STEP: gl.constexpr, EVEN: gl.constexpr, X_LOAD: gl.constexpr):
+                   STEP: gl.constexpr, EVEN: gl.constexpr, X_LOAD: gl.constexpr, UNPACKED: gl.constexpr):
     """A step's loads for every lane: the words of its VEC units in rows g and g + 8 (tuples per unit of
     each unit's words), with X_LOAD = AHEAD the activation pairs of those units (`_mma_x`; else 0), the
-    rows' scales and zeros (float32) and, unless RAW, the chunk's sum of x; zeros where not `live`."""
+    rows' scales and zeros (float32) and, unless RAW, the chunk's sum of x (UNPACKED: and of M x); zeros
+    where not `live`."""
     PAIRS: gl.constexpr = _pairs_per_unit(BITS)
     WORDS: gl.constexpr = PAIRS * 2 * BITS // 32
     chunk = step * (STEP // VEC) + lane_chunk
@@ -171,24 +202,33 @@ def _mma_step_data(qw_ptr, xp_ptr, xs_ptr, s_ptr, z_ptr, rows, lane_chunk, N, U,
         z = gl.full(s.shape, (1 << (BITS - 1)) * 1.0, gl.float32, s.type.layout)
         z8 = z
     total = 0.0
+    offsets = 0.0
     if X_LOAD != RAW:
         total = _load(xs_ptr + chunk, chunk_ok, EVEN)
+    if UNPACKED:
+        offsets = _load(xs_ptr + gl.cdiv(U, VEC) + chunk, chunk_ok, EVEN)
     low, high = _units(qw_ptr, rows, chunk, live, N, U, WORDS, VEC, EVEN)
     x = 0
     if X_LOAD == AHEAD:
-        x = _mma_x(xp_ptr, rows, lane_chunk, U, step, live, BITS, VEC, STEP, EVEN)
-    return low, high, x, s, s8, z, z8, total
+        x = _mma_x(xp_ptr, feeds, lane_chunk, U, step, live, BITS, VEC, STEP, EVEN, UNPACKED)
+    return low, high, x, s, s8, z, z8, total, offsets
 
 
 @gluon.jit
-def _mma_x(xp_ptr, rows, lane_chunk, U, step, live, BITS: gl.constexpr, VEC: gl.constexpr, STEP: gl.constexpr,
-           EVEN: gl.constexpr):
-    """The activation pairs of a lane's VEC units in a step: a tuple per unit of its PAIRS pairs."""
+def _mma_x(xp_ptr, feeds, lane_chunk, U, step, live, BITS: gl.constexpr, VEC: gl.constexpr, STEP: gl.constexpr,
+           EVEN: gl.constexpr, UNPACKED: gl.constexpr):
+    """The activation pairs of a lane's VEC units in a step: a tuple per unit of its PAIRS pairs.  UNPACKED:
+    zero in the lanes that do not `feed` the MMA's B, so that column 2 t of the product sums lane t's
+    chunk alone (the chunks of a quad may lie in different groups, and each is scaled by its own lane)."""
     PAIRS: gl.constexpr = _pairs_per_unit(BITS)
-    u, _ = _lane_units(rows, step * (STEP // VEC) + lane_chunk, VEC)
+    u, feeds4 = _lane_units(feeds, step * (STEP // VEC) + lane_chunk, VEC)
     per_pair = ()
     for j in gl.static_range(PAIRS):
-        per_pair = per_pair + (_unstack(_load(xp_ptr + j * U + u, (u < U) & live, EVEN), VEC),)
+        if UNPACKED:
+            values = gl.load(xp_ptr + j * U + u, mask=feeds4 & live if EVEN else feeds4 & live & (u < U), other=0)
+        else:
+            values = _load(xp_ptr + j * U + u, (u < U) & live, EVEN)
+        per_pair = per_pair + (_unstack(values, VEC),)
     return _transposed(per_pair, PAIRS, VEC)
 
 
@@ -214,13 +254,14 @@ def _mma_x_raw(x_ptr, rows, lane_chunk, KX, step, BITS: gl.constexpr, VEC: gl.co
 
 
 @gluon.jit
-def _lane_units(rows, chunk, VEC: gl.constexpr):
-    """[WARPS, 8, 4, VEC]: a lane's VEC units side by side (16-byte loads), and its row g alike."""
+def _lane_units(per_lane, chunk, VEC: gl.constexpr):
+    """[WARPS, 8, 4, VEC]: a lane's VEC units side by side (16-byte loads), and a value of the lane (its row
+    g, say) in the same layout, [WARPS, 8, 4, 1]."""
     VECTORS: gl.constexpr = gl.BlockedLayout([1, 1, 1, VEC], [1, 8, 4, 1], [gl.num_warps(), 1, 1, 1], [3, 2, 1, 0])
     v = gl.arange(0, VEC, layout=gl.SliceLayout(0, gl.SliceLayout(1, gl.SliceLayout(2, VECTORS))))
     v = gl.expand_dims(gl.expand_dims(gl.expand_dims(v, 0), 1), 2)
     u = gl.expand_dims(gl.convert_layout(chunk, gl.SliceLayout(3, VECTORS)), 3) * VEC + v
-    return u, gl.expand_dims(gl.convert_layout(rows, gl.SliceLayout(3, VECTORS)), 3)
+    return u, gl.expand_dims(gl.convert_layout(per_lane, gl.SliceLayout(3, VECTORS)), 3)
 
 
 @gluon.jit

@@ -51,25 +51,33 @@ def _pair(lo, hi):
 
 @triton.jit
 def arrange_pairs(x_ptr, xp_ptr, xs_ptr, out_ptr, K, U, N, stride_xm, stride_om, CODES: tl.constexpr,
-                  TILE: tl.constexpr, ZERO_OUT: tl.constexpr, BLOCK: tl.constexpr):
+                  TILE: tl.constexpr, ZERO_OUT: tl.constexpr, BLOCK: tl.constexpr, OFFSETS: tl.constexpr = False):
     """float16 x [M, K] -> xp [M, PAIRS, U] uint32 with xp[m, j, u] = (x[m, CODES u + j], x[m, CODES u + j +
     PAIRS]) as a float16 pair (zero past K; CODES per unit, PAIRS = CODES / 2), and xs[m, t] = the sum of x over
-    units [TILE t, TILE (t + 1)) in float32: the GEMV's chunks.  ZERO_OUT: also zero out[m, :N], which a split-K
+    units [TILE t, TILE (t + 1)) in float32: the GEMV's chunks.  OFFSETS: xs is [M, 2, T] and xs[m, 1, t] the
+    chunk's sum of M_j x over the offsets M_j that `_pair_codes` leaves on pair j (what the tensor-core GEMV
+    takes out once per chunk instead of once per pair).  ZERO_OUT: also zero out[m, :N], which a split-K
     GEMV then adds into."""
     PAIRS: tl.constexpr = CODES // 2
     tl.static_assert(BLOCK % TILE == 0)
     m = tl.program_id(1)
     u = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
     total = tl.zeros([BLOCK], dtype=tl.float32)
+    weighted = tl.zeros([BLOCK], dtype=tl.float32)
     for j in tl.static_range(PAIRS):
         k = u * CODES + j
         lo = tl.load(x_ptr + m * stride_xm + k, mask=k < K, other=0.0).to(tl.float32)
         hi = tl.load(x_ptr + m * stride_xm + k + PAIRS, mask=k + PAIRS < K, other=0.0).to(tl.float32)
         tl.store(xp_ptr + (m * PAIRS + j) * U + u, _pair(lo, hi).to(tl.int32, bitcast=True), mask=u < U)
         total += lo + hi
+        if OFFSETS:
+            weighted += (lo + hi) * code_offset(j, _unit_bits(CODES))
     tiles = tl.program_id(0) * (BLOCK // TILE) + tl.arange(0, BLOCK // TILE)
-    tile_sums = tl.sum(tl.reshape(total, [BLOCK // TILE, TILE]), axis=1)
-    tl.store(xs_ptr + m * tl.cdiv(U, TILE) + tiles, tile_sums, mask=tiles < tl.cdiv(U, TILE))
+    T = tl.cdiv(U, TILE)
+    row = xs_ptr + m * (2 if OFFSETS else 1) * T
+    tl.store(row + tiles, tl.sum(tl.reshape(total, [BLOCK // TILE, TILE]), axis=1), mask=tiles < T)
+    if OFFSETS:
+        tl.store(row + T + tiles, tl.sum(tl.reshape(weighted, [BLOCK // TILE, TILE]), axis=1), mask=tiles < T)
     if ZERO_OUT:
         _zero_rows(out_ptr + m * stride_om, N, BLOCK)
 
@@ -136,8 +144,8 @@ def _stream_bits(words, START: gl.constexpr):
 
 @gluon.jit
 def _pair_codes(w, J: gl.constexpr, BITS: gl.constexpr):
-    """Codes J and J + PAIRS of a unit (the tuple w of its words) as the float16 pair M + q, M = 2**(10 - b);
-    and M.
+    """Codes J and J + PAIRS of a unit (the tuple w of its words) as the float16 pair M + q, M = 2**(10 - b)
+    (`code_offset`).
 
     2, 4, 8 bits (one word): the word is shifted by a multiple of the span of
     codes that fit in the 10-bit mantissa (one shift per span), leaving code J
@@ -146,11 +154,8 @@ def _pair_codes(w, J: gl.constexpr, BITS: gl.constexpr):
     9 (J // 3) and 48 bits further are shifted down and their low halves merged,
     so codes J of a window sit at bits b = 0, 3, 6 of both halves.
     """
-    FIT: gl.constexpr = (10 - BITS) // BITS + 1
-    SPAN: gl.constexpr = FIT * BITS
-    o: gl.constexpr = J * BITS
-    d: gl.constexpr = o // SPAN * SPAN
-    b: gl.constexpr = 3 * (J % 3) if BITS == 3 else o - d
+    b: gl.constexpr = code_bit(J, BITS)
+    d: gl.constexpr = J * BITS - b  # the shift that leaves code J at bit b (2, 4, 8 bits)
     MASK: gl.constexpr = ((1 << BITS) - 1) << b
     EXPONENT: gl.constexpr = (25 - b) << 10  # float16 2**(10 - b): its mantissa's bit b is worth 1
     if BITS == 3:
@@ -159,7 +164,7 @@ def _pair_codes(w, J: gl.constexpr, BITS: gl.constexpr):
         both = w[0] >> d
     else:
         both = w[0]
-    return _and_or(both, MASK | (MASK << 16), EXPONENT | (EXPONENT << 16)), 1 << (10 - b)
+    return _and_or(both, MASK | (MASK << 16), EXPONENT | (EXPONENT << 16))
 
 
 @gluon.jit
@@ -214,8 +219,8 @@ def gemv_pairs(xp_ptr, xs_ptr, qw_ptr, s_ptr, z_ptr, out_ptr, N, U, NG, stride_o
                                step + 1 < last, BITS, GROUP, HAS_ZEROS, VEC, STEP)
         scale = gl.expand_dims(_half_pair(s), 2)
         for j in gl.static_range(PAIRS):
-            codes, M = _pair_codes(w, j, BITS)
-            dequantized = _fma_f16x2(codes, scale, gl.expand_dims(_half_pair(-M * s), 2))  # q s, one rounding
+            offset = gl.expand_dims(_half_pair(-code_offset(j, BITS) * s), 2)
+            dequantized = _fma_f16x2(_pair_codes(w, j, BITS), scale, offset)  # q s, one rounding
             part = _fma_f16x2(dequantized, gl.expand_dims(x[j], 0), part)
             if PAIRS > SUMMED and j % SUMMED == SUMMED - 1:
                 acc += gl.sum(_sum_f16x2(part), axis=2)
@@ -263,6 +268,28 @@ def _step_data(qw_ptr, xp_ptr, xs_ptr, s_ptr, z_ptr, rows2, row_ok, chunks, lane
         pair = gl.load(xp_ptr + j * U + u, mask=u_ok, other=0)
         x = x + (pair.to(gl.uint32, bitcast=True),)
     return w, x, s, z, total
+
+
+@gluon.constexpr_function
+def code_bit(j, bits):
+    """The bit b of a half-word at which `_pair_codes` leaves code j: 2, 4, 8 bits shift a word by a multiple
+    of the span of codes that fit in the 10-bit mantissa; 3-bit windows hold codes at 0, 3, 6."""
+    if bits == 3:
+        return 3 * (j % 3)
+    span = ((10 - bits) // bits + 1) * bits
+    return j * bits % span
+
+
+@gluon.constexpr_function
+def code_offset(j, bits):
+    """M = 2**(10 - b): the float16 pair `_pair_codes` makes of codes j and j + PAIRS is M + q."""
+    return 1 << (10 - code_bit(j, bits))
+
+
+@gluon.constexpr_function
+def _unit_bits(codes):
+    """Bits per code from codes per unit: a word of 32 // bits codes, or the 32 codes of three 3-bit words."""
+    return 3 if codes == 32 else 32 // codes
 
 
 @gluon.constexpr_function
