@@ -16,9 +16,8 @@
 #   with and without PDL on the 7B shapes; the harness replays calls back to back, as a decode step runs them).
 # int3: the GPU tests of the 16-byte int3 loads the seventh session could not finish (every GEMV choice at
 #   int3, the unmasked tensor-core path at 3 bits), then the compiled, stacked Llama-2-7B mixed4-tied decode.
-# unpacked: for the tensor-core GEMV whose MMAs take the unpacked pairs M + q (64862b0 mended in 180aae4,
-#   measured and reverted in b8989a9: `git revert b8989a9` first), the GEMV tests, then a sweep of the
-#   arranged-activation configurations beside the current best ones.
+# unpacked: for the tensor-core GEMV whose MMAs take the unpacked pairs M + q on arranged activations
+#   (2dc8c51), the GEMV tests, then a sweep of the arranged configurations beside the current best ones.
 # decode: the Llama-2-7B mixed4 decode, eager steps in graphs and torch.compile'd steps in graphs, with
 #   a per-kernel GPU-time profile of a few steps of each.
 set -uo pipefail
