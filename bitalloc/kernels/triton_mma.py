@@ -2,7 +2,7 @@
 
 `gemv_pairs` (triton_pairs.py) spends one HFMA2 per code on the product with
 the activations and moves its float16 sums to float32 every few steps.  Here a
-warp hands its dequantized pairs to one m16n8k16 MMA per four pairs: 16 rows x
+warp hands its unpacked pairs to one m16n8k16 MMA per four pairs: 16 rows x
 16 codes against 16 activations, summed in float32 by the tensor core.
 
 Why the layout fits without moving data: in an m16n8k16 MMA, lane 4 g + t holds
@@ -83,10 +83,11 @@ def gemv_mma(xp_ptr, xs_ptr, qw_ptr, s_ptr, z_ptr, out_ptr, N, U, NG, stride_om,
     g + 8 per step (chunk 4 w + t of the step's 4 * num_warps chunks), the matching activations, and
     its rows' scales and zeros; the next step's words, scales and zeros are loaded before this one
     computes, its activations too if X_LOAD = AHEAD (else in the step, from L1: 40-45 fewer registers,
-    which 2-bit codes need).  DEQUANTIZE (arranged): the older step of the module docstring.  EVEN (rows a multiple of 16, units of the step, and with RAW no ragged
-    units): no masks; the loads after the last step repeat it instead.  PDL (launched as a programmatic
-    dependent, with RAW): the first step's weights are requested before waiting for the kernel that writes
-    x, and the next kernel may launch once the sums are done.
+    which 2-bit codes need).  DEQUANTIZE (arranged): the older step of the module docstring.  EVEN (rows a
+    multiple of 16, units of the step, and with RAW no ragged units): no masks; the loads after the last
+    step repeat it instead.  PDL (launched as a programmatic dependent, with RAW): the first step's weights
+    are requested before waiting for the kernel that writes x, and the next kernel may launch once the
+    sums are done.
     """
     PAIRS: gl.constexpr = _pairs_per_unit(BITS)
     WARPS: gl.constexpr = gl.num_warps()
