@@ -19,8 +19,8 @@
 # unpacked: for the tensor-core GEMV whose MMAs take the unpacked pairs M + q on arranged activations
 #   (2dc8c51), the GEMV tests, then a sweep of the arranged configurations beside the current best ones.
 # stacked: with the unpacked-pair GEMV, the compiled, stacked Llama-2-7B mixed4-tied decode (run i's command),
-#   then split-K and narrow arranged configurations (which its 90-register int4 loop may now fit) on the
-#   stacked 7B shapes at 3 and 4 bits.
+#   then split-K and narrow arranged configurations (which its 62-90-register int4 loops may now fit, more
+#   warps per SM where the grid caps them) on the stacked 7B shapes and 8192x8192 at 3 and 4 bits.
 # decode: the Llama-2-7B mixed4 decode, eager steps in graphs and torch.compile'd steps in graphs, with
 #   a per-kernel GPU-time profile of a few steps of each.
 set -uo pipefail
@@ -117,7 +117,7 @@ stacked)
   timeout 300 python inference/decode.py --config llama-2-7b --mix mixed4-tied --fuse --compile --profile 3 \
     --out "$out/decode_tied_fused_unpacked" 2>&1 | tail -4
   timeout 200 python inference/gemv_configs.py --kernel gemv-mma --bits 4,3 --top 8 \
-    --shapes 12288x4096,22016x4096,4096x4096,4096x11008 --configs \
+    --shapes 12288x4096,22016x4096,4096x4096,4096x11008,8192x8192 --configs \
     8/1/4/1,8/1/4/0,8/2/4/1,4/2/4/1,8/2/4/0,2/1/4/1,2/1/8/1,1/1/4/1,2/2/4/1,8/1/4/1/0/1,4/1/16/2/1 \
     2>&1 | tee "$out/gemv_mma_stacked.txt"
   rm -f "$out"/*.png "$out"/*_plan.json
