@@ -133,11 +133,11 @@ def gemv_mma(xp_ptr, xs_ptr, qw_ptr, s_ptr, z_ptr, out_ptr, N, U, NG, stride_om,
         data = _mma_step_data(qw_ptr, xp_ptr, xs_ptr, s_ptr, z_ptr, rows, lane_chunk, feeds, N, U, NG,
                               gl.minimum(step + 1, last - 1), step + 1 < last, BITS, GROUP, HAS_ZEROS, VEC, STEP, EVEN,
                               X_LOAD, UNPACKED)
-        scale = _half_pair(s)
-        scale8 = _half_pair(s8)
-        zs = _half_pair(-z * s)  # RAW: the zero-point term's A, the same for every column of the chunk
-        zs8 = _half_pair(-z8 * s8)
         if not UNPACKED:
+            scale = _half_pair(s)
+            scale8 = _half_pair(s8)
+            zs = _half_pair(-z * s)  # RAW: the zero-point term's A, the same for every column of the chunk
+            zs8 = _half_pair(-z8 * s8)
             for v in gl.static_range(VEC):
                 for j in gl.static_range(0, PAIRS, 2):
                     acc0, acc1, acc2, acc3 = _mma(
