@@ -81,12 +81,20 @@ def main(argv=None):
             timings = []
             defaults = {tb.GEMV: tb.GEMV_CONFIGS, tb.PAIRS: tb.pair_configs(bits), tb.MMA: tb.MMA_CONFIGS}[args.kernel]
             for config in chosen or defaults:
+                why = tb.unfit(args.kernel, config, bits, 128, in_features)
+                if why:
+                    print(f"  {'/'.join(map(str, config))} skipped: {why}", flush=True)
+                    continue
                 tuner.CHOSEN[key] = (args.kernel, config)
                 try:
                     timings.append((time_layer(layer, 1, device), config))
                 except Exception as err:  # resources the GPU lacks (shared memory, registers): skip it
                     print(f"  {'/'.join(map(str, config))} failed: {str(err).splitlines()[0][:120]}", flush=True)
+            tuner.CHOSEN.pop(key, None)
             timings.sort()
+            if not timings:
+                print(f"int{bits}: no configuration ran", flush=True)
+                continue
             best = timings[0][0]
             cells = "  ".join(f"{'/'.join(map(str, c))}: {t * 1e6:.1f}" for t, c in timings[:args.top])
             arrange = (f"; activation pass {arrangement_seconds(in_features, bits, out_features) * 1e6:.2f} us"
@@ -95,7 +103,6 @@ def main(argv=None):
             print(f"int{bits}: {cells} | best {best * 1e6:.1f} us, {fp16 / best:.2f}x fp16, "
                   f"{100 * moved / best / bandwidth:.0f} % roofline{arrange}; read floor {floor * 1e6:.1f} us "
                   f"({100 * moved / floor / bandwidth:.0f} %)", flush=True)
-            tuner.CHOSEN.pop(key, None)
             del layer
             torch.cuda.empty_cache()
     return 0

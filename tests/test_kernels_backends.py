@@ -390,3 +390,18 @@ def test_a_compiled_caller_keeps_triton_layers_in_its_graph(monkeypatch):
     compiled = torch.compile(model, fullgraph=True, backend="aot_eager")
     assert relative_error(compiled(x), nn.Sequential(model[0], reference, model[2])(x)) < 1e-5
     assert calls  # the operator ran, inside the compiled graph
+
+
+def test_gemv_launch_choices_that_cannot_compute_a_layer_say_why():
+    """The tuner never offers them, and the configuration sweep skips them with the reason (a three-bit
+    unit is 32 codes, so 8 units per lane straddle groups of 128)."""
+    from bitalloc.kernels import triton_backend as tb
+
+    assert "straddle groups of 128" in tb.unfit(tb.MMA, (8, 1, 4, 1), 3, 128, 4096)
+    assert tb.unfit(tb.MMA, (8, 1, 4, 1), 4, 128, 4096) is None
+    assert "even number of inputs" in tb.unfit(tb.MMA, (4, 1, 4, tb.X_RAW), 4, 128, 4095)
+    assert "multiple of 32" in tb.unfit(tb.GEMV, tb.GEMV_CONFIGS[0], 4, 100, 4096)
+    for bits in (2, 3, 4, 8):
+        for group in (32, 64, 100, 128):
+            chosen = tb.candidates(1, group, bits, torch.float16, 4095)
+            assert all(tb.unfit(kind, c, bits, group, 4095) is None for kind, c in chosen)

@@ -109,7 +109,7 @@ def test_tensor_core_gemv_launched_as_a_programmatic_dependent_waits_for_its_inp
         x = torch.randn(1, first_shape[1], device="cuda", dtype=torch.float16)
         expected = second(first(x)).float()
         for config in [c for c in ((8, 1, 4, 2, 1), (4, 1, 4, 2, 1), (4, 1, 16, 2, 1), (4, 2, 4, 2, 1))
-                       if 128 % (c[0] * tb.unit_codes(bits)) == 0]:
+                       if tb.unfit(tb.MMA, c, bits, 128, 1024) is None]:
             def chain():
                 y = tb._launch(tb.MMA, config, x, first.qweight, first.scales, first.zeros, bits, 128,
                                first_shape[1])

@@ -218,12 +218,25 @@ def candidates(m: int, group: int, bits: int, dtype: torch.dtype, in_features: i
     the tensor-core GEMV reads x itself (X_LOAD 2) as words of two float16, so only for an even K."""
     configs = []
     if m <= GEMV_ROWS and dtype == torch.float16 and _gluon() and not tuner.interpreting():
-        configs += [(PAIRS, c) for c in pair_configs(bits) if group % (c[1] * unit_codes(bits)) == 0]
-        configs += [(MMA, c) for c in MMA_CONFIGS if group % (c[0] * unit_codes(bits)) == 0
-                    and (c[3] != X_RAW or in_features % 2 == 0)]
-    if m <= GEMV_ROWS and group % 32 == 0:
+        configs += [(PAIRS, c) for c in pair_configs(bits)] + [(MMA, c) for c in MMA_CONFIGS]
+    if m <= GEMV_ROWS:
         configs += [(GEMV, c) for c in GEMV_CONFIGS]
+    configs = [(kind, c) for kind, c in configs if unfit(kind, c, bits, group, in_features) is None]
     return configs + [(DEQUANT, DEQUANT_TILE)]
+
+
+def unfit(kind: str, config: tuple, bits: int, group: int, in_features: int) -> str | None:
+    """Why a GEMV launch choice cannot compute a layer (None when it can): a lane's chunk of units must lie
+    in one group, and the tensor-core GEMV reads x itself as words of two float16."""
+    if kind in (PAIRS, MMA):
+        chunk = config[1 if kind == PAIRS else 0] * unit_codes(bits)
+        if group % chunk:
+            return f"its chunks of {chunk} codes straddle groups of {group}"
+    if kind == MMA and config[3] == X_RAW and in_features % 2:
+        return f"reading x itself needs an even number of inputs, not {in_features}"
+    if kind == GEMV and group % 32:
+        return f"it needs groups of a multiple of 32 codes, not {group}"
+    return None
 
 
 @functools.cache
