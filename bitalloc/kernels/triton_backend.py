@@ -128,6 +128,7 @@ def _launch_pairs(kind, config, x, qweight, scales, zeros_arg, bits, group, in_f
     block_n, vec, split, warps = (tm.ROWS, *config[:3]) if kind == MMA else config
     grid = (triton_cdiv(n, block_n), split, m)
     even = kind == MMA and n % block_n == 0 and units % (warps * 4 * vec) == 0  # gemv_mma's unmasked path
+    dequantize = len(config) > 5 and bool(config[5])
     if kind == MMA and config[3] == X_RAW:
         out = _gemv_output(x, n, split)
         if split > 1:
@@ -137,11 +138,10 @@ def _launch_pairs(kind, config, x, qweight, scales, zeros_arg, bits, group, in_f
         pdl = len(config) > 4 and bool(config[4])
         tm.gemv_mma[grid](words, words, qweight, scales, zeros_arg, out, n, units, ng, out.stride(0), words.stride(0),
                           words.shape[1], VEC=vec, SPLIT_K=split, EVEN=even, X_LOAD=X_RAW, PDL=pdl, launch_pdl=pdl,
-                          num_warps=warps, **common)
+                          DEQUANTIZE=dequantize, num_warps=warps, **common)
         return out.to(x.dtype)
     out = _gemv_output(x, n, split)
     xp = torch.empty(m, codes // 2, units, device=x.device, dtype=torch.int32)
-    dequantize = len(config) > 5 and bool(config[5])
     offsets = kind == MMA and not dequantize  # the MMAs on unpacked pairs take the chunks' sums of M x too
     xs = torch.empty(m, (1 + offsets) * triton_cdiv(units, vec), device=x.device, dtype=torch.float32)
     tp.arrange_pairs[(triton_cdiv(units, ARRANGE_BLOCK), m)](x, xp, xs, out, in_features, units, n, x.stride(0),
