@@ -29,9 +29,12 @@ activations, one running sum per row (the fastest for int4 on 8192x8192).
 With X_LOAD = RAW the kernel reads the float16 activations themselves (no
 `arrange_pairs` pass, which costs a launch and ~1.5 us per layer): a unit's
 2 PAIRS activations are PAIRS consecutive words of x, pair j is the low (j even)
-or high (j odd) halves of words j // 2 and PAIRS / 2 + j // 2 (one PRMT), and the
-zero-point term is a second MMA per MMA with A = -z s: exact float32 sums of
-float16 products, without chunk sums of x.
+or high (j odd) halves of words j // 2 and PAIRS / 2 + j // 2 (one PRMT).  The
+MMAs take the unpacked pairs M + q here too (only the feeding lanes load x), and
+the offsets and zero points leave through a second MMA per MMA with A = -(M + z),
+integers below 2048 and exact in float16: exact float32 sums of float16
+products, without chunk sums of x.  With DEQUANTIZE that second MMA takes -z s
+beside the pairs q s instead.
 """
 from __future__ import annotations
 
