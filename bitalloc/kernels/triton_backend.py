@@ -61,9 +61,10 @@ X_RAW = 2  # the X_LOAD reading x itself (triton_mma.RAW)
 # without it on every 7B shape, when GEMVs run back to back (results/h200_pdl/gemv_mma_pdl.txt); the tuner
 # times it after a kernel that is not a dependent launch, as most GEMVs of a decode step run
 MMA_CONFIGS += [c + (1,) for c in MMA_CONFIGS if c[3] == X_RAW]
-# a sixth element 1 keeps the older arranged step (pairs dequantized to q s by one HFMA2 each, one running
-# sum per row; triton_mma's DEQUANTIZE).  Only at 8/1/4/1 did it beat the MMAs on unpacked pairs, on int4
-# 8192x8192 (15.0 against 15.7 us; results/h200_unpacked/ab_*.txt); they won every other shape and width
+# a sixth element 1 keeps the older step (pairs dequantized to q s by one HFMA2 each; triton_mma's
+# DEQUANTIZE).  Arranged, only at 8/1/4/1 did it beat the MMAs on unpacked pairs, on int4 8192x8192 (15.0
+# against 15.7 us; results/h200_unpacked/ab_*.txt); reading x itself it lost at 8 of 10 (shape, width,
+# configuration) points, by up to 15 % (results/h200_raw_unpacked/), so only the arranged one is offered
 MMA_CONFIGS += [(8, 1, 4, 1, 0, 1)]
 ARRANGE_BLOCK = 128
 DEQUANT_TILE = (32, 256)  # (BLOCK_N, BLOCK_K) of the dequantization pass
@@ -257,7 +258,8 @@ def quant_matmul(x: torch.Tensor, qweight, scales, zeros, bits: int, group_size:
     group = kernel_group(group_size, in_features)
     configs = candidates(x.shape[0], group, bits, x.dtype, in_features)
     key = tuner_key(bits, group, zeros is not None, qweight.shape, x.shape[0], x.dtype)
-    choice = tuner.choose(key, configs, lambda c: _launch(*c, x, qweight, scales, zeros, bits, group, in_features))
+    choice = tuner.choose(key, configs, lambda c: _launch(*c, x, qweight, scales, zeros, bits, group, in_features),
+                          reference=(DEQUANT, DEQUANT_TILE))
     return _launch(*choice, x, qweight, scales, zeros, bits, group, in_features)
 
 
