@@ -21,6 +21,8 @@
 # stacked: with the unpacked-pair GEMV, the compiled, stacked Llama-2-7B mixed4-tied decode (run i's command),
 #   then split-K and narrow arranged configurations (which its 62-90-register int4 loops may now fit, more
 #   warps per SM where the grid caps them) on the stacked 7B shapes and 8192x8192 at 3 and 4 bits.
+# rawpairs: every GPU test (the MMAs on unpacked pairs reading x itself, 6ee72a1, were checked only at int4 and
+#   int2), then that step against the older one (sixth element 1) on the stacked 7B shapes at 2/3/4/8 bits.
 # decode: the Llama-2-7B mixed4 decode, eager steps in graphs and torch.compile'd steps in graphs, with
 #   a per-kernel GPU-time profile of a few steps of each.
 set -uo pipefail
@@ -121,6 +123,13 @@ stacked)
     8/1/4/1,8/1/4/0,8/2/4/1,4/2/4/1,8/2/4/0,2/1/4/1,2/1/8/1,1/1/4/1,2/2/4/1,8/1/4/1/0/1,4/1/16/2/1 \
     2>&1 | tee "$out/gemv_mma_stacked.txt"
   rm -f "$out"/*.png "$out"/*_plan.json
+  ;;
+rawpairs)
+  timeout 330 python -m pytest -q -rf -p no:cacheprovider tests/test_kernels_gpu.py 2>&1 | tee "$out/pytest_gpu.txt" | tail -3
+  timeout 200 python inference/gemv_configs.py --kernel gemv-mma --bits 4,3,8,2 --top 8 \
+    --shapes 12288x4096,22016x4096,4096x4096,4096x11008 --configs \
+    8/1/4/2,8/1/4/2/0/1,4/1/16/2/1,4/1/16/2/1/1,2/1/4/2,2/1/4/2/0/1,8/1/8/2,8/1/8/2/0/1,4/1/4/1 \
+    2>&1 | grep -v skipped | tee "$out/gemv_mma_rawpairs.txt"
   ;;
 int3)
   timeout 240 python -m pytest -q -rf -p no:cacheprovider tests/test_kernels_gpu.py \

@@ -330,17 +330,21 @@ def test_tensor_core_gemv_loading_activations_in_the_step_frees_registers():
 
 @needs_triton
 def test_tensor_core_gemv_reading_x_itself_pairs_its_halves_and_mmas_the_zero_point():
-    """X_LOAD 2 reads float16 x as words instead of arranged pairs: one PRMT builds each activation pair, a
-    second MMA per MMA adds -z s times the same pairs (so no sums of x are loaded), and at most 128
+    """X_LOAD 2 reads float16 x as words instead of arranged pairs: one PRMT builds each activation pair, and
+    a second MMA per MMA adds -(M + z) times the same pairs to the unpacked pairs' M + q (so no sums of x are
+    loaded, and no HFMA2 per pair; the older step, DEQUANTIZE, spends one and adds -z s), at most 128
     registers (four programs of 4 warps per SM) even at VEC 8."""
     gemv_sass = _gemv_sass()
     for bits in (2, 3, 4, 8):
         config = (4, 1, 4)
         raw, arranged = (gemv_sass.sass_of(bits, (*config, x_load), kernel="mma") for x_load in (2, 0))
+        dequantizing = gemv_sass.sass_of(bits, (*config, 2, 0, 1), kernel="mma")
         codes = gemv_sass.codes_per_thread("mma", bits, config)
         pairs = codes / 4  # a lane's activation pairs serve rows g and g + 8
         count = lambda sass, name: sum(t.startswith(name) for t in gemv_sass.loop_body(sass))  # noqa: E731
-        assert count(raw, "HMMA") == codes / 4 and count(raw, "HFMA2") == codes / 2, (bits, count(raw, "HMMA"))
+        assert count(raw, "HMMA") == codes / 4 and count(raw, "HFMA2") == 0, (bits, count(raw, "HMMA"))
+        assert count(dequantizing, "HMMA") == codes / 4 and count(dequantizing, "HFMA2") == codes / 2, bits
+        assert len(gemv_sass.loop_body(raw)) < len(gemv_sass.loop_body(dequantizing)), bits
         merges = count(raw, "PRMT") - count(arranged, "PRMT")  # beyond the 3-bit window merges both have
         assert 0.5 * pairs <= merges <= 1.3 * pairs, (bits, merges, pairs)  # give or take what ptxas shares
         assert gemv_sass.registers(gemv_sass.sass_of(bits, (8 if bits != 3 else 4, 1, 4, 2), kernel="mma")) <= 128

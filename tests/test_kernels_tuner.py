@@ -16,3 +16,29 @@ def test_untuned_choice_is_the_first_and_is_reported_as_plain_data(monkeypatch):
     made = tuner.choices_made()
     assert made == {"triton 4 128 True (4096, 512) 1 torch.float16": "('gemv-mma', (8, 1, 4, 2))"}
     assert json.loads(json.dumps(made)) == made
+
+
+def test_a_choice_whose_output_disagrees_with_the_reference_is_never_chosen(monkeypatch, caplog):
+    """The two fastest choices here compute wrong numbers (one of them NaN): the tuner drops both, with a
+    warning, before timing, and keeps the fastest of the choices that agree with the reference."""
+    import torch
+
+    monkeypatch.setenv("BITALLOC_TRITON_TUNE", "1")
+    monkeypatch.setattr(tuner, "CHOSEN", {})
+    expected = torch.randn(3, 64)
+    outputs = {"reference": expected, "close": expected + 1e-4, "wrong": expected * 1.5,
+               "nan": torch.full_like(expected, float("nan"))}
+    seconds = {"reference": 3.0, "close": 2.0, "wrong": 1.0, "nan": 0.5}
+    timed = []
+
+    def fake_timing(call):
+        out = call()
+        timed.append(next(name for name, tensor in outputs.items() if tensor is out))
+        return seconds[timed[-1]]
+
+    monkeypatch.setattr(tuner, "time_cuda_graph_cold", fake_timing)
+    key = ("triton", 4, 128, True, (64, 8), 1, "torch.float16")
+    with caplog.at_level("WARNING"):
+        chosen = tuner.choose(key, ["wrong", "nan", "close", "reference"], outputs.get, reference="reference")
+    assert chosen == "close" and sorted(timed) == ["close", "reference"]
+    assert "wrong" in caplog.text and "nan" in caplog.text and "dropped" in caplog.text

@@ -107,7 +107,7 @@ def scaled_product(q, sx, rowsum, weight: dict, bias, dtype) -> torch.Tensor:
     key = ("w8a8", 1 << max(4, (rows - 1).bit_length()), n, k, weight["correction"] is not None, bias is not None,
            dtype)
     choices = [FUSED_CONFIGS[0], CUBLAS] + FUSED_CONFIGS[1:]
-    choice = tuner.choose(key, choices, lambda c: run_product(c, q, sx, rowsum, weight, bias, dtype))
+    choice = tuner.choose(key, choices, lambda c: run_product(c, q, sx, rowsum, weight, bias, dtype), reference=CUBLAS)
     return run_product(choice, q, sx, rowsum, weight, bias, dtype)
 
 

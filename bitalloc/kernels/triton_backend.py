@@ -61,9 +61,10 @@ X_RAW = 2  # the X_LOAD reading x itself (triton_mma.RAW)
 # without it on every 7B shape, when GEMVs run back to back (results/h200_pdl/gemv_mma_pdl.txt); the tuner
 # times it after a kernel that is not a dependent launch, as most GEMVs of a decode step run
 MMA_CONFIGS += [c + (1,) for c in MMA_CONFIGS if c[3] == X_RAW]
-# a sixth element 1 keeps the older arranged step (pairs dequantized to q s by one HFMA2 each, one running
-# sum per row; triton_mma's DEQUANTIZE).  Only at 8/1/4/1 did it beat the MMAs on unpacked pairs, on int4
-# 8192x8192 (15.0 against 15.7 us; results/h200_unpacked/ab_*.txt); they won every other shape and width
+# a sixth element 1 keeps the older step (pairs dequantized to q s by one HFMA2 each; triton_mma's
+# DEQUANTIZE).  Arranged, only at 8/1/4/1 did it beat the MMAs on unpacked pairs, on int4 8192x8192 (15.0
+# against 15.7 us; results/h200_unpacked/ab_*.txt); reading x itself it lost at 8 of 10 (shape, width,
+# configuration) points, by up to 15 % (results/h200_raw_unpacked/), so only the arranged one is offered
 MMA_CONFIGS += [(8, 1, 4, 1, 0, 1)]
 ARRANGE_BLOCK = 128
 DEQUANT_TILE = (32, 256)  # (BLOCK_N, BLOCK_K) of the dequantization pass
@@ -128,6 +129,7 @@ def _launch_pairs(kind, config, x, qweight, scales, zeros_arg, bits, group, in_f
     block_n, vec, split, warps = (tm.ROWS, *config[:3]) if kind == MMA else config
     grid = (triton_cdiv(n, block_n), split, m)
     even = kind == MMA and n % block_n == 0 and units % (warps * 4 * vec) == 0  # gemv_mma's unmasked path
+    dequantize = len(config) > 5 and bool(config[5])
     if kind == MMA and config[3] == X_RAW:
         out = _gemv_output(x, n, split)
         if split > 1:
@@ -137,11 +139,10 @@ def _launch_pairs(kind, config, x, qweight, scales, zeros_arg, bits, group, in_f
         pdl = len(config) > 4 and bool(config[4])
         tm.gemv_mma[grid](words, words, qweight, scales, zeros_arg, out, n, units, ng, out.stride(0), words.stride(0),
                           words.shape[1], VEC=vec, SPLIT_K=split, EVEN=even, X_LOAD=X_RAW, PDL=pdl, launch_pdl=pdl,
-                          num_warps=warps, **common)
+                          DEQUANTIZE=dequantize, num_warps=warps, **common)
         return out.to(x.dtype)
     out = _gemv_output(x, n, split)
     xp = torch.empty(m, codes // 2, units, device=x.device, dtype=torch.int32)
-    dequantize = len(config) > 5 and bool(config[5])
     offsets = kind == MMA and not dequantize  # the MMAs on unpacked pairs take the chunks' sums of M x too
     xs = torch.empty(m, (1 + offsets) * triton_cdiv(units, vec), device=x.device, dtype=torch.float32)
     tp.arrange_pairs[(triton_cdiv(units, ARRANGE_BLOCK), m)](x, xp, xs, out, in_features, units, n, x.stride(0),
@@ -257,7 +258,8 @@ def quant_matmul(x: torch.Tensor, qweight, scales, zeros, bits: int, group_size:
     group = kernel_group(group_size, in_features)
     configs = candidates(x.shape[0], group, bits, x.dtype, in_features)
     key = tuner_key(bits, group, zeros is not None, qweight.shape, x.shape[0], x.dtype)
-    choice = tuner.choose(key, configs, lambda c: _launch(*c, x, qweight, scales, zeros, bits, group, in_features))
+    choice = tuner.choose(key, configs, lambda c: _launch(*c, x, qweight, scales, zeros, bits, group, in_features),
+                          reference=(DEQUANT, DEQUANT_TILE))
     return _launch(*choice, x, qweight, scales, zeros, bits, group, in_features)
 
 

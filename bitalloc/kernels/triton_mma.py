@@ -29,9 +29,12 @@ activations, one running sum per row (the fastest for int4 on 8192x8192).
 With X_LOAD = RAW the kernel reads the float16 activations themselves (no
 `arrange_pairs` pass, which costs a launch and ~1.5 us per layer): a unit's
 2 PAIRS activations are PAIRS consecutive words of x, pair j is the low (j even)
-or high (j odd) halves of words j // 2 and PAIRS / 2 + j // 2 (one PRMT), and the
-zero-point term is a second MMA per MMA with A = -z s: exact float32 sums of
-float16 products, without chunk sums of x.
+or high (j odd) halves of words j // 2 and PAIRS / 2 + j // 2 (one PRMT).  The
+MMAs take the unpacked pairs M + q here too (only the feeding lanes load x), and
+the offsets and zero points leave through a second MMA per MMA with A = -(M + z),
+integers below 2048 and exact in float16: exact float32 sums of float16
+products, without chunk sums of x.  With DEQUANTIZE that second MMA takes -z s
+beside the pairs q s instead.
 """
 from __future__ import annotations
 
@@ -96,7 +99,7 @@ def gemv_mma(xp_ptr, xs_ptr, qw_ptr, s_ptr, z_ptr, out_ptr, N, U, NG, stride_om,
     gl.static_assert(GROUP % (VEC * 2 * PAIRS) == 0, "a lane's chunk must lie in one group")
     gl.static_assert(PAIRS % 2 == 0, "an MMA takes two pairs of each row")
     gl.static_assert(not PDL or X_LOAD == RAW, "with PDL only x may come from the kernel before")
-    UNPACKED: gl.constexpr = X_LOAD != RAW and not DEQUANTIZE  # the MMAs take M + q (module docstring)
+    UNPACKED: gl.constexpr = not DEQUANTIZE  # the MMAs take M + q (module docstring)
     pid_n = gl.program_id(0)
     pid_k = gl.program_id(1)
     m = gl.program_id(2)
@@ -129,7 +132,7 @@ def gemv_mma(xp_ptr, xs_ptr, qw_ptr, s_ptr, z_ptr, out_ptr, N, U, NG, stride_om,
         if X_LOAD == IN_STEP:
             x = _mma_x(xp_ptr, feeds, lane_chunk, U, step, True, BITS, VEC, STEP, EVEN, UNPACKED)
         elif X_LOAD == RAW:
-            x = _mma_x_raw(xp_ptr, rows, lane_chunk, KX, step, BITS, VEC, STEP, EVEN)
+            x = _mma_x_raw(xp_ptr, feeds, lane_chunk, KX, step, BITS, VEC, STEP, EVEN, UNPACKED)
         data = _mma_step_data(qw_ptr, xp_ptr, xs_ptr, s_ptr, z_ptr, rows, lane_chunk, feeds, N, U, NG,
                               gl.minimum(step + 1, last - 1), step + 1 < last, BITS, GROUP, HAS_ZEROS, VEC, STEP, EVEN,
                               X_LOAD, UNPACKED)
@@ -149,20 +152,30 @@ def gemv_mma(xp_ptr, xs_ptr, qw_ptr, s_ptr, z_ptr, out_ptr, N, U, NG, stride_om,
             if X_LOAD != RAW:
                 zero_terms += z * s * total
                 zero_terms8 += z8 * s8 * total
-        else:  # the pairs M + q as unpacked: the chunk's sums of M x and z x come from the activation pass
+        else:  # the pairs M + q as unpacked; M x and z x leave once per chunk (arranged) or by MMA (RAW)
             c0 = gl.full(s.shape, 0.0, gl.float32, s.type.layout)
             c1 = c0
             c2 = c0
             c3 = c0
+            if X_LOAD == RAW:  # the A of each pair's offset and zero-point MMA: -(M + z), exact in float16
+                less = ()
+                less8 = ()
+                for j in gl.static_range(PAIRS):
+                    less = less + (_half_pair(-(code_offset(j, BITS) + z)),)
+                    less8 = less8 + (_half_pair(-(code_offset(j, BITS) + z8)),)
             for v in gl.static_range(VEC):
                 for j in gl.static_range(0, PAIRS, 2):
                     c0, c1, c2, c3 = _mma(_pair_codes(low[v], j, BITS), _pair_codes(high[v], j, BITS),
                                           _pair_codes(low[v], j + 1, BITS), _pair_codes(high[v], j + 1, BITS),
                                           x[v][j], x[v][j + 1], c0, c1, c2, c3)
+                    if X_LOAD == RAW:
+                        c0, c1, c2, c3 = _mma(less[j], less8[j], less[j + 1], less8[j + 1], x[v][j], x[v][j + 1],
+                                              c0, c1, c2, c3)
             acc0 += s * c0  # column 2 t: the lane's own chunk (`feeds`), so its own scales
             acc2 += s8 * c2
-            zero_terms += s * (offsets + z * total)
-            zero_terms8 += s8 * (offsets + z8 * total)
+            if X_LOAD != RAW:
+                zero_terms += s * (offsets + z * total)
+                zero_terms8 += s8 * (offsets + z8 * total)
     if PDL:
         gdc_launch_dependents()  # a dependent kernel still waits for this one's stores before reading them
     # UNPACKED: each lane holds its own chunk's sums; else every column of the accumulators holds the same
@@ -206,7 +219,7 @@ def _mma_step_data(qw_ptr, xp_ptr, xs_ptr, s_ptr, z_ptr, rows, lane_chunk, feeds
     offsets = 0.0
     if X_LOAD != RAW:
         total = _load(xs_ptr + chunk, chunk_ok, EVEN)
-    if UNPACKED:
+    if UNPACKED and X_LOAD != RAW:
         offsets = _load(xs_ptr + gl.cdiv(U, VEC) + chunk, chunk_ok, EVEN)
     low, high = _units(qw_ptr, rows, chunk, live, N, U, WORDS, VEC, EVEN)
     x = 0
@@ -234,16 +247,21 @@ def _mma_x(xp_ptr, feeds, lane_chunk, U, step, live, BITS: gl.constexpr, VEC: gl
 
 
 @gluon.jit
-def _mma_x_raw(x_ptr, rows, lane_chunk, KX, step, BITS: gl.constexpr, VEC: gl.constexpr, STEP: gl.constexpr,
-               EVEN: gl.constexpr):
+def _mma_x_raw(x_ptr, feeds, lane_chunk, KX, step, BITS: gl.constexpr, VEC: gl.constexpr, STEP: gl.constexpr,
+               EVEN: gl.constexpr, UNPACKED: gl.constexpr):
     """The activation pairs of a lane's VEC units in a step from x itself (int32 words, two float16 each):
     unit u's codes j and j + PAIRS meet x[CODES u + j] and x[CODES u + j + PAIRS], the same half of words
     PAIRS u + j // 2 and PAIRS u + PAIRS / 2 + j // 2; a tuple per unit of its PAIRS pairs.  The lane's
-    VEC * PAIRS words are consecutive: 16-byte loads, zero past the row's KX words."""
+    VEC * PAIRS words are consecutive: 16-byte loads, zero past the row's KX words (UNPACKED: and in the
+    lanes that do not `feed` the MMA's B, as in `_mma_x`)."""
     PAIRS: gl.constexpr = _pairs_per_unit(BITS)
     HALF: gl.constexpr = PAIRS // 2
-    word, _ = _lane_units(rows, step * (STEP // VEC) + lane_chunk, VEC * PAIRS)
-    words = _unstack(_load(x_ptr + word, word < KX, EVEN), VEC * PAIRS)
+    word, feeds4 = _lane_units(feeds, step * (STEP // VEC) + lane_chunk, VEC * PAIRS)
+    if UNPACKED:
+        loaded = gl.load(x_ptr + word, mask=feeds4 if EVEN else feeds4 & (word < KX), other=0)
+    else:
+        loaded = _load(x_ptr + word, word < KX, EVEN)
+    words = _unstack(loaded, VEC * PAIRS)
     per_unit = ()
     for v in gl.static_range(VEC):
         pairs = ()

@@ -7,8 +7,12 @@ shape.  So the first call of a key times every choice as a decode step with
 CUDA graphs runs it, replayed from a graph after an L2 flush
 (`timing.time_cuda_graph_cold`), and keeps the fastest.  (Timing single calls
 with events picked configurations up to 1.8x slower under graph replay on the
-H200.)  BITALLOC_TRITON_TUNE=0 takes the first choice (tests: one compilation
-per kernel), and so does Triton's CPU interpreter.
+H200.)  Before a choice is timed, its output on that first call's input is
+checked against a reference choice's (the plainest way: dequantize + cuBLAS,
+`_int_mm` + rescaling), and a choice that disagrees is dropped with a warning:
+a kernel wrong on some GPU, shape or compiler costs speed, never correctness.
+BITALLOC_TRITON_TUNE=0 takes the first choice (tests: one compilation per
+kernel), and so does Triton's CPU interpreter.
 """
 from __future__ import annotations
 
@@ -21,6 +25,7 @@ from .timing import time_cuda_graph_cold
 log = logging.getLogger(__name__)
 
 CHOSEN: dict[tuple, Hashable] = {}
+AGREEMENT = 1e-2  # relative L2 error against the reference choice (float16 kernels differ by ~1e-3)
 
 
 def choices_made() -> dict[str, str]:
@@ -36,18 +41,27 @@ def tuning() -> bool:
     return os.environ.get("BITALLOC_TRITON_TUNE", "1") != "0" and not interpreting()
 
 
-def choose(key: tuple, choices: Sequence[Hashable], run: Callable[[Hashable], object]) -> Hashable:
-    """The choice for `key` (timing `run(choice)` for each on first sight)."""
+def choose(key: tuple, choices: Sequence[Hashable], run: Callable[[Hashable], object],
+           reference: Hashable | None = None) -> Hashable:
+    """The choice for `key` (timing `run(choice)` for each on first sight, each checked against
+    `run(reference)`, one of the choices)."""
     choice = CHOSEN.get(key)
     if choice is None:
-        choice = CHOSEN[key] = _fastest(key, choices, run) if tuning() else choices[0]
+        choice = CHOSEN[key] = _fastest(key, choices, run, reference) if tuning() else choices[0]
     return choice
 
 
-def _fastest(key, choices, run):
+def _fastest(key, choices, run, reference):
+    expected = None if reference is None else run(reference).float()
     timings = {}
     for choice in choices:
         try:
+            if expected is not None and choice != reference:
+                error = float((run(choice).float() - expected).norm() / expected.norm().clamp_min(1e-12))
+                if not error <= AGREEMENT:  # NaN included
+                    log.warning("%s %s dropped: its output is %.2g off the reference %s (relative L2 error)",
+                                key[0], choice, error, reference)
+                    continue
             timings[choice] = time_cuda_graph_cold(lambda: run(choice))
         except Exception as err:  # a configuration the compiler rejects (resources): skip it
             log.warning("%s %s failed: %s", key[0], choice, str(err).splitlines()[0][:200])
