@@ -7,7 +7,10 @@
 A configuration is BLOCK_N/BLOCK_K/SPLIT_K/num_warps (`triton_backend.GEMV_CONFIGS` by default); for
 the float16-pair GEMV it is BLOCK_N/VEC/SPLIT_K/num_warps (`triton_backend.pair_configs`), for the
 tensor-core one VEC/SPLIT_K/num_warps/X_LOAD (`triton_backend.MMA_CONFIGS`; X_LOAD 2 reads x itself),
-with /1 appended to launch an X_LOAD 2 configuration as a programmatic dependent (PDL).
+with /1 appended to launch an X_LOAD 2 configuration as a programmatic dependent (PDL) and a sixth
+element 1 for the older step that dequantizes each pair to q s (`triton_mma`'s DEQUANTIZE).  A
+configuration that cannot compute a shape (its lanes' chunks straddle the groups) is skipped with the
+reason.
 Same timing as inference/kernels.py: CUDA-graph replay over weight copies that exceed the L2
 cache; options rtn:intN:g128:asym.  Prints, per shape and bit width, the fastest configurations,
 the speed-up over fp16 cuBLAS and the % of the memory roofline; for gemv_units also its activation
