@@ -80,7 +80,7 @@ def main(argv=None):
         for bits in (int(b) for b in args.bits.split(",")):
             layer = random_layer(out_features, in_features, f"rtn:int{bits}:g128:asym", device, "triton")
             moved = weight_bytes(layer) + 2 * (out_features + in_features)
-            key = tb.tuner_key(bits, 128, True, layer.qweight.shape, 1, torch.float16)
+            key = tb.tuner_key(bits, 128, "integer", layer.qweight.shape, 1, torch.float16)
             timings = []
             defaults = {tb.GEMV: tb.GEMV_CONFIGS, tb.PAIRS: tb.pair_configs(bits), tb.MMA: tb.MMA_CONFIGS}[args.kernel]
             for config in chosen or defaults:

@@ -22,7 +22,8 @@
 #   then split-K and narrow arranged configurations (which its 62-90-register int4 loops may now fit, more
 #   warps per SM where the grid caps them) on the stacked 7B shapes and 8192x8192 at 3 and 4 bits.
 # rawpairs: every GPU test (the MMAs on unpacked pairs reading x itself, 6ee72a1, were checked only at int4 and
-#   int2), then that step against the older one (sixth element 1) on the stacked 7B shapes at 2/3/4/8 bits.
+#   int2; an HQQ layer through every launch choice is new), then that step against the older one (sixth
+#   element 1) on the stacked 7B shapes at 2/3/4/8 bits.
 # decode: the Llama-2-7B mixed4 decode, eager steps in graphs and torch.compile'd steps in graphs, with
 #   a per-kernel GPU-time profile of a few steps of each.
 set -uo pipefail

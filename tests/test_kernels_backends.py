@@ -384,7 +384,7 @@ def test_a_compiled_caller_keeps_triton_layers_in_its_graph(monkeypatch):
     dense = codes_only.dequantize_codes()
     calls = []
 
-    def stand_in(x, qweight, scales, zeros, bits, group_size, in_features):
+    def stand_in(x, qweight, scales, zeros, bits, group_size, in_features, real_zeros):
         calls.append(x.shape)
         return x @ dense.to(x.dtype).T
 
@@ -409,3 +409,29 @@ def test_gemv_launch_choices_that_cannot_compute_a_layer_say_why():
         for group in (32, 64, 100, 128):
             chosen = tb.candidates(1, group, bits, torch.float16, 4095)
             assert all(tb.unfit(kind, c, bits, group, 4095) is None for kind, c in chosen)
+
+
+def test_real_zero_points_take_the_dequantizing_step_when_the_gemv_reads_x_itself(monkeypatch):
+    """The tensor-core GEMV reading x itself MMAs -(M + z) in float16: exact for integer zero points (RTN),
+    not for HQQ's real ones, whose layers are built to launch its dequantizing step instead (and are tuned
+    under their own key).  The kernel is stubbed: only its launch parameters are checked here."""
+    from bitalloc.kernels import triton_backend as tb
+    from bitalloc.kernels import triton_mma as tm
+
+    launched = []
+
+    class Recorder:
+        def __getitem__(self, grid):
+            return lambda *args, **kwargs: launched.append(kwargs["DEQUANTIZE"])
+
+    monkeypatch.setattr(tm, "gemv_mma", Recorder())
+    for option, real in (("rtn:int4:g64:asym", False), ("hqq:int4:g64:asym", True), ("rtn:int4:g64:sym", False)):
+        _, layer = make_layer(option, "reference")
+        state = tb.TritonBackend().build(layer)
+        assert state["real_zeros"] is real, option
+        x = torch.randn(1, IN_FEATURES, dtype=torch.float16)
+        for dequantize in (0, 1):
+            tb._launch(tb.MMA, (4, 1, 4, tb.X_RAW, 0, dequantize), x, layer.qweight, layer.scales, layer.zeros, 4,
+                       64, IN_FEATURES, state["real_zeros"])
+        assert launched[-2:] == [real, True], (option, launched)
+    assert tb.zero_points(None) == "none"

@@ -51,7 +51,7 @@ def test_triton_matches_reference_on_cuda(option):
 
 
 @pytest.mark.parametrize("option", ["rtn:int4:g128:asym", "rtn:int2:g32:sym", "rtn:int8:pc:asym", "rtn:int3:g128:asym",
-                                    "rtn:int3:g32:sym"])
+                                    "rtn:int3:g32:sym", "hqq:int4:g128:asym"])  # HQQ: real zero points
 def test_every_gemv_choice_matches_reference(option):
     """The tuner may pick any GEMV configuration (float16-pair or float32 kernel) or dequantize + cuBLAS."""
     from bitalloc.kernels import triton_backend as tb
@@ -60,7 +60,7 @@ def test_every_gemv_choice_matches_reference(option):
     reference, layer = layers(option, "triton")
     opt = layer.option
     group = tb.kernel_group(opt.group_size, IN_FEATURES)
-    key = tb.tuner_key(opt.bits, group, layer.zeros is not None, layer.qweight.shape, 1, torch.float16)
+    key = tb.tuner_key(opt.bits, group, tb.zero_points(layer.zeros), layer.qweight.shape, 1, torch.float16)
     choices = tb.candidates(1, group, opt.bits, torch.float16, IN_FEATURES)
     assert any(kind == tb.PAIRS for kind, _ in choices) and any(kind == tb.MMA for kind, _ in choices)
     x = torch.randn(1, IN_FEATURES, device="cuda", dtype=torch.float16)

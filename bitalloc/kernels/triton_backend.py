@@ -81,7 +81,8 @@ def available() -> str | None:
     return None
 
 
-def _launch(kind: str, config: tuple, x, qweight, scales, zeros, bits: int, group: int, in_features: int):
+def _launch(kind: str, config: tuple, x, qweight, scales, zeros, bits: int, group: int, in_features: int,
+            real_zeros: bool = False):
     from . import triton_kernels as tk
 
     m, n, kw, ng = x.shape[0], qweight.shape[0], qweight.shape[1], scales.shape[1]
@@ -90,7 +91,8 @@ def _launch(kind: str, config: tuple, x, qweight, scales, zeros, bits: int, grou
     if kind == DEQUANT:
         return x @ dequantize(qweight, scales, zeros, bits, group, in_features, x.dtype, config).T
     if kind in (PAIRS, MMA):
-        return _launch_pairs(kind, config, x, qweight, scales, zeros_arg, bits, group, in_features, common)
+        return _launch_pairs(kind, config, x, qweight, scales, zeros_arg, bits, group, in_features, real_zeros,
+                             common)
     block_n, block_k, split, warps = config
     out = _gemv_output(x, n, split)
     codes = unit_codes(bits)
@@ -117,9 +119,10 @@ def _gemv_output(x: torch.Tensor, n: int, split: int) -> torch.Tensor:
     return torch.empty(x.shape[0], n, device=x.device, dtype=torch.float32 if split > 1 else x.dtype)
 
 
-def _launch_pairs(kind, config, x, qweight, scales, zeros_arg, bits, group, in_features, common):
+def _launch_pairs(kind, config, x, qweight, scales, zeros_arg, bits, group, in_features, real_zeros, common):
     """The float16-pair GEMVs (CUDA cores or tensor cores) after their activation pass, or the tensor-core
-    one reading x itself (X_LOAD = RAW)."""
+    one reading x itself (X_LOAD = RAW).  That one MMAs -(M + z) in float16, exact only for integer zero
+    points, so real ones (`zero_points`) take its dequantizing step."""
     from . import triton_mma as tm
     from . import triton_pairs as tp
 
@@ -139,7 +142,7 @@ def _launch_pairs(kind, config, x, qweight, scales, zeros_arg, bits, group, in_f
         pdl = len(config) > 4 and bool(config[4])
         tm.gemv_mma[grid](words, words, qweight, scales, zeros_arg, out, n, units, ng, out.stride(0), words.stride(0),
                           words.shape[1], VEC=vec, SPLIT_K=split, EVEN=even, X_LOAD=X_RAW, PDL=pdl, launch_pdl=pdl,
-                          DEQUANTIZE=dequantize, num_warps=warps, **common)
+                          DEQUANTIZE=dequantize or real_zeros, num_warps=warps, **common)
         return out.to(x.dtype)
     out = _gemv_output(x, n, split)
     xp = torch.empty(m, codes // 2, units, device=x.device, dtype=torch.int32)
@@ -248,31 +251,44 @@ def _gluon() -> bool:
         return False
 
 
-def tuner_key(bits: int, group: int, has_zeros: bool, packed_shape, rows: int, dtype) -> tuple:
-    """What the tuner keys a launch choice on: batches above GEMV_ROWS share one bucket."""
-    return ("triton", bits, group, has_zeros, tuple(packed_shape), min(rows, GEMV_ROWS + 1), dtype)
+def zero_points(zeros: torch.Tensor | None) -> str:
+    """"none" (symmetric), "integer" (RTN, GPTQ, AWQ) or "real" (HQQ optimises them as real numbers): the
+    kernels' fastest step is exact for the first two only."""
+    if zeros is None:
+        return "none"
+    return "integer" if torch.equal(zeros, zeros.round()) else "real"
 
 
-def quant_matmul(x: torch.Tensor, qweight, scales, zeros, bits: int, group_size: int, in_features: int):
-    """x [M, K] (contiguous) @ dequantized(qweight)^T -> [M, N] in x's dtype."""
+def tuner_key(bits: int, group: int, zeros: str, packed_shape, rows: int, dtype) -> tuple:
+    """What the tuner keys a launch choice on (`zeros` as `zero_points` says): batches above GEMV_ROWS
+    share one bucket."""
+    return ("triton", bits, group, zeros, tuple(packed_shape), min(rows, GEMV_ROWS + 1), dtype)
+
+
+def quant_matmul(x: torch.Tensor, qweight, scales, zeros, bits: int, group_size: int, in_features: int,
+                 real_zeros: bool = False):
+    """x [M, K] (contiguous) @ dequantized(qweight)^T -> [M, N] in x's dtype; `real_zeros`: the zero points
+    are not all integers (`zero_points`, found once when the layer is built)."""
     group = kernel_group(group_size, in_features)
     configs = candidates(x.shape[0], group, bits, x.dtype, in_features)
-    key = tuner_key(bits, group, zeros is not None, qweight.shape, x.shape[0], x.dtype)
-    choice = tuner.choose(key, configs, lambda c: _launch(*c, x, qweight, scales, zeros, bits, group, in_features),
-                          reference=(DEQUANT, DEQUANT_TILE))
-    return _launch(*choice, x, qweight, scales, zeros, bits, group, in_features)
+    kind = "none" if zeros is None else "real" if real_zeros else "integer"
+    key = tuner_key(bits, group, kind, qweight.shape, x.shape[0], x.dtype)
+    launch = functools.partial(_launch, x=x, qweight=qweight, scales=scales, zeros=zeros, bits=bits, group=group,
+                               in_features=in_features, real_zeros=real_zeros)
+    choice = tuner.choose(key, configs, lambda c: launch(*c), reference=(DEQUANT, DEQUANT_TILE))
+    return launch(*choice)
 
 
 @torch.library.custom_op("bitalloc::quant_matmul", mutates_args=())
 def quant_matmul_op(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor | None,
-                    bits: int, group_size: int, in_features: int) -> torch.Tensor:
+                    bits: int, group_size: int, in_features: int, real_zeros: bool) -> torch.Tensor:
     """`quant_matmul` as one opaque operator for torch.compile: a compiled decode step keeps the packed
     layers inside its graph (no graph break) and fuses the operations between them."""
-    return quant_matmul(x, qweight, scales, zeros, bits, group_size, in_features)
+    return quant_matmul(x, qweight, scales, zeros, bits, group_size, in_features, real_zeros)
 
 
 @quant_matmul_op.register_fake
-def _(x, qweight, scales, zeros, bits, group_size, in_features):
+def _(x, qweight, scales, zeros, bits, group_size, in_features, real_zeros):
     return x.new_empty(x.shape[0], qweight.shape[0])
 
 
@@ -298,7 +314,7 @@ class TritonBackend(Fallback):
             stored.outlier_idx = None
             codes_part = stored.dequantize_codes()[:, idx.cpu()].to(layer.outlier_weight.device)
             correction = (idx, (layer.outlier_weight.float() - codes_part))
-        return {"correction": correction}
+        return {"correction": correction, "real_zeros": zero_points(layer.zeros) == "real"}
 
     def run(self, layer, state: dict, x: torch.Tensor) -> torch.Tensor:
         x = divide_act_scale(layer, x)
@@ -306,7 +322,8 @@ class TritonBackend(Fallback):
         flat = x.reshape(-1, shape[-1]).contiguous()
         opt = layer.option
         matmul = quant_matmul_op if torch.compiler.is_compiling() else quant_matmul
-        out = matmul(flat, layer.qweight, layer.scales, layer.zeros, opt.bits, opt.group_size, layer.in_features)
+        out = matmul(flat, layer.qweight, layer.scales, layer.zeros, opt.bits, opt.group_size, layer.in_features,
+                     state["real_zeros"])
         if state["correction"] is not None:
             idx, weight = state["correction"]
             out = out + flat[:, idx] @ weight.to(flat.dtype).T

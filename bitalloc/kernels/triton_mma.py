@@ -33,8 +33,9 @@ or high (j odd) halves of words j // 2 and PAIRS / 2 + j // 2 (one PRMT).  The
 MMAs take the unpacked pairs M + q here too (only the feeding lanes load x), and
 the offsets and zero points leave through a second MMA per MMA with A = -(M + z),
 integers below 2048 and exact in float16: exact float32 sums of float16
-products, without chunk sums of x.  With DEQUANTIZE that second MMA takes -z s
-beside the pairs q s instead.
+products, without chunk sums of x, as long as the zero points are integers (HQQ's
+real ones round in -(M + z): the backend launches DEQUANTIZE for them).  With
+DEQUANTIZE that second MMA takes -z s beside the pairs q s instead.
 """
 from __future__ import annotations
 
