@@ -63,9 +63,10 @@ X_RAW = 2  # the X_LOAD reading x itself (triton_mma.RAW)
 MMA_CONFIGS += [c + (1,) for c in MMA_CONFIGS if c[3] == X_RAW]
 # a sixth element 1 keeps the older step (pairs dequantized to q s by one HFMA2 each; triton_mma's
 # DEQUANTIZE).  Arranged, only at 8/1/4/1 did it beat the MMAs on unpacked pairs, on int4 8192x8192 (15.0
-# against 15.7 us; results/h200_unpacked/ab_*.txt); reading x itself it lost at 8 of 10 (shape, width,
-# configuration) points, by up to 15 % (results/h200_raw_unpacked/), so only the arranged one is offered
-MMA_CONFIGS += [(8, 1, 4, 1, 0, 1)]
+# against 15.7 us; results/h200_unpacked/ab_*.txt).  Reading x itself, at 2, 3 and 4 bits it was never the
+# fastest choice of a stacked 7B shape (int3 22016x4096 at 2/1/4/2: 31.5 against 21.2 us), but at int8 it was
+# at 8/1/4/2 on 12288x4096 and at 4/1/16/2/1 on 4096x4096 (results/h200_rawpairs/gemv_mma_rawpairs.txt)
+MMA_CONFIGS += [(8, 1, 4, 1, 0, 1), (8, 1, 4, 2, 0, 1), (4, 1, 16, 2, 1, 1)]
 ARRANGE_BLOCK = 128
 DEQUANT_TILE = (32, 256)  # (BLOCK_N, BLOCK_K) of the dequantization pass
 
