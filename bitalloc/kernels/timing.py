@@ -22,13 +22,16 @@ def _flush(device: torch.device) -> None:
     buffer.zero_()
 
 
-def time_cuda_graph_cold(fn) -> float:
-    """Seconds of one call of `fn` as a model decoded with CUDA graphs runs it: replayed from a graph
-    (no launch overhead) right after other work that evicted its weights from L2 (an L2 flush, whose
-    own replay time is subtracted)."""
+def cold_timer():
+    """A timer of one call of `fn` as a model decoded with CUDA graphs runs it: replayed from a graph (no
+    launch overhead) right after other work that evicted its weights from L2 (an L2 flush, whose own
+    replay time is subtracted).  The flush is timed once, for every call the timer compares: it takes
+    several times longer than a GEMV, so timing it anew for each would add its noise to every figure,
+    while one figure subtracted from all cannot reorder them."""
     device = torch.device("cuda", torch.cuda.current_device())
     flush = lambda: _flush(device)  # noqa: E731
-    return 2 * time_cuda_graph([flush, fn]) - time_cuda_graph([flush])
+    flush_seconds = time_cuda_graph([flush], min_calls=100)
+    return lambda fn: 2 * time_cuda_graph([flush, fn]) - flush_seconds
 
 
 def time_cuda(fn, reps: int = 20, warmup: int = 3) -> float:
