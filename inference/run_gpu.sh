@@ -24,6 +24,8 @@
 # rawpairs: every GPU test (the MMAs on unpacked pairs reading x itself, 6ee72a1, were checked only at int4 and
 #   int2; an HQQ layer through every launch choice is new), then that step against the older one (sixth
 #   element 1) on the stacked 7B shapes at 2/3/4/8 bits.
+# retune: whether the tuner's choices repeat (flush timed once, close choices re-timed; 22bcd0f): the batch-1
+#   GEMV table on 4096x4096 and 8192x8192 at 2/3/4/8 bits tuned in two processes, their choices side by side.
 # decode: the Llama-2-7B mixed4 decode, eager steps in graphs and torch.compile'd steps in graphs, with
 #   a per-kernel GPU-time profile of a few steps of each.
 set -uo pipefail
@@ -145,6 +147,17 @@ unpacked)
   timeout 260 python inference/gemv_configs.py --kernel gemv-mma --bits 4,8,2,3 --top 8 \
     --shapes 8192x8192,4096x4096,4096x11008,22016x4096 --configs \
     8/1/4/1,8/1/8/1,8/1/4/0,8/1/16/1,4/1/16/1,4/1/4/1,4/1/8/1,8/1/4/2,4/1/16/2/1 2>&1 | tee "$out/gemv_mma_unpacked.txt"
+  ;;
+retune)
+  for run in a b; do
+    timeout 240 python inference/kernels.py --layers "q/k/v/o_proj,q/o_proj" --batches 1 --backends \
+      '{"triton": ["rtn:int2:g128:asym","rtn:int3:g128:asym","rtn:int4:g128:asym","rtn:int8:g128:asym"]}' \
+      --out "$out/retune_$run" 2>&1 | grep -E "triton|dense"
+  done
+  python -c "import json; a, b = (json.load(open(f'$out/retune_{r}_tuner.json')) for r in 'ab')
+for key in sorted(a): print(key, a[key], b.get(key), 'same' if a[key] == b.get(key) else 'DIFFERENT')" \
+    | tee "$out/retune_choices.txt"
+  rm -f "$out"/*.png "$out"/*_latency.csv
   ;;
 full)
   timeout 90 python -m pytest -q -p no:cacheprovider tests/test_kernels_gpu.py 2>&1 | tee "$out/pytest_gpu.txt" | tail -3
