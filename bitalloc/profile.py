@@ -45,11 +45,9 @@ import time
 from pathlib import Path
 
 import torch
-from safetensors import safe_open
-from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
-from . import atomic
+from .block_cache import BlockCache
 from .blocks import (BlockBatch, advance, capture_inputs, collect_calibration, move_outside_blocks, returns_tuple,
                      run_block, to_host)
 from .candidates import Candidates
@@ -68,7 +66,6 @@ from .table import SensitivityTable
 from .weights import InMemory
 
 log = logging.getLogger(__name__)
-CACHE_FORMAT = 2
 GRANULARITIES = ("linear", "group", "block")
 
 
@@ -83,74 +80,6 @@ def _settings(metric: str, kl_windows: int, fisher_samples: int, seed: int, kl_s
     if METRICS[metric].gradients:
         return f"samples={fisher_samples},seed={seed}"
     return ""
-
-
-class BlockCache:
-    """Per-block value files and the resume frontiers of one profiling setup."""
-
-    def __init__(self, root: Path | None, key: str, frontier_tag: str = ""):
-        self.dir = None if root is None else Path(root) / key
-        self.frontier_tag = frontier_tag  # one range of blocks' frontiers never meet another range's
-        self.memory: dict[int, list[dict]] = {}  # without a directory, rows live here for one call
-
-    def _block_path(self, index: int) -> Path:
-        return self.dir / f"block_{index:04d}.json"
-
-    def load_rows(self, index: int) -> list[dict]:
-        if self.dir is None:
-            return self.memory.get(index, [])
-        if not self._block_path(index).is_file():
-            return []
-        try:
-            data = json.loads(self._block_path(index).read_text())
-            if data.get("format") != CACHE_FORMAT:
-                log.warning("cache file %s has an older format; block %d is measured again",
-                            self._block_path(index), index)
-                return []
-            return data["rows"]
-        except (ValueError, KeyError, OSError):
-            log.warning("cache file %s is unreadable; block %d will be measured again", self._block_path(index), index)
-            return []
-
-    def save_rows(self, index: int, rows: list[dict]) -> None:
-        if self.dir is None:
-            self.memory[index] = rows
-        else:
-            atomic.write_json(self._block_path(index), {"format": CACHE_FORMAT, "block": index, "rows": rows})
-
-    def _frontier(self, name: str) -> Path | None:
-        return None if self.dir is None else self.dir / f"{name}{self.frontier_tag}.safetensors"
-
-    def save_tensors(self, name: str, index: int, tensors: list[torch.Tensor]) -> None:
-        if self.dir is None:
-            return
-        with atomic.atomic_path(self._frontier(name)) as tmp:
-            save_file({f"t{i}": t.detach().cpu().contiguous() for i, t in enumerate(tensors)}, str(tmp),
-                      metadata={"block": str(index)})
-
-    def load_tensors(self, name: str, usable) -> tuple[int, list[torch.Tensor]] | None:
-        """(block, tensors) of the saved frontier if `usable(block)`.
-
-        A run killed between a block's rows and its frontier leaves the frontier one block behind
-        the rows; resuming from it costs one block's pass (without measuring), not a restart.
-        """
-        path = self._frontier(name)
-        if path is None or not path.is_file():
-            return None
-        try:
-            with safe_open(str(path), "pt") as handle:
-                index = int(handle.metadata().get("block", -1))
-            if not usable(index):
-                return None
-            tensors = load_file(str(path))
-            return index, [tensors[f"t{i}"] for i in range(len(tensors))]
-        except Exception:  # corrupt or mismatched frontier: the passes are recomputed instead
-            log.warning("resume frontier %s is unusable; recomputing earlier blocks", path)
-            return None
-
-    def drop(self, name: str) -> None:
-        if self.dir is not None:
-            self._frontier(name).unlink(missing_ok=True)
 
 
 def _units(block, granularity: str, batch: BlockBatch) -> list[tuple[str, ...]]:
