@@ -217,17 +217,24 @@ def triton_cdiv(a: int, b: int) -> int:
     return -(-a // b)
 
 
-def candidates(m: int, group: int, bits: int, dtype: torch.dtype, in_features: int) -> list[tuple[str, tuple]]:
+def candidates(m: int, group: int, bits: int, dtype: torch.dtype, in_features: int) -> tuple[tuple[str, tuple], ...]:
     """(kernel, launch parameters) worth trying for a batch of m rows; the float16-pair GEMV first (the
     choice without tuning).  Gluon kernels need triton >= 3.5 and do not run in Triton's CPU interpreter;
-    the tensor-core GEMV reads x itself (X_LOAD 2) as words of two float16, so only for an even K."""
+    the tensor-core GEMV reads x itself (X_LOAD 2) as words of two float16, so only for an even K.
+    Every call of a layer asks, so the list is kept per shape (filtering it took ~25 us of Python)."""
+    gluon = dtype == torch.float16 and _gluon() and not tuner.interpreting()
+    return _candidates(m <= GEMV_ROWS, gluon, group, bits, in_features)
+
+
+@functools.cache
+def _candidates(gemv: bool, gluon: bool, group: int, bits: int, in_features: int) -> tuple[tuple[str, tuple], ...]:
     configs = []
-    if m <= GEMV_ROWS and dtype == torch.float16 and _gluon() and not tuner.interpreting():
+    if gemv and gluon:
         configs += [(PAIRS, c) for c in pair_configs(bits)] + [(MMA, c) for c in MMA_CONFIGS]
-    if m <= GEMV_ROWS:
+    if gemv:
         configs += [(GEMV, c) for c in GEMV_CONFIGS]
     configs = [(kind, c) for kind, c in configs if unfit(kind, c, bits, group, in_features) is None]
-    return configs + [(DEQUANT, DEQUANT_TILE)]
+    return tuple(configs + [(DEQUANT, DEQUANT_TILE)])
 
 
 def unfit(kind: str, config: tuple, bits: int, group: int, in_features: int) -> str | None:
