@@ -55,7 +55,7 @@ MMA_CONFIGS = [(8, 1, 4, 1), (8, 1, 8, 1), (4, 1, 4, 1), (4, 1, 8, 1), (2, 1, 4,
                (4, 2, 4, 1), (8, 2, 4, 1), (8, 1, 4, 0),
                (8, 1, 4, 2), (8, 1, 8, 2), (4, 1, 4, 2), (4, 1, 8, 2), (2, 1, 4, 2), (2, 1, 8, 2), (8, 2, 4, 2),
                (4, 2, 4, 2), (8, 1, 16, 2), (4, 1, 16, 2)]
-X_RAW = 2  # the X_LOAD reading x itself (triton_mma.RAW)
+X_RAW, X_RAW_AHEAD = 2, 3  # the X_LOADs reading x itself, in the step or a step ahead (triton_mma.RAW, RAW_AHEAD)
 # a fifth element 1 launches a configuration reading x itself as a programmatic dependent (PDL: its first
 # weights load while the kernel before finishes).  On the H200 it was faster than the same configuration
 # without it on every 7B shape, when GEMVs run back to back (results/h200_pdl/gemv_mma_pdl.txt); the tuner
@@ -67,6 +67,10 @@ MMA_CONFIGS += [c + (1,) for c in MMA_CONFIGS if c[3] == X_RAW]
 # fastest choice of a stacked 7B shape (int3 22016x4096 at 2/1/4/2: 31.5 against 21.2 us), but at int8 it was
 # at 8/1/4/2 on 12288x4096 and at 4/1/16/2/1 on 4096x4096 (results/h200_rawpairs/gemv_mma_rawpairs.txt)
 MMA_CONFIGS += [(8, 1, 4, 1, 0, 1), (8, 1, 4, 2, 0, 1), (4, 1, 16, 2, 1, 1)]
+# x itself loaded a step ahead (X_RAW_AHEAD; 16-40 more registers): the fastest, by 3-4 %, only on int4
+# 22016x4096 and int8 12288x4096 at 8/1/4 and int3 4096x11008 at 2/1/8, and up to 2x slower elsewhere
+# (int2 22016x4096 at 8/1/8: 38.2 against 17.9 us; results/h200_raw_ahead/), so only those two are offered
+MMA_CONFIGS += [(8, 1, 4, X_RAW_AHEAD), (2, 1, 8, X_RAW_AHEAD)]
 ARRANGE_BLOCK = 128
 DEQUANT_TILE = (32, 256)  # (BLOCK_N, BLOCK_K) of the dequantization pass
 
@@ -134,7 +138,7 @@ def _launch_pairs(kind, config, x, qweight, scales, zeros_arg, bits, group, in_f
     grid = (triton_cdiv(n, block_n), split, m)
     even = kind == MMA and n % block_n == 0 and units % (warps * 4 * vec) == 0  # gemv_mma's unmasked path
     dequantize = len(config) > 5 and bool(config[5])
-    if kind == MMA and config[3] == X_RAW:
+    if kind == MMA and config[3] >= X_RAW:
         out = _gemv_output(x, n, split)
         if split > 1:
             out.zero_()  # split-K adds into it (otherwise the activation pass zeroes it)
@@ -142,7 +146,7 @@ def _launch_pairs(kind, config, x, qweight, scales, zeros_arg, bits, group, in_f
         even = even and in_features == units * codes
         pdl = len(config) > 4 and bool(config[4])
         tm.gemv_mma[grid](words, words, qweight, scales, zeros_arg, out, n, units, ng, out.stride(0), words.stride(0),
-                          words.shape[1], VEC=vec, SPLIT_K=split, EVEN=even, X_LOAD=X_RAW, PDL=pdl, launch_pdl=pdl,
+                          words.shape[1], VEC=vec, SPLIT_K=split, EVEN=even, X_LOAD=config[3], PDL=pdl, launch_pdl=pdl,
                           DEQUANTIZE=dequantize or real_zeros, num_warps=warps, **common)
         return out.to(x.dtype)
     out = _gemv_output(x, n, split)
@@ -244,7 +248,7 @@ def unfit(kind: str, config: tuple, bits: int, group: int, in_features: int) -> 
         chunk = config[1 if kind == PAIRS else 0] * unit_codes(bits)
         if group % chunk:
             return f"its chunks of {chunk} codes straddle groups of {group}"
-    if kind == MMA and config[3] == X_RAW and in_features % 2:
+    if kind == MMA and config[3] >= X_RAW and in_features % 2:
         return f"reading x itself needs an even number of inputs, not {in_features}"
     if kind == GEMV and group % 32:
         return f"it needs groups of a multiple of 32 codes, not {group}"

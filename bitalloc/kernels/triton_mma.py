@@ -35,7 +35,9 @@ the offsets and zero points leave through a second MMA per MMA with A = -(M + z)
 integers below 2048 and exact in float16: exact float32 sums of float16
 products, without chunk sums of x, as long as the zero points are integers (HQQ's
 real ones round in -(M + z): the backend launches DEQUANTIZE for them).  With
-DEQUANTIZE that second MMA takes -z s beside the pairs q s instead.
+DEQUANTIZE that second MMA takes -z s beside the pairs q s instead.  X_LOAD =
+RAW_AHEAD loads those words of x a step ahead, as the weights are (more
+registers; the backend offers it where it measured faster).
 """
 from __future__ import annotations
 
@@ -47,8 +49,9 @@ from .triton_pairs import (_fma_f16x2, _half_pair, _merge_halves, _merge_high_ha
                            code_offset)
 
 ROWS = 16  # rows per program: one MMA tile
-# X_LOAD: arranged pairs loaded in the step or a step ahead; x itself in the step (triton_backend.X_RAW)
-IN_STEP, AHEAD, RAW = gl.constexpr(0), gl.constexpr(1), gl.constexpr(2)
+# X_LOAD: arranged pairs loaded in the step or a step ahead; x itself in the step or a step ahead
+# (triton_backend.X_RAW, X_RAW_AHEAD)
+IN_STEP, AHEAD, RAW, RAW_AHEAD = gl.constexpr(0), gl.constexpr(1), gl.constexpr(2), gl.constexpr(3)
 
 
 @gluon.constexpr_function
@@ -80,16 +83,16 @@ def gemv_mma(xp_ptr, xs_ptr, qw_ptr, s_ptr, z_ptr, out_ptr, N, U, NG, stride_om,
              DEQUANTIZE: gl.constexpr = False):
     """One row of float16 activations against 16 rows of packed codes: s * (sum_j q_j x_j - z sum_j x_j)
     through tensor-core MMAs (module docstring).  The activations are pairs arranged by `arrange_pairs`
-    (sums per VEC units in xs) or, X_LOAD = RAW, x itself as int32 words (KX per row; xs unused);
+    (sums per VEC units in xs) or, X_LOAD = RAW or RAW_AHEAD, x itself as int32 words (KX per row; xs unused);
     stride_xm is the words from one row of activations to the next.
 
     Tensors are [warp, g, t]: one element per lane.  Lane (g, t) of warp w loads VEC units of rows g and
     g + 8 per step (chunk 4 w + t of the step's 4 * num_warps chunks), the matching activations, and
     its rows' scales and zeros; the next step's words, scales and zeros are loaded before this one
-    computes, its activations too if X_LOAD = AHEAD (else in the step, from L1: 40-45 fewer registers,
+    computes, its activations too if X_LOAD = AHEAD or RAW_AHEAD (else in the step, from L1: 40-45 fewer registers,
     which 2-bit codes need).  DEQUANTIZE (arranged): the older step of the module docstring.  EVEN (rows a
     multiple of 16, units of the step, and with RAW no ragged units): no masks; the loads after the last
-    step repeat it instead.  PDL (launched as a programmatic dependent, with RAW): the first step's weights
+    step repeat it instead.  PDL (launched as a programmatic dependent, reading x): the first step's weights
     are requested before waiting for the kernel that writes x, and the next kernel may launch once the
     sums are done.
     """
@@ -99,7 +102,8 @@ def gemv_mma(xp_ptr, xs_ptr, qw_ptr, s_ptr, z_ptr, out_ptr, N, U, NG, stride_om,
     LANES: gl.constexpr = _lanes(WARPS)
     gl.static_assert(GROUP % (VEC * 2 * PAIRS) == 0, "a lane's chunk must lie in one group")
     gl.static_assert(PAIRS % 2 == 0, "an MMA takes two pairs of each row")
-    gl.static_assert(not PDL or X_LOAD == RAW, "with PDL only x may come from the kernel before")
+    READS_X: gl.constexpr = X_LOAD >= RAW  # x itself, in the step or a step ahead
+    gl.static_assert(not PDL or READS_X, "with PDL only x may come from the kernel before")
     UNPACKED: gl.constexpr = not DEQUANTIZE  # the MMAs take M + q (module docstring)
     pid_n = gl.program_id(0)
     pid_k = gl.program_id(1)
@@ -128,12 +132,19 @@ def gemv_mma(xp_ptr, xs_ptr, qw_ptr, s_ptr, z_ptr, out_ptr, N, U, NG, stride_om,
     zero_terms8 = gl.zeros([WARPS, 8, 4], gl.float32, LANES)
     if PDL:
         gdc_wait()  # x is written by the kernel before; the weights, scales and zeros were not
+    if X_LOAD == RAW_AHEAD:
+        x_next = _mma_x_raw(xp_ptr, feeds, lane_chunk, KX, gl.minimum(first, steps - 1), BITS, VEC, STEP, EVEN,
+                            UNPACKED)
     for step in range(first, last):
         low, high, x, s, s8, z, z8, total, offsets = data
         if X_LOAD == IN_STEP:
             x = _mma_x(xp_ptr, feeds, lane_chunk, U, step, True, BITS, VEC, STEP, EVEN, UNPACKED)
         elif X_LOAD == RAW:
             x = _mma_x_raw(xp_ptr, feeds, lane_chunk, KX, step, BITS, VEC, STEP, EVEN, UNPACKED)
+        elif X_LOAD == RAW_AHEAD:
+            x = x_next
+            x_next = _mma_x_raw(xp_ptr, feeds, lane_chunk, KX, gl.minimum(step + 1, last - 1), BITS, VEC, STEP, EVEN,
+                                UNPACKED)
         data = _mma_step_data(qw_ptr, xp_ptr, xs_ptr, s_ptr, z_ptr, rows, lane_chunk, feeds, N, U, NG,
                               gl.minimum(step + 1, last - 1), step + 1 < last, BITS, GROUP, HAS_ZEROS, VEC, STEP, EVEN,
                               X_LOAD, UNPACKED)
@@ -148,9 +159,9 @@ def gemv_mma(xp_ptr, xs_ptr, qw_ptr, s_ptr, z_ptr, out_ptr, N, U, NG, stride_om,
                         _dequantized(low[v], j, scale, s, BITS), _dequantized(high[v], j, scale8, s8, BITS),
                         _dequantized(low[v], j + 1, scale, s, BITS), _dequantized(high[v], j + 1, scale8, s8, BITS),
                         x[v][j], x[v][j + 1], acc0, acc1, acc2, acc3)
-                    if X_LOAD == RAW:
+                    if READS_X:
                         acc0, acc1, acc2, acc3 = _mma(zs, zs8, zs, zs8, x[v][j], x[v][j + 1], acc0, acc1, acc2, acc3)
-            if X_LOAD != RAW:
+            if not READS_X:
                 zero_terms += z * s * total
                 zero_terms8 += z8 * s8 * total
         else:  # the pairs M + q as unpacked; M x and z x leave once per chunk (arranged) or by MMA (RAW)
@@ -158,7 +169,7 @@ def gemv_mma(xp_ptr, xs_ptr, qw_ptr, s_ptr, z_ptr, out_ptr, N, U, NG, stride_om,
             c1 = c0
             c2 = c0
             c3 = c0
-            if X_LOAD == RAW:  # the A of each pair's offset and zero-point MMA: -(M + z), exact in float16
+            if READS_X:  # the A of each pair's offset and zero-point MMA: -(M + z), exact in float16
                 less = ()
                 less8 = ()
                 for j in gl.static_range(PAIRS):
@@ -169,12 +180,12 @@ def gemv_mma(xp_ptr, xs_ptr, qw_ptr, s_ptr, z_ptr, out_ptr, N, U, NG, stride_om,
                     c0, c1, c2, c3 = _mma(_pair_codes(low[v], j, BITS), _pair_codes(high[v], j, BITS),
                                           _pair_codes(low[v], j + 1, BITS), _pair_codes(high[v], j + 1, BITS),
                                           x[v][j], x[v][j + 1], c0, c1, c2, c3)
-                    if X_LOAD == RAW:
+                    if READS_X:
                         c0, c1, c2, c3 = _mma(less[j], less8[j], less[j + 1], less8[j + 1], x[v][j], x[v][j + 1],
                                               c0, c1, c2, c3)
             acc0 += s * c0  # column 2 t: the lane's own chunk (`feeds`), so its own scales
             acc2 += s8 * c2
-            if X_LOAD != RAW:
+            if not READS_X:
                 zero_terms += s * (offsets + z * total)
                 zero_terms8 += s8 * (offsets + z8 * total)
     if PDL:
@@ -199,7 +210,7 @@ def _mma_step_data(qw_ptr, xp_ptr, xs_ptr, s_ptr, z_ptr, rows, lane_chunk, feeds
                    STEP: gl.constexpr, EVEN: gl.constexpr, X_LOAD: gl.constexpr, UNPACKED: gl.constexpr):
     """A step's loads for every lane: the words of its VEC units in rows g and g + 8 (tuples per unit of
     each unit's words), with X_LOAD = AHEAD the activation pairs of those units (`_mma_x`; else 0), the
-    rows' scales and zeros (float32) and, unless RAW, the chunk's sum of x (UNPACKED: and of M x); zeros
+    rows' scales and zeros (float32) and, unless reading x, the chunk's sum of x (UNPACKED: and of M x); zeros
     where not `live`."""
     PAIRS: gl.constexpr = _pairs_per_unit(BITS)
     WORDS: gl.constexpr = PAIRS * 2 * BITS // 32
@@ -218,9 +229,9 @@ def _mma_step_data(qw_ptr, xp_ptr, xs_ptr, s_ptr, z_ptr, rows, lane_chunk, feeds
         z8 = z
     total = 0.0
     offsets = 0.0
-    if X_LOAD != RAW:
+    if X_LOAD < RAW:
         total = _load(xs_ptr + chunk, chunk_ok, EVEN)
-    if UNPACKED and X_LOAD != RAW:
+    if UNPACKED and X_LOAD < RAW:
         offsets = _load(xs_ptr + gl.cdiv(U, VEC) + chunk, chunk_ok, EVEN)
     low, high = _units(qw_ptr, rows, chunk, live, N, U, WORDS, VEC, EVEN)
     x = 0
