@@ -403,7 +403,8 @@ def test_gemv_launch_choices_that_cannot_compute_a_layer_say_why():
 
     assert "straddle groups of 128" in tb.unfit(tb.MMA, (8, 1, 4, 1), 3, 128, 4096)
     assert tb.unfit(tb.MMA, (8, 1, 4, 1), 4, 128, 4096) is None
-    assert "even number of inputs" in tb.unfit(tb.MMA, (4, 1, 4, tb.X_RAW), 4, 128, 4095)
+    for reads_x in (tb.X_RAW, tb.X_RAW_AHEAD):
+        assert "even number of inputs" in tb.unfit(tb.MMA, (4, 1, 4, reads_x), 4, 128, 4095)
     assert "multiple of 32" in tb.unfit(tb.GEMV, tb.GEMV_CONFIGS[0], 4, 100, 4096)
     for bits in (2, 3, 4, 8):
         for group in (32, 64, 100, 128):
@@ -412,9 +413,9 @@ def test_gemv_launch_choices_that_cannot_compute_a_layer_say_why():
 
 
 def test_real_zero_points_take_the_dequantizing_step_when_the_gemv_reads_x_itself(monkeypatch):
-    """The tensor-core GEMV reading x itself MMAs -(M + z) in float16: exact for integer zero points (RTN),
-    not for HQQ's real ones, whose layers are built to launch its dequantizing step instead (and are tuned
-    under their own key).  The kernel is stubbed: only its launch parameters are checked here."""
+    """The tensor-core GEMV reading x itself (in the step or ahead) MMAs -(M + z) in float16: exact for
+    integer zero points (RTN), not for HQQ's real ones, whose layers are built to launch its dequantizing
+    step instead (and are tuned under their own key).  The kernel is stubbed: only its launch parameters are checked here."""
     from bitalloc.kernels import triton_backend as tb
     from bitalloc.kernels import triton_mma as tm
 
@@ -422,7 +423,7 @@ def test_real_zero_points_take_the_dequantizing_step_when_the_gemv_reads_x_itsel
 
     class Recorder:
         def __getitem__(self, grid):
-            return lambda *args, **kwargs: launched.append(kwargs["DEQUANTIZE"])
+            return lambda *args, **kwargs: launched.append((kwargs["X_LOAD"], kwargs["DEQUANTIZE"]))
 
     monkeypatch.setattr(tm, "gemv_mma", Recorder())
     for option, real in (("rtn:int4:g64:asym", False), ("hqq:int4:g64:asym", True), ("rtn:int4:g64:sym", False)):
@@ -430,8 +431,8 @@ def test_real_zero_points_take_the_dequantizing_step_when_the_gemv_reads_x_itsel
         state = tb.TritonBackend().build(layer)
         assert state["real_zeros"] is real, option
         x = torch.randn(1, IN_FEATURES, dtype=torch.float16)
-        for dequantize in (0, 1):
-            tb._launch(tb.MMA, (4, 1, 4, tb.X_RAW, 0, dequantize), x, layer.qweight, layer.scales, layer.zeros, 4,
+        for x_load, dequantize in ((tb.X_RAW, 0), (tb.X_RAW, 1), (tb.X_RAW_AHEAD, 0)):
+            tb._launch(tb.MMA, (4, 1, 4, x_load, 0, dequantize), x, layer.qweight, layer.scales, layer.zeros, 4,
                        64, IN_FEATURES, state["real_zeros"])
-        assert launched[-2:] == [real, True], (option, launched)
+        assert launched[-3:] == [(tb.X_RAW, real), (tb.X_RAW, True), (tb.X_RAW_AHEAD, real)], (option, launched)
     assert tb.zero_points(None) == "none"
