@@ -415,7 +415,8 @@ def test_gemv_launch_choices_that_cannot_compute_a_layer_say_why():
 def test_real_zero_points_take_the_dequantizing_step_when_the_gemv_reads_x_itself(monkeypatch):
     """The tensor-core GEMV reading x itself (in the step or ahead) MMAs -(M + z) in float16: exact for
     integer zero points (RTN), not for HQQ's real ones, whose layers are built to launch its dequantizing
-    step instead (and are tuned under their own key).  The kernel is stubbed: only its launch parameters are checked here."""
+    step instead (and are tuned under their own key).  The kernel is stubbed: only its launch parameters
+    are checked here."""
     from bitalloc.kernels import triton_backend as tb
     from bitalloc.kernels import triton_mma as tm
 
