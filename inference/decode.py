@@ -15,11 +15,13 @@ the plan of a built model as <out>_plan.json and the launch the tuner chose per
 packed shape as <out>_tuner.json.
 """
 import argparse
+import contextlib
 import logging
 import sys
 from pathlib import Path
 
 import torch
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from bitalloc import atomic
 from bitalloc.benchmarks import LLAMA_CONFIGS, MIXES, mix_assignment, pack_in_place, random_llama
@@ -29,6 +31,11 @@ from bitalloc.errors import BitallocError, cli_entry
 from bitalloc.fuse import four_tokens, fusable, fuse_layers, fuse_packed, options_after_fusing, shared_input_groups
 from bitalloc.kernels import tuner
 from bitalloc.plan import Plan
+
+
+# attention kernels that take a mask (flash attention does not), as torch.nn.attention names them
+ATTENTION = {"torch": None, "cudnn": SDPBackend.CUDNN_ATTENTION, "efficient": SDPBackend.EFFICIENT_ATTENTION,
+             "math": SDPBackend.MATH}
 
 
 def parse_args(argv):
@@ -50,6 +57,9 @@ def parse_args(argv):
                         help="torch.compile the decode step (fuses the small operations between linears; "
                              "triton layers are one opaque operator in its graph, other packed layers graph "
                              "breaks); compiling takes minutes")
+    parser.add_argument("--attention", default="torch", choices=sorted(ATTENTION),
+                        help="the scaled-dot-product attention kernel of both models: torch's own pick (cuDNN on "
+                             "the H200), or one backend that takes the static cache's mask")
     parser.add_argument("--profile", type=int, default=0, metavar="STEPS",
                         help="profile this many further steps per model (torch.profiler): <out>_profile.txt "
                              "lists the GPU time of each kernel, after a line with the GPU operations per step, "
@@ -85,12 +95,30 @@ def main(argv=None):
         import bitalloc
 
         model = bitalloc.load(args.saved, device, backend="reference").model.half()
-        plan, bits = None, None
+        plan, bits, assignment = None, None, None
         if args.fuse:
             fused = fuse_packed(model, four_tokens(model))
     prompt = torch.randint(0, model.config.vocab_size, (1, args.prompt), device=device)
     torch.cuda.reset_peak_memory_stats()
-    if args.config:
+    backend = ATTENTION[args.attention]
+    attention = contextlib.nullcontext() if backend is None else sdpa_kernel(backend)
+    with attention:  # traced and captured under it: the kernel both models' steps replay
+        dense, packed, dense_memory = _decode_both(args, model, prompt, graphs, assignment)
+    kernels = sorted({getattr(m, "kernel", None) for m in model.modules() if hasattr(m, "kernel_state")})
+    result = {"model": args.config or args.saved, "mix": args.mix if args.config else None, "avg_bits": bits,
+              "device": torch.cuda.get_device_name(device), "torch": torch.__version__, "cuda_graphs": graphs,
+              "compiled": args.compile, "attention": args.attention, "fused_groups": list(fused.values()),
+              "dense_fp16": dense.as_dict() | {"peak_cuda_bytes": dense_memory},
+              "packed": packed.as_dict() | {"peak_cuda_bytes": memory(), "kernels": kernels},
+              "speedup": packed.tokens_per_second / dense.tokens_per_second}
+    _write(args, out, result, plan, len(fused), dense, packed)
+    return 0
+
+
+def _decode_both(args, model, prompt, graphs, assignment):
+    """The float16 model's decode, then the same model packed (a built model by `assignment`, a saved one
+    by switching its layers from the reference backend); peak memory of the first."""
+    if assignment is not None:
         dense = decode(model, prompt, args.new_tokens, graphs=graphs, compile=args.compile, profile=args.profile)
         dense_memory = memory()
         pack_in_place(model, assignment, args.backend)
@@ -106,21 +134,20 @@ def main(argv=None):
     torch.cuda.empty_cache()
     torch.cuda.reset_peak_memory_stats()
     packed = decode(model, prompt, args.new_tokens, graphs=graphs, compile=args.compile, profile=args.profile)
-    kernels = sorted({getattr(m, "kernel", None) for m in model.modules() if hasattr(m, "kernel_state")})
-    result = {"model": args.config or args.saved, "mix": args.mix if args.config else None, "avg_bits": bits,
-              "device": torch.cuda.get_device_name(device), "torch": torch.__version__, "cuda_graphs": graphs,
-              "compiled": args.compile, "fused_groups": list(fused.values()),
-              "dense_fp16": dense.as_dict() | {"peak_cuda_bytes": dense_memory},
-              "packed": packed.as_dict() | {"peak_cuda_bytes": memory(), "kernels": kernels},
-              "speedup": packed.tokens_per_second / dense.tokens_per_second}
+    return dense, packed, dense_memory
+
+
+def _write(args, out: Path, result: dict, plan, fused_groups: int, dense, packed) -> None:
+    """<out>.json, .txt, .png, the plan and the tuner's choices, and the profiles when asked."""
+    kernels = result["packed"]["kernels"]
     out.parent.mkdir(parents=True, exist_ok=True)
     atomic.write_json(out.with_suffix(".json"), result)
     if plan is not None:
         plan.save(out.parent / f"{out.name}_plan.json")
     if tuner.CHOSEN:  # runs of the same plan may differ in these: shapes whose choices time alike
         atomic.write_json(out.parent / f"{out.name}_tuner.json", tuner.choices_made())
-    text = (f"{result['device']}: {result['model']} mix={result['mix']} avg_bits={bits} "
-            f"fused groups={len(fused)}\n"
+    text = (f"{result['device']}: {result['model']} mix={result['mix']} avg_bits={result['avg_bits']} "
+            f"fused groups={fused_groups} attention={args.attention}\n"
             f"fp16   {dense.tokens_per_second:8.1f} tok/s  p50 {dense.latency_ms['p50']:.3f} ms\n"
             f"packed {packed.tokens_per_second:8.1f} tok/s  p50 {packed.latency_ms['p50']:.3f} ms  "
             f"speed-up {result['speedup']:.2f}x  kernels {kernels}\n")
@@ -131,7 +158,6 @@ def main(argv=None):
         atomic.write_text(out.parent / f"{out.name}_profile.txt", "".join(tables))
     plot(result, out.with_suffix(".png"))
     print(text)
-    return 0
 
 
 def plot(result: dict, path: Path) -> None:
