@@ -30,12 +30,14 @@ from bitalloc.decode import decode
 from bitalloc.errors import BitallocError, cli_entry
 from bitalloc.fuse import four_tokens, fusable, fuse_layers, fuse_packed, options_after_fusing, shared_input_groups
 from bitalloc.kernels import tuner
+from bitalloc.kernels.decode_attention import use_for_decoding
 from bitalloc.plan import Plan
 
 
-# attention kernels that take a mask (flash attention does not), as torch.nn.attention names them
+# SDPA kernels that take a mask (flash attention does not), as torch.nn.attention names them; "triton": the
+# one-token kernel of bitalloc.kernels.decode_attention wherever the tuner finds it faster than torch's pick
 ATTENTION = {"torch": None, "cudnn": SDPBackend.CUDNN_ATTENTION, "efficient": SDPBackend.EFFICIENT_ATTENTION,
-             "math": SDPBackend.MATH}
+             "math": SDPBackend.MATH, "triton": None}
 
 
 def parse_args(argv):
@@ -58,8 +60,9 @@ def parse_args(argv):
                              "triton layers are one opaque operator in its graph, other packed layers graph "
                              "breaks); compiling takes minutes")
     parser.add_argument("--attention", default="torch", choices=sorted(ATTENTION),
-                        help="the scaled-dot-product attention kernel of both models: torch's own pick (cuDNN on "
-                             "the H200), or one backend that takes the static cache's mask")
+                        help="the attention kernel of both models' decode steps: torch's own SDPA pick (cuDNN on "
+                             "the H200), one SDPA backend that takes the static cache's mask, or triton: "
+                             "bitalloc's one-token kernel where the tuner times it faster than torch's pick")
     parser.add_argument("--profile", type=int, default=0, metavar="STEPS",
                         help="profile this many further steps per model (torch.profiler): <out>_profile.txt "
                              "lists the GPU time of each kernel, after a line with the GPU operations per step, "
@@ -99,6 +102,8 @@ def main(argv=None):
         if args.fuse:
             fused = fuse_packed(model, four_tokens(model))
     prompt = torch.randint(0, model.config.vocab_size, (1, args.prompt), device=device)
+    if args.attention == "triton":
+        use_for_decoding(model)
     torch.cuda.reset_peak_memory_stats()
     backend = ATTENTION[args.attention]
     attention = contextlib.nullcontext() if backend is None else sdpa_kernel(backend)

@@ -26,8 +26,8 @@
 #   element 1) on the stacked 7B shapes at 2/3/4/8 bits.
 # retune: whether the tuner's choices repeat (flush timed once, close choices re-timed; 22bcd0f): the batch-1
 #   GEMV table on 4096x4096 and 8192x8192 at 2/3/4/8 bits tuned in two processes, their choices side by side.
-# attention: the compiled, stacked Llama-2-7B mixed4-tied decode with the attention kernel forced to
-#   memory-efficient (profiled) and to math, both models alike (torch's own pick, cuDNN, ~7 us a layer in both).
+# attention: the compiled, stacked Llama-2-7B mixed4-tied decode with bitalloc's one-token attention kernel
+#   (profiled) and with SDPA's memory-efficient kernel, both models alike (torch's own pick, cuDNN, ~7 us a layer).
 # decode: the Llama-2-7B mixed4 decode, eager steps in graphs and torch.compile'd steps in graphs, with
 #   a per-kernel GPU-time profile of a few steps of each.
 set -uo pipefail
@@ -151,8 +151,8 @@ unpacked)
     8/1/4/1,8/1/8/1,8/1/4/0,8/1/16/1,4/1/16/1,4/1/4/1,4/1/8/1,8/1/4/2,4/1/16/2/1 2>&1 | tee "$out/gemv_mma_unpacked.txt"
   ;;
 attention)
-  for kernel in efficient math; do
-    profile=$([ $kernel = efficient ] && echo 3 || echo 0)
+  for kernel in triton efficient; do
+    profile=$([ $kernel = triton ] && echo 3 || echo 0)
     timeout 290 python inference/decode.py --config llama-2-7b --mix mixed4-tied --fuse --compile --profile $profile \
       --attention $kernel --out "$out/decode_attention_$kernel" 2>&1 | tail -3
   done

@@ -176,13 +176,17 @@ def packed_tiny_llama():
 
 
 @pytest.mark.parametrize("compile", [False, True])
-def test_graph_decoding_follows_the_full_forward(compile):
-    """Each token decoded by graph replay on the static cache (of a torch.compile'd step with `compile`)
-    is the full (uncached) forward's argmax, up to float16 near-ties (cuBLAS may pick other algorithms
-    inside a graph)."""
+@pytest.mark.parametrize("one_token_attention", [False, True])
+def test_graph_decoding_follows_the_full_forward(compile, one_token_attention):
+    """Each token decoded by graph replay on the static cache (of a torch.compile'd step with `compile`;
+    attention through `decode_attention` with `one_token_attention`) is the full (uncached) forward's
+    argmax, up to float16 near-ties (cuBLAS may pick other algorithms inside a graph)."""
     from bitalloc.decode import decode
+    from bitalloc.kernels.decode_attention import use_for_decoding
 
     model = packed_tiny_llama()
+    if one_token_attention:
+        use_for_decoding(model)
     prompt = torch.randint(0, 512, (1, 12), device="cuda")
     tokens = decode(model, prompt, 16, graphs=True, compile=compile).tokens
     sequence = torch.cat([prompt, torch.tensor([tokens], device="cuda")], dim=1)
@@ -190,6 +194,23 @@ def test_graph_decoding_follows_the_full_forward(compile):
         logits = model(input_ids=sequence).logits[0, prompt.shape[1] - 1:-1].float()
     chosen = logits.gather(1, torch.tensor(tokens, device="cuda")[:, None])[:, 0]
     assert (logits.max(1).values - chosen).max() < 0.05 * logits.abs().max()
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_every_one_token_attention_launch_matches_sdpa(dtype):
+    """A Llama-2-7B layer's decode attention (32 heads of 128, a static cache of 167 positions, the last 40
+    not yet written), every launch and the tuner's choice, against SDPA."""
+    from bitalloc.kernels import decode_attention as da
+
+    q = torch.randn(1, 1, 32, 128, device="cuda", dtype=dtype).transpose(1, 2)
+    k, v = (torch.randn(1, 32, 167, 128, device="cuda", dtype=dtype) for _ in range(2))
+    mask = (torch.arange(167, device="cuda") < 127).view(1, 1, 1, 167)
+    ref = da._sdpa(q.float(), k.float(), v.float(), mask, 128 ** -0.5)
+    outs = [da._launch(kind, config, q, k, v, mask, 128 ** -0.5) for kind, config in da.LAUNCHES]
+    outs.append(da.decode_attention(q, k, v, mask, 128 ** -0.5))
+    for out in outs:
+        assert out.dtype == dtype and out.shape == (1, 1, 32, 128)
+        assert float((out.float() - ref).norm() / ref.norm()) < 1e-2
 
 
 def test_fused_triton_layers_compute_the_same_logits():

@@ -1,0 +1,160 @@
+"""Attention of one new token over a static KV cache: a Triton kernel the tuner may take instead of SDPA.
+
+In a batch-1 decode step each block's attention reads a few hundred cached keys
+and values per head (a Llama-2-7B layer at 167 positions: 2.7 MB), yet on the
+H200 torch's SDPA (cuDNN) took ~7 us a layer, as long as a 4096x4096 int4 GEMV:
+a fixed cost in the float16 and the packed model alike, so it caps their ratio.
+One query row needs no tiles of queries: here each program takes one head,
+walks the cache in blocks of keys with a running softmax (max, sum and the
+weighted values in float32), and honours the mask Hugging Face builds for a
+static cache.  Keys past the current position are masked, not skipped, exactly
+as SDPA computes them.
+
+`use_for_decoding(model)` registers it as a Hugging Face attention
+implementation: steps of one query token go through `decode_attention`, where
+the tuner times every launch beside torch's SDPA (the reference each launch
+must agree with) and keeps the fastest, so a GPU where SDPA is faster keeps
+SDPA; prompts (several query tokens) always take SDPA.
+"""
+from __future__ import annotations
+
+import functools
+
+import torch
+import torch.nn.functional as F
+
+from . import tuner
+
+NAME = "bitalloc_decode"
+SDPA = ("sdpa", ())
+LAUNCHES = [("triton", (block, warps)) for block, warps in ((32, 2), (32, 4), (64, 4), (64, 8), (128, 8))]
+NO_MASK, BOOL_MASK, ADDED_MASK = 0, 1, 2
+
+
+@functools.cache
+def _kernel():
+    """The Triton kernel, defined on first use (triton is optional on the CPU)."""
+    import triton
+    import triton.language as tl
+
+    @triton.jit
+    def one_token_attention(q_ptr, k_ptr, v_ptr, mask_ptr, out_ptr, keys, scale, stride_qb, stride_qh, stride_kb,
+                            stride_kh, stride_kl, stride_vb, stride_vh, stride_vl, stride_mb, stride_mh, stride_ml,
+                            HEADS: tl.constexpr, HEADS_PER_KV: tl.constexpr, D: tl.constexpr, BLOCK: tl.constexpr,
+                            MASK: tl.constexpr):
+        """out[b, 0, h] = softmax(q k^T * scale + mask) v for head h of batch row b (program (h, b))."""
+        h = tl.program_id(0)
+        b = tl.program_id(1)
+        kv = h // HEADS_PER_KV
+        d = tl.arange(0, D)
+        q = tl.load(q_ptr + b * stride_qb + h * stride_qh + d).to(tl.float32) * scale
+        k_row = k_ptr + b * stride_kb + kv * stride_kh
+        v_row = v_ptr + b * stride_vb + kv * stride_vh
+        mask_row = mask_ptr + b * stride_mb + h * stride_mh
+        top = tl.max(tl.full([BLOCK], float("-inf"), tl.float32), axis=0)  # running max of the scores
+        total = tl.sum(tl.zeros([BLOCK], tl.float32), axis=0)  # running sum of exp(score - top)
+        acc = tl.zeros([D], tl.float32)  # running sum of exp(score - top) * v
+        for start in range(0, keys, BLOCK):
+            n = start + tl.arange(0, BLOCK)
+            inside = n < keys
+            k = tl.load(k_row + n[:, None] * stride_kl + d[None, :], mask=inside[:, None], other=0.0)
+            scores = tl.sum(k.to(tl.float32) * q[None, :], axis=1)
+            if MASK == 1:
+                inside &= tl.load(mask_row + n * stride_ml, mask=inside, other=0) != 0
+            if MASK == 2:
+                scores += tl.load(mask_row + n * stride_ml, mask=inside, other=0.0).to(tl.float32)
+            scores = tl.where(inside, scores, float("-inf"))
+            new_top = tl.maximum(top, tl.max(scores, axis=0))
+            shift = tl.where(new_top == float("-inf"), 0.0, new_top)  # all masked so far: no NaN from -inf - -inf
+            weights = tl.exp(scores - shift)
+            rescale = tl.exp(top - shift)
+            v = tl.load(v_row + n[:, None] * stride_vl + d[None, :], mask=inside[:, None], other=0.0)
+            total = total * rescale + tl.sum(weights, axis=0)
+            acc = acc * rescale + tl.sum(weights[:, None] * v.to(tl.float32), axis=0)
+            top = new_top
+        tl.store(out_ptr + (b * HEADS + h) * D + d, (acc / total).to(out_ptr.dtype.element_ty))
+
+    return one_token_attention
+
+
+def _mask_kind(mask: torch.Tensor | None) -> int:
+    if mask is None:
+        return NO_MASK
+    return BOOL_MASK if mask.dtype == torch.bool else ADDED_MASK
+
+
+def _sdpa(query, key, value, mask, scale):
+    heads, kv_heads = query.shape[1], key.shape[1]
+    out = F.scaled_dot_product_attention(query, key, value, attn_mask=mask, scale=scale, enable_gqa=heads != kv_heads)
+    return out.transpose(1, 2).contiguous()
+
+
+def _launch(kind: str, config: tuple, query, key, value, mask, scale: float) -> torch.Tensor:
+    """[B, 1, H, D]: attention of query [B, H, 1, D] over key and value [B, H_kv, L, D] with `mask` (bool, True
+    where a key counts, or added to the scores; broadcast over heads and batch rows where of size 1)."""
+    if kind == SDPA[0]:
+        return _sdpa(query, key, value, mask, scale)
+    block, warps = config
+    batch, heads, _, dim = query.shape
+    out = query.new_empty(batch, 1, heads, dim)
+    kind_of_mask = _mask_kind(mask)
+    if mask is None:
+        mask_arg, mask_strides = query, (0, 0, 0)
+    else:
+        mask = mask.view(torch.uint8) if mask.dtype == torch.bool else mask
+        mask_arg = mask
+        mask_strides = tuple(0 if mask.shape[i] == 1 else mask.stride(i) for i in (0, 1)) + (mask.stride(3),)
+    _kernel()[(heads, batch)](query, key, value, mask_arg, out, key.shape[2], scale, query.stride(0), query.stride(1),
+                              key.stride(0), key.stride(1), key.stride(2), value.stride(0), value.stride(1),
+                              value.stride(2), *mask_strides, HEADS=heads, HEADS_PER_KV=heads // key.shape[1], D=dim,
+                              BLOCK=block, MASK=kind_of_mask, num_warps=warps)
+    return out
+
+
+def decode_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, mask: torch.Tensor | None,
+                     scale: float) -> torch.Tensor:
+    """One query token per batch row ([B, H, 1, D]) over the cache: the tuner's fastest of SDPA and the Triton
+    launches for this shape (timed once; every launch checked against SDPA first)."""
+    query, key, value = (t if t.stride(-1) == 1 else t.contiguous() for t in (query, key, value))
+    key_ = ("attention", tuple(query.shape), tuple(key.shape), query.dtype, _mask_kind(mask))
+    dim = query.shape[-1]
+    choices = LAUNCHES + [SDPA] if dim & (dim - 1) == 0 else [SDPA]  # the kernel spans a power-of-two head size
+    launch = functools.partial(_launch, query=query, key=key, value=value, mask=mask, scale=scale)
+    choice = tuner.choose(key_, choices, lambda c: launch(*c), reference=SDPA)
+    return launch(*choice)
+
+
+@torch.library.custom_op("bitalloc::decode_attention", mutates_args=())
+def decode_attention_op(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, mask: torch.Tensor | None,
+                        scale: float) -> torch.Tensor:
+    """`decode_attention` as one opaque operator for torch.compile (its choice is made by the eager step
+    before tracing, as for the packed layers)."""
+    return decode_attention(query, key, value, mask, scale)
+
+
+@decode_attention_op.register_fake
+def _(query, key, value, mask, scale):
+    return query.new_empty(query.shape[0], 1, query.shape[1], query.shape[3])
+
+
+def attention_forward(module, query, key, value, attention_mask, dropout: float = 0.0, scaling: float | None = None,
+                      **kwargs):
+    """A Hugging Face attention function: one query token through `decode_attention`, anything else SDPA's."""
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+    if query.shape[2] != 1 or dropout or not (query.is_cuda or tuner.interpreting()):
+        return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
+                                      **kwargs)
+    scale = scaling if scaling is not None else query.shape[-1] ** -0.5
+    attend = decode_attention_op if torch.compiler.is_compiling() else decode_attention
+    return attend(query, key, value, attention_mask, scale), None
+
+
+def use_for_decoding(model) -> None:
+    """Route `model`'s attention through `attention_forward` (masks built as for SDPA)."""
+    from transformers import AttentionInterface
+    from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
+
+    AttentionInterface.register(NAME, attention_forward)
+    AttentionMaskInterface.register(NAME, sdpa_mask)
+    model.set_attn_implementation(NAME)
