@@ -142,7 +142,8 @@ def attention_forward(module, query, key, value, attention_mask, dropout: float 
     """A Hugging Face attention function: one query token through `decode_attention`, anything else SDPA's."""
     from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
-    if query.shape[2] != 1 or dropout or not (query.is_cuda or tuner.interpreting()):
+    mask_ok = attention_mask is None or attention_mask.dim() == 4
+    if query.shape[2] != 1 or dropout or not mask_ok or not (query.is_cuda or tuner.interpreting()):
         return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
                                       **kwargs)
     scale = scaling if scaling is not None else query.shape[-1] ** -0.5
