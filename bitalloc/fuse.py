@@ -12,6 +12,12 @@ solver's `--tie fused` plans have it); `fusable` splits groups by option.
 Members are nn.Linear (stack them, then pack the wider one: per-row quantizers
 give every row the codes it had alone) or packed QuantLinears (their stored rows
 are stacked as they are).
+
+The gate and up projections of a gated SiLU MLP (Llama's down(silu(gate(x)) *
+up(x))) become one `GatedLinear` instead, their rows alternating eight by eight
+(`layout.gated_order`), and the MLP a `GatedMLP`: the layer returns silu(gate)
+* up, which the tensor-core GEMV computes in its epilogue, so the kernel that
+took the product between the two GEMVs is gone.
 """
 from __future__ import annotations
 
@@ -20,7 +26,8 @@ from torch import nn
 
 from .blocks import replace_module
 from .errors import BitallocError
-from .kernels.layout import storage
+from .kernels import triton_backend
+from .kernels.layout import gate_rows, gated_order, storage
 from .kernels.quant_linear import QuantLinear
 from .models import is_linear, tie_groups
 
@@ -58,6 +65,31 @@ class SharedSlice(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.shared.part(x, self.index)
+
+
+class GatedLinear(nn.Module):
+    """A gated MLP's gate and up projections as one layer (rows in `gated_order`): silu(gate) * up."""
+
+    def __init__(self, layer: nn.Module):
+        super().__init__()
+        self.layer = layer
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if isinstance(self.layer, QuantLinear) and triton_backend.gates_in_kernel(self.layer):
+            return triton_backend.gated_matmul(self.layer, x)
+        return gate_rows(self.layer(x))  # also builds the layer's kernel state on its first call
+
+
+class GatedMLP(nn.Module):
+    """down_proj(silu(gate_proj(x)) * up_proj(x)) with gate and up as one `GatedLinear`."""
+
+    def __init__(self, gated: GatedLinear, down_proj: nn.Module):
+        super().__init__()
+        self.gated = gated
+        self.down_proj = down_proj
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down_proj(self.gated(x))
 
 
 def four_tokens(model: nn.Module):
@@ -108,12 +140,18 @@ def fuse_layers(model: nn.Module, groups: list[list[str]]) -> dict[str, list[str
         members = [model.get_submodule(name) for name in group]
         if len({m.in_features for m in members}) != 1 or len({m.bias is None for m in members}) != 1:
             raise BitallocError(f"{group}: members of one input width and all with or all without a bias needed")
+        mlp = _gated_mlp(model, group, members)
+        order = None if mlp is None else gated_order(members[0].out_features)
         if all(isinstance(m, nn.Linear) for m in members):
-            fused = _stacked_linear(members)
+            fused = _stacked_linear(members, order)
         elif all(isinstance(m, QuantLinear) for m in members):
-            fused = _stacked_packed(members, group)
+            fused = _stacked_packed(members, group, order)
         else:
             raise BitallocError(f"{group}: members must all be nn.Linear or all packed layers")
+        if mlp is not None:
+            replace_module(model, mlp, GatedMLP(GatedLinear(fused), model.get_submodule(f"{mlp}.down_proj")))
+            fused_names[f"{mlp}.gated.layer"] = group
+            continue
         shared = SharedInput(fused, [m.out_features for m in members])
         for index, name in enumerate(group):
             replace_module(model, name, SharedSlice(shared, index))
@@ -121,19 +159,38 @@ def fuse_layers(model: nn.Module, groups: list[list[str]]) -> dict[str, list[str
     return fused_names
 
 
-def _stacked_linear(members: list[nn.Linear]) -> nn.Linear:
+def _gated_mlp(model: nn.Module, group: list[str], members: list[nn.Module]) -> str | None:
+    """The name of the MLP whose gate and up projections `group` is, when the MLP computes
+    down_proj(silu(gate_proj(x)) * up_proj(x)) (a module named *MLP with a SiLU act_fn, as Llama, Mistral
+    and Qwen2 have) and its rows can alternate by GATE_ROWS; else None."""
+    parent, _, _ = group[0].rpartition(".")
+    if group != [f"{parent}.gate_proj", f"{parent}.up_proj"]:
+        return None
+    module = model.get_submodule(parent)
+    silu = type(getattr(module, "act_fn", None)).__name__ in ("SiLU", "SiLUActivation")
+    rows = {m.out_features for m in members}
+    if not (type(module).__name__.endswith("MLP") and silu and hasattr(module, "down_proj") and len(rows) == 1
+            and rows.pop() % 8 == 0 and members[0].bias is None):
+        return None
+    return parent
+
+
+def _stacked_linear(members: list[nn.Linear], order: torch.Tensor | None = None) -> nn.Linear:
+    """The members' rows stacked (then put in `order`, when given)."""
     first = members[0]
     fused = nn.Linear(first.in_features, sum(m.out_features for m in members), bias=first.bias is not None,
                       device=first.weight.device, dtype=first.weight.dtype)
-    fused.weight.copy_(torch.cat([m.weight for m in members]))
+    rows = slice(None) if order is None else order.to(first.weight.device)
+    fused.weight.copy_(torch.cat([m.weight for m in members])[rows])
     if first.bias is not None:
-        fused.bias.copy_(torch.cat([m.bias for m in members]))
+        fused.bias.copy_(torch.cat([m.bias for m in members])[rows])
     return fused.requires_grad_(first.weight.requires_grad)
 
 
-def _stacked_packed(members: list[QuantLinear], group: list[str]) -> QuantLinear:
-    """The members' stored tensors with their rows stacked (per-row tensors, by `layout.storage`) or, for
-    per-input ones (activation scales, outlier channels), the one they all hold; on the members' backend."""
+def _stacked_packed(members: list[QuantLinear], group: list[str], order: torch.Tensor | None = None) -> QuantLinear:
+    """The members' stored tensors with their rows stacked (per-row tensors, by `layout.storage`; then put in
+    `order`, when given) or, for per-input ones (activation scales, outlier channels), the one they all hold;
+    on the members' backend."""
     first = members[0]
     if len({str(m.option) for m in members}) != 1:
         raise BitallocError(f"{group}: packed members need one option, not {sorted({str(m.option) for m in members})}")
@@ -145,7 +202,8 @@ def _stacked_packed(members: list[QuantLinear], group: list[str]) -> QuantLinear
     for name, (shape, _) in spec.items():
         parts = [getattr(m, name) for m in members]
         if shape[0] == 0:  # one row per output
-            setattr(fused, name, torch.cat(parts))
+            stacked = torch.cat(parts)
+            setattr(fused, name, stacked if order is None else stacked[order.to(stacked.device)])
         elif all(torch.equal(parts[0], part) for part in parts[1:]):
             setattr(fused, name, parts[0].clone())
         else:

@@ -4,18 +4,19 @@ import torch
 
 from bitalloc.benchmarks import pack_in_place
 from bitalloc.errors import BitallocError
-from bitalloc.fuse import (SharedSlice, fusable, fuse_layers, fuse_packed, options_after_fusing,
+from bitalloc.fuse import (GatedMLP, SharedSlice, fusable, fuse_layers, fuse_packed, options_after_fusing,
                            shared_input_groups)
 from bitalloc.models import linear_layers
 from bitalloc.quant import parse
 
 
-def tiny_llama():
+def tiny_llama(intermediate_size=96, hidden_act="silu"):
     from transformers import LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(0)
-    config = LlamaConfig(vocab_size=128, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
-                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64)
+    config = LlamaConfig(vocab_size=128, hidden_size=64, intermediate_size=intermediate_size, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
+                         hidden_act=hidden_act)
     return LlamaForCausalLM(config).eval().requires_grad_(False)
 
 
@@ -33,15 +34,26 @@ def test_fused_model_computes_the_same_logits_and_each_wider_linear_once_per_inp
     model, ids = tiny_llama(), torch.randint(0, 128, (2, 8))
     expected = model(input_ids=ids).logits
     fused = fuse_layers(model, groups_of(model, ids))
-    assert sorted(fused) == sorted(f"model.layers.{i}.{p}.shared.fused" for i in range(2)
-                                   for p in ("self_attn.q_proj", "mlp.gate_proj"))
+    assert sorted(fused) == sorted([f"model.layers.{i}.self_attn.q_proj.shared.fused" for i in range(2)]
+                                   + [f"model.layers.{i}.mlp.gated.layer" for i in range(2)])  # gate/up: GatedMLP
     calls = []
     for name in fused:
         model.get_submodule(name).register_forward_hook(lambda *_: calls.append(1))
     torch.testing.assert_close(model(input_ids=ids).logits, expected, rtol=1e-5, atol=1e-5)
     assert len(calls) == 4  # four groups, one wider product each
     slices = [m for m in model.modules() if isinstance(m, SharedSlice)]
-    assert len(slices) == 10 and all(m.shared._input is None for m in slices)  # nothing held after a pass
+    assert len(slices) == 6 and all(m.shared._input is None for m in slices)  # nothing held after a pass
+
+
+@pytest.mark.parametrize("intermediate_size, hidden_act", [(100, "silu"), (96, "gelu")])
+def test_gate_and_up_stay_slices_unless_the_mlp_is_silu_gated_with_rows_in_blocks_of_eight(intermediate_size,
+                                                                                          hidden_act):
+    model, ids = tiny_llama(intermediate_size, hidden_act), torch.randint(0, 128, (1, 8))
+    expected = model(input_ids=ids).logits
+    fused = fuse_layers(model, groups_of(model, ids))
+    assert sorted(n.split(".")[-3] for n in fused) == ["gate_proj", "gate_proj", "q_proj", "q_proj"]
+    assert not any(isinstance(m, GatedMLP) for m in model.modules())
+    torch.testing.assert_close(model(input_ids=ids).logits, expected, rtol=1e-5, atol=1e-5)
 
 
 def test_a_packed_wider_linear_equals_its_members_packed_apart():
@@ -55,6 +67,19 @@ def test_a_packed_wider_linear_equals_its_members_packed_apart():
     apart = tiny_llama()
     pack_in_place(apart, options, "reference", progress=False)
     pack_in_place(model, options_after_fusing(options, fuse_layers(model, groups)), "reference", progress=False)
+    torch.testing.assert_close(model(input_ids=ids).logits, apart(input_ids=ids).logits, rtol=1e-5, atol=1e-5)
+
+
+def test_a_packed_gated_layer_equals_gate_and_up_packed_apart():
+    """Gate and up rows interleaved before packing (as decode.py --fuse packs a built model): per-row
+    quantizers give each row its own codes, so the gated MLP's output is unchanged."""
+    model, ids = tiny_llama(), torch.randint(0, 128, (1, 8))
+    options = {n: parse("rtn:int4:g32:asym") for n in linear_layers(model)}
+    apart = tiny_llama()
+    pack_in_place(apart, options, "reference", progress=False)
+    fused = fuse_layers(model, fusable(groups_of(model, ids), options))
+    pack_in_place(model, options_after_fusing(options, fused), "reference", progress=False)
+    assert sum(isinstance(m, GatedMLP) for m in model.modules()) == 2
     torch.testing.assert_close(model(input_ids=ids).logits, apart(input_ids=ids).logits, rtol=1e-5, atol=1e-5)
 
 
@@ -100,7 +125,7 @@ def test_packed_layers_sharing_an_input_and_an_option_fuse_after_loading(backend
     pack_in_place(model, options, backend, progress=False)
     expected = model(input_ids=ids).logits
     fused = fuse_packed(model, lambda: model(input_ids=ids))
-    assert sorted(n.split(".")[-3] for n in fused) == ["gate_proj", "gate_proj", "q_proj", "q_proj"]
+    assert sorted(n.split(".")[-3] for n in fused) == ["mlp", "mlp", "q_proj", "q_proj"]
     layer = model.get_submodule(next(iter(fused)))
     assert layer.out_features == 64 + 32 and layer.backend == backend and layer.qweight.device.type == "cpu"
     torch.testing.assert_close(model(input_ids=ids).logits, expected, rtol=1e-5, atol=1e-5)

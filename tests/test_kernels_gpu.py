@@ -214,13 +214,36 @@ def test_every_one_token_attention_launch_matches_sdpa(dtype):
 
 
 def test_fused_triton_layers_compute_the_same_logits():
-    """`bitalloc.fuse.fuse_packed` on `triton` layers: q/k/v and gate/up each one wider GEMV, same logits."""
-    from bitalloc.fuse import fuse_packed
+    """`bitalloc.fuse.fuse_packed` on `triton` layers: q/k/v and gate/up each one wider GEMV (gate/up a
+    gated layer whose GEMV returns silu(gate) * up), same logits."""
+    from bitalloc.fuse import GatedMLP, fuse_packed
 
     model = packed_tiny_llama()
     ids = torch.randint(0, 512, (1, 1), device="cuda")
     with torch.no_grad():
         expected = model(input_ids=ids).logits.float()
         assert len(fuse_packed(model, lambda: model(input_ids=ids))) == 4
+        assert sum(isinstance(m, GatedMLP) for m in model.modules()) == 2
         out = model(input_ids=ids).logits.float()
     assert float((out - expected).norm() / expected.norm()) < 3e-3
+
+
+@pytest.mark.parametrize("bits", [2, 3, 4, 8])
+def test_a_gated_layer_gives_silu_gate_times_up_through_every_launch(bits):
+    """Gate and up rows alternating by eight (`layout.gated_order`): every launch choice at batches 1 and 3,
+    the tensor-core GEMV's gated epilogue included, against silu(gate) * up of the reference product."""
+    from bitalloc.kernels import triton_backend as tb
+    from bitalloc.kernels.layout import gate_rows, gated_order
+
+    generator = torch.Generator().manual_seed(0)
+    weight = (torch.randn(1024, 4096, generator=generator) * 0.05)[gated_order(512)]
+    reference = QuantLinear.from_weight(quantize(weight, parse(f"rtn:int{bits}:g128:asym")), None).cuda()
+    for batch in (1, 3):
+        x = torch.randn(batch, 4096, device="cuda", dtype=torch.float16)
+        expected = gate_rows(reference(x).float())
+        for kind, config in tb.candidates(batch, 128, bits, torch.float16, 4096):
+            out = tb._launch(kind, config, x, reference.qweight, reference.scales, reference.zeros, bits, 128, 4096,
+                             gated=True).float()
+            assert out.shape == (batch, 512), (kind, config)
+            error = float((out - expected).norm() / expected.norm())
+            assert error < 3e-3, (kind, config, batch, error)

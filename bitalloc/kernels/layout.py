@@ -51,3 +51,20 @@ def storage(option: Option, out_features: int, in_features: int, bias: bool = Fa
 
 def nbytes(spec: dict[str, TensorSpec]) -> int:
     return sum(math.prod(shape) * torch.empty((), dtype=dtype).element_size() for shape, dtype in spec.values())
+
+
+GATE_ROWS = 8  # a gated layer's gate and up rows alternate in blocks of this many (`bitalloc.fuse`)
+
+
+def gated_order(rows: int) -> torch.Tensor:
+    """The order of the 2 `rows` rows of a gate projection stacked on an up projection in one gated layer:
+    GATE_ROWS gate rows, then the same outputs' up rows, and so on, so that a 16-row tile of the
+    tensor-core GEMV holds both rows of 8 outputs and can take silu(gate) * up itself (`triton_mma`)."""
+    first = torch.arange(rows).view(-1, GATE_ROWS)
+    return torch.stack([first, first + rows], 1).flatten()
+
+
+def gate_rows(out: torch.Tensor) -> torch.Tensor:
+    """silu(gate) * up from a gated layer's output [..., 2 rows] (rows in `gated_order`): [..., rows]."""
+    pairs = out.unflatten(-1, (-1, 2, GATE_ROWS))
+    return (torch.nn.functional.silu(pairs[..., 0, :]) * pairs[..., 1, :]).flatten(-2)

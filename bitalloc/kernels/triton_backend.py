@@ -22,6 +22,7 @@ import torch
 
 from . import tuner
 from .backends import Fallback, add_bias, divide_act_scale, register_backend
+from .layout import gate_rows
 
 BITS = (2, 3, 4, 8)
 ONE_GROUP = 1 << 30  # group size for per-channel scales: every column falls in group 0
@@ -87,8 +88,14 @@ def available() -> str | None:
 
 
 def _launch(kind: str, config: tuple, x, qweight, scales, zeros, bits: int, group: int, in_features: int,
-            real_zeros: bool = False):
+            real_zeros: bool = False, gated: bool = False):
+    """x @ the layer's weight^T by one launch choice; `gated`: silu(gate) * up of a gated layer (rows in
+    `layout.gated_order`), by the tensor-core GEMV's epilogue where it has whole sums (no split-K), else
+    after the launch."""
     from . import triton_kernels as tk
+
+    if gated and not (kind == MMA and config[1] == 1):
+        return gate_rows(_launch(kind, config, x, qweight, scales, zeros, bits, group, in_features, real_zeros))
 
     m, n, kw, ng = x.shape[0], qweight.shape[0], qweight.shape[1], scales.shape[1]
     zeros_arg = zeros if zeros is not None else scales
@@ -97,7 +104,7 @@ def _launch(kind: str, config: tuple, x, qweight, scales, zeros, bits: int, grou
         return x @ dequantize(qweight, scales, zeros, bits, group, in_features, x.dtype, config).T
     if kind in (PAIRS, MMA):
         return _launch_pairs(kind, config, x, qweight, scales, zeros_arg, bits, group, in_features, real_zeros,
-                             common)
+                             dict(common, GATED=gated) if kind == MMA else common)
     block_n, block_k, split, warps = config
     out = _gemv_output(x, n, split)
     codes = unit_codes(bits)
@@ -138,8 +145,9 @@ def _launch_pairs(kind, config, x, qweight, scales, zeros_arg, bits, group, in_f
     grid = (triton_cdiv(n, block_n), split, m)
     even = kind == MMA and n % block_n == 0 and units % (warps * 4 * vec) == 0  # gemv_mma's unmasked path
     dequantize = len(config) > 5 and bool(config[5])
+    width = n // 2 if common.get("GATED") else n  # gated: silu(gate) * up, one column per row pair
     if kind == MMA and config[3] >= X_RAW:
-        out = _gemv_output(x, n, split)
+        out = _gemv_output(x, width, split)
         if split > 1:
             out.zero_()  # split-K adds into it (otherwise the activation pass zeroes it)
         words = x.view(torch.int32)  # x is contiguous with an even K (`candidates`): two float16 per word
@@ -149,7 +157,7 @@ def _launch_pairs(kind, config, x, qweight, scales, zeros_arg, bits, group, in_f
                           words.shape[1], VEC=vec, SPLIT_K=split, EVEN=even, X_LOAD=config[3], PDL=pdl, launch_pdl=pdl,
                           DEQUANTIZE=dequantize or real_zeros, num_warps=warps, **common)
         return out.to(x.dtype)
-    out = _gemv_output(x, n, split)
+    out = _gemv_output(x, width, split)
     xp = torch.empty(m, codes // 2, units, device=x.device, dtype=torch.int32)
     offsets = kind == MMA and not dequantize  # the MMAs on unpacked pairs take the chunks' sums of M x too
     xs = torch.empty(m, (1 + offsets) * triton_cdiv(units, vec), device=x.device, dtype=torch.float32)
@@ -278,30 +286,51 @@ def tuner_key(bits: int, group: int, zeros: str, packed_shape, rows: int, dtype)
 
 
 def quant_matmul(x: torch.Tensor, qweight, scales, zeros, bits: int, group_size: int, in_features: int,
-                 real_zeros: bool = False):
+                 real_zeros: bool = False, gated: bool = False):
     """x [M, K] (contiguous) @ dequantized(qweight)^T -> [M, N] in x's dtype; `real_zeros`: the zero points
-    are not all integers (`zero_points`, found once when the layer is built)."""
+    are not all integers (`zero_points`, found once when the layer is built); `gated`: silu(gate) * up of
+    a gated layer, [M, N / 2] (`gated_matmul`)."""
     group = kernel_group(group_size, in_features)
     configs = candidates(x.shape[0], group, bits, x.dtype, in_features)
-    kind = "none" if zeros is None else "real" if real_zeros else "integer"
+    kind = ("none" if zeros is None else "real" if real_zeros else "integer") + (" gated" if gated else "")
     key = tuner_key(bits, group, kind, qweight.shape, x.shape[0], x.dtype)
     launch = functools.partial(_launch, x=x, qweight=qweight, scales=scales, zeros=zeros, bits=bits, group=group,
-                               in_features=in_features, real_zeros=real_zeros)
+                               in_features=in_features, real_zeros=real_zeros, gated=gated)
     choice = tuner.choose(key, configs, lambda c: launch(*c), reference=(DEQUANT, DEQUANT_TILE))
     return launch(*choice)
 
 
 @torch.library.custom_op("bitalloc::quant_matmul", mutates_args=())
 def quant_matmul_op(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor | None,
-                    bits: int, group_size: int, in_features: int, real_zeros: bool) -> torch.Tensor:
+                    bits: int, group_size: int, in_features: int, real_zeros: bool,
+                    gated: bool = False) -> torch.Tensor:
     """`quant_matmul` as one opaque operator for torch.compile: a compiled decode step keeps the packed
     layers inside its graph (no graph break) and fuses the operations between them."""
-    return quant_matmul(x, qweight, scales, zeros, bits, group_size, in_features, real_zeros)
+    return quant_matmul(x, qweight, scales, zeros, bits, group_size, in_features, real_zeros, gated)
 
 
 @quant_matmul_op.register_fake
-def _(x, qweight, scales, zeros, bits, group_size, in_features, real_zeros):
-    return x.new_empty(x.shape[0], qweight.shape[0])
+def _(x, qweight, scales, zeros, bits, group_size, in_features, real_zeros, gated=False):
+    return x.new_empty(x.shape[0], qweight.shape[0] // 2 if gated else qweight.shape[0])
+
+
+def gates_in_kernel(layer) -> bool:
+    """Whether `gated_matmul` can compute this gated layer: built on this backend, and nothing added to the
+    product before the gate (bias, outlier columns) or taken from x first (activation scales)."""
+    state = layer.kernel_state
+    return (layer.kernel == "triton" and state is not None and state["correction"] is None and layer.bias is None
+            and layer.act_scale is None)
+
+
+def gated_matmul(layer, x: torch.Tensor) -> torch.Tensor:
+    """silu(gate) * up of a layer whose gate and up rows alternate (`layout.gated_order`; `gates_in_kernel`):
+    the tensor-core GEMV takes it in its epilogue, so no kernel of its own follows the layer."""
+    flat = x.reshape(-1, x.shape[-1]).contiguous()
+    opt = layer.option
+    matmul = quant_matmul_op if torch.compiler.is_compiling() else quant_matmul
+    out = matmul(flat, layer.qweight, layer.scales, layer.zeros, opt.bits, opt.group_size, layer.in_features,
+                 layer.kernel_state["real_zeros"], True)
+    return out.reshape(*x.shape[:-1], layer.out_features // 2)
 
 
 @register_backend("triton")

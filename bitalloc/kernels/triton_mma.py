@@ -80,7 +80,7 @@ def _dequantized(words, j: gl.constexpr, scale, s, BITS: gl.constexpr):
 def gemv_mma(xp_ptr, xs_ptr, qw_ptr, s_ptr, z_ptr, out_ptr, N, U, NG, stride_om, stride_xm, KX,
              BITS: gl.constexpr, GROUP: gl.constexpr, HAS_ZEROS: gl.constexpr, VEC: gl.constexpr,
              SPLIT_K: gl.constexpr, EVEN: gl.constexpr, X_LOAD: gl.constexpr, PDL: gl.constexpr = False,
-             DEQUANTIZE: gl.constexpr = False):
+             DEQUANTIZE: gl.constexpr = False, GATED: gl.constexpr = False):
     """One row of float16 activations against 16 rows of packed codes: s * (sum_j q_j x_j - z sum_j x_j)
     through tensor-core MMAs (module docstring).  The activations are pairs arranged by `arrange_pairs`
     (sums per VEC units in xs) or, X_LOAD = RAW or RAW_AHEAD, x itself as int32 words (KX per row; xs unused);
@@ -94,7 +94,9 @@ def gemv_mma(xp_ptr, xs_ptr, qw_ptr, s_ptr, z_ptr, out_ptr, N, U, NG, stride_om,
     multiple of 16, units of the step, and with RAW no ragged units): no masks; the loads after the last
     step repeat it instead.  PDL (launched as a programmatic dependent, reading x): the first step's weights
     are requested before waiting for the kernel that writes x, and the next kernel may launch once the
-    sums are done.
+    sums are done.  GATED (SPLIT_K 1; the rows of a gate and an up projection interleaved eight by eight,
+    `bitalloc.fuse`): out holds N / 2 columns, silu(gate) * up, the product a gated MLP's down projection
+    reads (the kernel that would compute it from the N rows is saved).
     """
     PAIRS: gl.constexpr = _pairs_per_unit(BITS)
     WARPS: gl.constexpr = gl.num_warps()
@@ -104,6 +106,7 @@ def gemv_mma(xp_ptr, xs_ptr, qw_ptr, s_ptr, z_ptr, out_ptr, N, U, NG, stride_om,
     gl.static_assert(PAIRS % 2 == 0, "an MMA takes two pairs of each row")
     READS_X: gl.constexpr = X_LOAD >= RAW  # x itself, in the step or a step ahead
     gl.static_assert(not PDL or READS_X, "with PDL only x may come from the kernel before")
+    gl.static_assert(not GATED or SPLIT_K == 1, "a gated output needs whole sums")
     UNPACKED: gl.constexpr = not DEQUANTIZE  # the MMAs take M + q (module docstring)
     pid_n = gl.program_id(0)
     pid_k = gl.program_id(1)
@@ -196,7 +199,11 @@ def gemv_mma(xp_ptr, xs_ptr, qw_ptr, s_ptr, z_ptr, out_ptr, N, U, NG, stride_om,
     dots = gl.sum(gl.sum(gl.where(counted, acc0, 0.0) - zero_terms, axis=2), axis=0)  # rows g
     dots8 = gl.sum(gl.sum(gl.where(counted, acc2, 0.0) - zero_terms8, axis=2), axis=0)  # rows g + 8
     out_rows = pid_n * 16 + gl.arange(0, 8, layout=gl.SliceLayout(0, gl.SliceLayout(2, LANES)))
-    if SPLIT_K == 1:
+    if GATED:  # rows g and g + 8 are the gate and the up row of output 8 pid_n + g: silu(gate) * up
+        gated = dots / (1.0 + gl.exp(-dots)) * dots8
+        gl.store(out_ptr + m * stride_om + out_rows - pid_n * 8, gated.to(out_ptr.dtype.element_ty),
+                 mask=out_rows + 8 < N)
+    elif SPLIT_K == 1:
         gl.store(out_ptr + m * stride_om + out_rows, dots.to(out_ptr.dtype.element_ty), mask=out_rows < N)
         gl.store(out_ptr + m * stride_om + out_rows + 8, dots8.to(out_ptr.dtype.element_ty), mask=out_rows + 8 < N)
     else:
