@@ -49,7 +49,7 @@ SIGNATURES = {  # kernel -> (pointer and size arguments, constexpr names)
     "mma": ({"xp_ptr": "*i32", "xs_ptr": "*fp32", "qw_ptr": "*i32", "s_ptr": "*fp16", "z_ptr": "*fp16",
              "out_ptr": "*fp32", "N": "i32", "U": "i32", "NG": "i32", "stride_om": "i32", "stride_xm": "i32",
              "KX": "i32"},
-            ("BITS", "GROUP", "HAS_ZEROS", "VEC", "SPLIT_K", "EVEN", "X_LOAD", "PDL", "DEQUANTIZE")),
+            ("BITS", "GROUP", "HAS_ZEROS", "VEC", "SPLIT_K", "EVEN", "X_LOAD", "PDL", "DEQUANTIZE", "GATED")),
 }
 KERNELS = {"units": (tk.gemv_units, ASTSource), "pairs": (tp.gemv_pairs, GluonASTSource),
            "mma": (tm.gemv_mma, GluonASTSource)}
@@ -65,7 +65,7 @@ def sass_of(bits: int, config: tuple[int, ...], group: int = 128, kernel: str = 
     values = dict(BITS=bits, GROUP=group, HAS_ZEROS=True, PER_SHIFT=max(1, 8 // bits), BLOCK_N=block_n,
                   BLOCK_U=max(1, block_k // codes), VEC=block_k, SPLIT_K=split, EVEN=True,
                   X_LOAD=config[4] if kernel == "mma" else 1, PDL=kernel == "mma" and bool(config[5]),
-                  DEQUANTIZE=kernel == "mma" and bool(config[6]))
+                  DEQUANTIZE=kernel == "mma" and bool(config[6]), GATED=False)
     values = {name: values[name] for name in names}
     signature = {**arguments, **{name: "constexpr" for name in names}}
     divisible = {(i,): [["tt.divisibility", 16]] for i in range(len(arguments))}

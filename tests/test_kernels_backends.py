@@ -12,6 +12,7 @@ import torch
 
 from bitalloc.kernels import approx as approx_module
 from bitalloc.kernels.backends import auto_backend
+from bitalloc.kernels.layout import gate_rows
 from bitalloc.kernels.quant_linear import QuantLinear
 from bitalloc.quant import parse, quantize
 
@@ -384,9 +385,10 @@ def test_a_compiled_caller_keeps_triton_layers_in_its_graph(monkeypatch):
     dense = codes_only.dequantize_codes()
     calls = []
 
-    def stand_in(x, qweight, scales, zeros, bits, group_size, in_features, real_zeros):
-        calls.append(x.shape)
-        return x @ dense.to(x.dtype).T
+    def stand_in(x, qweight, scales, zeros, bits, group_size, in_features, real_zeros, gated=False):
+        calls.append(gated)
+        out = x @ dense.to(x.dtype).T
+        return gate_rows(out) if gated else out
 
     monkeypatch.setattr(tb, "quant_matmul", stand_in)
     model = nn.Sequential(nn.LayerNorm(IN_FEATURES), layer, nn.ReLU()).requires_grad_(False)
@@ -394,6 +396,19 @@ def test_a_compiled_caller_keeps_triton_layers_in_its_graph(monkeypatch):
     compiled = torch.compile(model, fullgraph=True, backend="aot_eager")
     assert relative_error(compiled(x), nn.Sequential(model[0], reference, model[2])(x)) < 1e-5
     assert calls  # the operator ran, inside the compiled graph
+
+    # a gated layer (`bitalloc.fuse`): the operator returns silu(gate) * up, half as many columns
+    from bitalloc.fuse import GatedLinear
+
+    _, gated = make_layer("rtn:int4:g64:asym", "reference", bias=False)
+    gated.backend, gated.kernel = "triton", "triton"
+    gated.kernel_state = tb.TritonBackend().build(gated)
+    dense = gated.dequantize_codes()
+    calls.clear()
+    module = GatedLinear(gated).requires_grad_(False)
+    out = torch.compile(module, fullgraph=True, backend="aot_eager")(x)
+    assert out.shape == (5, OUT_FEATURES // 2) and calls and all(calls)  # gated by the operator itself
+    assert relative_error(out, gate_rows(x @ dense.T)) < 1e-5
 
 
 def test_gemv_launch_choices_that_cannot_compute_a_layer_say_why():

@@ -72,9 +72,9 @@ def test_apply_saves_a_model_that_loads(cli_env, tiny_dir, capsys):
 
 
 def test_reload_can_fuse_the_layers_that_share_an_input_and_an_option(tmp_path):
-    """q/k/v and gate/up under one option each (a `--tie fused` plan) reload as two wider layers per block,
-    with the logits of the layers apart."""
-    from bitalloc.fuse import SharedSlice
+    """q/k/v and gate/up under one option each (a `--tie fused` plan) reload as two wider layers per block
+    (gate/up as the gated MLP's one layer), with the logits of the layers apart."""
+    from bitalloc.fuse import GatedMLP, SharedSlice
 
     loaded = from_module(tiny_llama(seed=5))
     tied = {"q_proj": "rtn:int4:g32:asym", "k_proj": "rtn:int4:g32:asym", "v_proj": "rtn:int4:g32:asym",
@@ -86,6 +86,7 @@ def test_reload_can_fuse_the_layers_that_share_an_input_and_an_option(tmp_path):
     ids = torch.randint(0, 320, (1, 12), generator=torch.Generator().manual_seed(0))
     apart, fused = (bitalloc.load(tmp_path / "saved", fuse=fuse).model for fuse in (False, True))
     slices = [name.rsplit(".", 1)[-1] for name, m in fused.named_modules() if isinstance(m, SharedSlice)]
-    assert sorted(slices) == sorted(["q_proj", "k_proj", "v_proj", "gate_proj", "up_proj"] * 2)
+    assert sorted(slices) == sorted(["q_proj", "k_proj", "v_proj"] * 2)
+    assert sum(isinstance(m, GatedMLP) for m in fused.modules()) == 2
     with torch.no_grad():
         torch.testing.assert_close(fused(input_ids=ids).logits, apart(input_ids=ids).logits, rtol=1e-5, atol=1e-5)
