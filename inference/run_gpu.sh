@@ -26,6 +26,7 @@
 #   element 1) on the stacked 7B shapes at 2/3/4/8 bits.
 # retune: whether the tuner's choices repeat (flush timed once, close choices re-timed; 22bcd0f): the batch-1
 #   GEMV table on 4096x4096 and 8192x8192 at 2/3/4/8 bits tuned in two processes, their choices side by side.
+# gated: the GPU tests of the gated gate/up epilogue and the one-token attention kernel (written without a GPU).
 # attention: the compiled, stacked Llama-2-7B mixed4-tied decode with bitalloc's one-token attention kernel
 #   (profiled) and with SDPA's memory-efficient kernel, both models alike (torch's own pick, cuDNN, ~7 us a layer).
 # decode: the Llama-2-7B mixed4 decode, eager steps in graphs and torch.compile'd steps in graphs, with
@@ -149,6 +150,10 @@ unpacked)
   timeout 260 python inference/gemv_configs.py --kernel gemv-mma --bits 4,8,2,3 --top 8 \
     --shapes 8192x8192,4096x4096,4096x11008,22016x4096 --configs \
     8/1/4/1,8/1/8/1,8/1/4/0,8/1/16/1,4/1/16/1,4/1/4/1,4/1/8/1,8/1/4/2,4/1/16/2/1 2>&1 | tee "$out/gemv_mma_unpacked.txt"
+  ;;
+gated)
+  timeout 400 python -m pytest -q -rf -p no:cacheprovider tests/test_kernels_gpu.py \
+    -k "gated or one_token or graph_decoding or fused_triton" 2>&1 | tee "$out/pytest_gated.txt" | tail -3
   ;;
 attention)
   for kernel in triton efficient; do
