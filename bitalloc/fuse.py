@@ -27,7 +27,7 @@ from torch import nn
 from .blocks import replace_module
 from .errors import BitallocError
 from .kernels import triton_backend
-from .kernels.layout import gate_rows, gated_order, storage
+from .kernels.layout import GATE_ROWS, gate_rows, gated_order, storage
 from .kernels.quant_linear import QuantLinear
 from .models import is_linear, tie_groups
 
@@ -170,7 +170,7 @@ def _gated_mlp(model: nn.Module, group: list[str], members: list[nn.Module]) -> 
     silu = type(getattr(module, "act_fn", None)).__name__ in ("SiLU", "SiLUActivation")
     rows = {m.out_features for m in members}
     if not (type(module).__name__.endswith("MLP") and silu and hasattr(module, "down_proj") and len(rows) == 1
-            and rows.pop() % 8 == 0 and members[0].bias is None):
+            and rows.pop() % GATE_ROWS == 0 and members[0].bias is None):
         return None
     return parent
 
