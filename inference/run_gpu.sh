@@ -29,6 +29,10 @@
 # gated: the GPU tests of the gated gate/up epilogue and the one-token attention kernel (written without a GPU).
 # attention: the compiled, stacked Llama-2-7B mixed4-tied decode with bitalloc's one-token attention kernel
 #   (profiled) and with SDPA's memory-efficient kernel, both models alike (torch's own pick, cuDNN, ~7 us a layer).
+# split: the one-token attention kernel with the cache split over programs (flash-decoding, merged by the last
+#   program of a head): its GPU tests, then the compiled, stacked Llama-2-7B mixed4-tied decode through it (profiled).
+# gatedonly: the compiled, stacked Llama-2-7B mixed4-tied decode with torch's own attention (run o's command, now
+#   with the gated gate/up GEMV), profiled.
 # decode: the Llama-2-7B mixed4 decode, eager steps in graphs and torch.compile'd steps in graphs, with
 #   a per-kernel GPU-time profile of a few steps of each.
 set -uo pipefail
@@ -161,6 +165,18 @@ attention)
     timeout 290 python inference/decode.py --config llama-2-7b --mix mixed4-tied --fuse --compile --profile $profile \
       --attention $kernel --out "$out/decode_attention_$kernel" 2>&1 | tail -3
   done
+  rm -f "$out"/*.png "$out"/*_plan.json
+  ;;
+split)
+  timeout 200 python -m pytest -q -rf -p no:cacheprovider tests/test_kernels_gpu.py -k "one_token" 2>&1 \
+    | tee "$out/pytest_split.txt" | tail -3
+  timeout 290 python inference/decode.py --config llama-2-7b --mix mixed4-tied --fuse --compile --profile 3 \
+    --attention triton --out "$out/decode_split_attention" 2>&1 | tail -3
+  rm -f "$out"/*.png "$out"/*_plan.json
+  ;;
+gatedonly)
+  timeout 290 python inference/decode.py --config llama-2-7b --mix mixed4-tied --fuse --compile --profile 3 \
+    --out "$out/decode_gated" 2>&1 | tail -3
   rm -f "$out"/*.png "$out"/*_plan.json
   ;;
 retune)
