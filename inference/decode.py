@@ -12,7 +12,9 @@ option into one wider linear each (bitalloc.fuse), in the baseline and the
 packed model alike.  Decoding is greedy with a static KV cache, each step a CUDA
 graph replay (bitalloc.decode).  Writes <out>.json, <out>.txt, <out>.png and
 the plan of a built model as <out>_plan.json and the launch the tuner chose per
-packed shape as <out>_tuner.json.
+packed shape as <out>_tuner.json; --tuner-choices takes such a file back, so a
+rerun launches the same kernels (where choices time alike, processes keep
+different ones and the packed step moves by a few percent).
 """
 import argparse
 import contextlib
@@ -32,6 +34,7 @@ from bitalloc.fuse import four_tokens, fusable, fuse_layers, fuse_packed, option
 from bitalloc.kernels import tuner
 from bitalloc.kernels.decode_attention import use_for_decoding
 from bitalloc.plan import Plan
+from bitalloc.safe_json import load_json
 
 
 # SDPA kernels that take a mask (flash attention does not), as torch.nn.attention names them; "triton": the
@@ -67,6 +70,9 @@ def parse_args(argv):
                         help="profile this many further steps per model (torch.profiler): <out>_profile.txt "
                              "lists the GPU time of each kernel, after a line with the GPU operations per step, "
                              "their GPU time and the time between them")
+    parser.add_argument("--tuner-choices", metavar="FILE",
+                        help="launch choices of an earlier run (its <out>_tuner.json) to take instead of timing "
+                             "(each still checked against the reference once)")
     parser.add_argument("--out", default="results/decode")
     return parser.parse_args(argv)
 
@@ -80,6 +86,11 @@ def main(argv=None):
     args = parse_args(argv)
     if not torch.cuda.is_available():
         raise BitallocError("the decode benchmark needs a CUDA GPU")
+    if args.tuner_choices:
+        choices = load_json(args.tuner_choices, "tuner choices")
+        if not isinstance(choices, dict):
+            raise BitallocError(f"tuner choices {args.tuner_choices}: expected an object of launches by shape")
+        tuner.preset(choices)
     device = torch.device("cuda")
     out = Path(args.out)
     torch.manual_seed(0)

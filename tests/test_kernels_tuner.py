@@ -61,3 +61,33 @@ def test_the_choices_timed_close_to_the_fastest_are_timed_again_and_their_median
     assert tuner.choose(key, ["slow", "lucky", "steady"], lambda choice: choice) == "steady"
     assert timed[:3] == ["slow", "lucky", "steady"]
     assert timed[3:] == ["lucky", "steady"] * tuner.RECHECKS
+
+
+def test_an_earlier_runs_choices_are_taken_back_without_timing(monkeypatch, caplog):
+    """`preset(choices_made())` of one run makes another launch the same: no timing where the preset agrees
+    with the reference; timing where it disagrees or is not offered; a malformed file stops with one line."""
+    import pytest
+    import torch
+
+    from bitalloc.errors import BitallocError
+
+    monkeypatch.setenv("BITALLOC_TRITON_TUNE", "1")
+    monkeypatch.setattr(tuner, "CHOSEN", {})
+    monkeypatch.setattr(tuner, "PRESET", {})
+    expected = torch.randn(3, 64)
+    outputs = {"reference": expected, ("gemv-mma", (8, 1, 4, 2)): expected + 1e-4, ("wrong", ()): expected * 2}
+    timed = []
+    monkeypatch.setattr(tuner, "_fastest", lambda key, choices, run, reference: timed.append(key) or choices[-1])
+    agrees, disagrees, absent = (("triton", 4, 128, "integer", (n, 8), 1, torch.float16) for n in (64, 128, 256))
+    earlier = {tuner._written(agrees): str(("gemv-mma", (8, 1, 4, 2))),
+               tuner._written(disagrees): str(("wrong", ())), tuner._written(absent): str(("gone", (1,)))}
+    tuner.preset(json.loads(json.dumps(earlier)))
+    choices = [("gemv-mma", (8, 1, 4, 2)), ("wrong", ()), "reference"]
+    with caplog.at_level("WARNING"):
+        assert tuner.choose(agrees, choices, outputs.get, reference="reference") == ("gemv-mma", (8, 1, 4, 2))
+        assert tuner.choose(disagrees, choices, outputs.get, reference="reference") == "reference"
+        assert tuner.choose(absent, choices, outputs.get, reference="reference") == "reference"
+    assert timed == [disagrees, absent]
+    assert "off the reference" in caplog.text and "not among" in caplog.text
+    with pytest.raises(BitallocError, match="not a launch"):
+        tuner.preset({"triton 4": "gemv-mma, (8"})

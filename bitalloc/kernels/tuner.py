@@ -16,28 +16,50 @@ choice that disagrees is dropped with a warning: a kernel wrong on some GPU,
 shape or compiler costs speed, never correctness.
 BITALLOC_TRITON_TUNE=0 takes the first choice (tests: one compilation per
 kernel), and so does Triton's CPU interpreter.
+
+Where several choices time alike, two processes may keep different ones and
+their decode steps differ by a few percent (docs/RESULTS.md, issue 8, point 5).
+`preset` takes an earlier run's choices (the `<out>_tuner.json` a benchmark
+writes), so a benchmark can repeat its launches exactly; a preset choice is
+still checked against the reference once, and timed over if it disagrees.
 """
 from __future__ import annotations
 
+import ast
 import logging
 import os
 import statistics
 from typing import Callable, Hashable, Sequence
 
+from ..errors import BitallocError
 from .timing import cold_timer
 
 log = logging.getLogger(__name__)
 
 CHOSEN: dict[tuple, Hashable] = {}
+PRESET: dict[str, Hashable] = {}  # keys as `choices_made` writes them
 AGREEMENT = 1e-2  # relative L2 error against the reference choice (float16 kernels differ by ~1e-3)
 CLOSE = 1.1  # choices within this factor of the fastest first figure are timed again ...
 RECHECKS = 3  # ... this many times each, interleaved, at most CONTENDERS of them
 CONTENDERS = 4
 
 
+def _written(key: tuple) -> str:
+    return " ".join(map(str, key))
+
+
 def choices_made() -> dict[str, str]:
     """CHOSEN as plain data (a benchmark writes it beside its timings: which launch each shape got)."""
-    return {" ".join(map(str, key)): str(choice) for key, choice in CHOSEN.items()}
+    return {_written(key): str(choice) for key, choice in CHOSEN.items()}
+
+
+def preset(choices: dict) -> None:
+    """Take `choices` (a `choices_made()` of an earlier run) for their keys instead of timing."""
+    for key, choice in choices.items():
+        try:
+            PRESET[str(key)] = ast.literal_eval(choice)
+        except (ValueError, SyntaxError, TypeError):
+            raise BitallocError(f"tuner choice for {key!r} is not a launch as choices_made writes it: {choice!r}")
 
 
 def interpreting() -> bool:
@@ -54,8 +76,35 @@ def choose(key: tuple, choices: Sequence[Hashable], run: Callable[[Hashable], ob
     `run(reference)`, one of the choices)."""
     choice = CHOSEN.get(key)
     if choice is None:
-        choice = CHOSEN[key] = _fastest(key, choices, run, reference) if tuning() else choices[0]
+        choice = CHOSEN[key] = _preset(key, choices, run, reference) or (
+            _fastest(key, choices, run, reference) if tuning() else choices[0])
     return choice
+
+
+def _preset(key, choices, run, reference) -> Hashable | None:
+    """The preset choice for `key` if it is one of `choices` and agrees with the reference, else None."""
+    choice = PRESET.get(_written(key))
+    if choice is None:
+        return None
+    if choice not in choices:
+        log.warning("%s: preset %s is not among this call's choices; timing them", key[0], choice)
+        return None
+    if reference is not None and choice != reference:
+        try:
+            error = _error(run, choice, run(reference).float())
+        except Exception as err:  # compiled on another machine's toolchain, perhaps
+            log.warning("%s: preset %s failed (%s); timing the choices", key[0], choice, str(err).splitlines()[0])
+            return None
+        if not error <= AGREEMENT:
+            log.warning("%s: preset %s is %.2g off the reference %s; timing the choices", key[0], choice, error,
+                        reference)
+            return None
+    return choice
+
+
+def _error(run, choice, expected) -> float:
+    """Relative L2 error of `choice`'s output against `expected` (NaN when it makes NaNs)."""
+    return float((run(choice).float() - expected).norm() / expected.norm().clamp_min(1e-12))
 
 
 def _fastest(key, choices, run, reference):
@@ -65,7 +114,7 @@ def _fastest(key, choices, run, reference):
     for choice in choices:
         try:
             if expected is not None and choice != reference:
-                error = float((run(choice).float() - expected).norm() / expected.norm().clamp_min(1e-12))
+                error = _error(run, choice, expected)
                 if not error <= AGREEMENT:  # NaN included
                     log.warning("%s %s dropped: its output is %.2g off the reference %s (relative L2 error)",
                                 key[0], choice, error, reference)
