@@ -121,6 +121,7 @@ def _kernel():
 
 
 _TICKETS: dict[torch.device, torch.Tensor] = {}
+_OUTGROWN: list[torch.Tensor] = []  # never freed: a captured graph may still count on them
 
 
 def _tickets(device: torch.device, rows: int) -> torch.Tensor:
@@ -132,6 +133,8 @@ def _tickets(device: torch.device, rows: int) -> torch.Tensor:
         return tickets
     fresh = torch.zeros(max(rows, 256), dtype=torch.int32, device=device)
     if not (device.type == "cuda" and torch.cuda.is_current_stream_capturing()):
+        if tickets is not None:
+            _OUTGROWN.append(tickets)
         _TICKETS[device] = fresh
     return fresh
 
