@@ -33,6 +33,8 @@
 #   program of a head): its GPU tests, then the compiled, stacked Llama-2-7B mixed4-tied decode through it (profiled).
 # gatedonly: the compiled, stacked Llama-2-7B mixed4-tied decode with torch's own attention (run o's command, now
 #   with the gated gate/up GEMV), profiled.
+# replay: run r's decode (split attention) twice, each process taking run r's launch choices back
+#   (--tuner-choices), so the spread between processes is the gaps' alone.
 # decode: the Llama-2-7B mixed4 decode, eager steps in graphs and torch.compile'd steps in graphs, with
 #   a per-kernel GPU-time profile of a few steps of each.
 set -uo pipefail
@@ -177,6 +179,13 @@ split)
 gatedonly)
   timeout 290 python inference/decode.py --config llama-2-7b --mix mixed4-tied --fuse --compile --profile 3 \
     --out "$out/decode_gated" 2>&1 | tail -3
+  rm -f "$out"/*.png "$out"/*_plan.json
+  ;;
+replay)
+  for run in a b; do  # two processes launching the same kernels: what is left of the spread is the gaps'
+    timeout 280 python inference/decode.py --config llama-2-7b --mix mixed4-tied --fuse --compile --attention triton \
+      --tuner-choices results/h200_split/decode_split_attention_tuner.json --out "$out/decode_replay_$run" 2>&1 | tail -3
+  done
   rm -f "$out"/*.png "$out"/*_plan.json
   ;;
 retune)
