@@ -104,7 +104,7 @@ def _launch(kind: str, config: tuple, x, qweight, scales, zeros, bits: int, grou
         return x @ dequantize(qweight, scales, zeros, bits, group, in_features, x.dtype, config).T
     if kind in (PAIRS, MMA):
         return _launch_pairs(kind, config, x, qweight, scales, zeros_arg, bits, group, in_features, real_zeros,
-                             dict(common, GATED=gated) if kind == MMA else common)
+                             common, gated)
     block_n, block_k, split, warps = config
     out = _gemv_output(x, n, split)
     codes = unit_codes(bits)
@@ -131,10 +131,12 @@ def _gemv_output(x: torch.Tensor, n: int, split: int) -> torch.Tensor:
     return torch.empty(x.shape[0], n, device=x.device, dtype=torch.float32 if split > 1 else x.dtype)
 
 
-def _launch_pairs(kind, config, x, qweight, scales, zeros_arg, bits, group, in_features, real_zeros, common):
+def _launch_pairs(kind, config, x, qweight, scales, zeros_arg, bits, group, in_features, real_zeros, common,
+                  gated: bool = False):
     """The float16-pair GEMVs (CUDA cores or tensor cores) after their activation pass, or the tensor-core
     one reading x itself (X_LOAD = RAW).  That one MMAs -(M + z) in float16, exact only for integer zero
-    points, so real ones (`zero_points`) take its dequantizing step."""
+    points, so real ones (`zero_points`) take its dequantizing step.  `gated` (tensor-core GEMV, split-K 1
+    only): its epilogue takes silu(gate) * up."""
     from . import triton_mma as tm
     from . import triton_pairs as tp
 
@@ -145,7 +147,7 @@ def _launch_pairs(kind, config, x, qweight, scales, zeros_arg, bits, group, in_f
     grid = (triton_cdiv(n, block_n), split, m)
     even = kind == MMA and n % block_n == 0 and units % (warps * 4 * vec) == 0  # gemv_mma's unmasked path
     dequantize = len(config) > 5 and bool(config[5])
-    width = n // 2 if common.get("GATED") else n  # gated: silu(gate) * up, one column per row pair
+    width = n // 2 if gated else n  # gated: silu(gate) * up, one column per row pair
     if kind == MMA and config[3] >= X_RAW:
         out = _gemv_output(x, width, split)
         if split > 1:
@@ -155,7 +157,7 @@ def _launch_pairs(kind, config, x, qweight, scales, zeros_arg, bits, group, in_f
         pdl = len(config) > 4 and bool(config[4])
         tm.gemv_mma[grid](words, words, qweight, scales, zeros_arg, out, n, units, ng, out.stride(0), words.stride(0),
                           words.shape[1], VEC=vec, SPLIT_K=split, EVEN=even, X_LOAD=config[3], PDL=pdl, launch_pdl=pdl,
-                          DEQUANTIZE=dequantize or real_zeros, num_warps=warps, **common)
+                          DEQUANTIZE=dequantize or real_zeros, GATED=gated, num_warps=warps, **common)
         return out.to(x.dtype)
     out = _gemv_output(x, width, split)
     xp = torch.empty(m, codes // 2, units, device=x.device, dtype=torch.int32)
@@ -167,7 +169,7 @@ def _launch_pairs(kind, config, x, qweight, scales, zeros_arg, bits, group, in_f
     if kind == MMA:
         tm.gemv_mma[grid](xp, xs, qweight, scales, zeros_arg, out, n, units, ng, out.stride(0), xp.stride(0), 0,
                           VEC=vec, SPLIT_K=split, EVEN=even, X_LOAD=config[3], DEQUANTIZE=dequantize,
-                          num_warps=warps, **common)
+                          GATED=gated, num_warps=warps, **common)
     else:
         tp.gemv_pairs[grid](xp, xs, qweight, scales, zeros_arg, out, n, units, ng, out.stride(0), BLOCK_N=block_n,
                             VEC=vec, SPLIT_K=split, num_warps=warps, **common)
@@ -325,12 +327,16 @@ def gates_in_kernel(layer) -> bool:
 def gated_matmul(layer, x: torch.Tensor) -> torch.Tensor:
     """silu(gate) * up of a layer whose gate and up rows alternate (`layout.gated_order`; `gates_in_kernel`):
     the tensor-core GEMV takes it in its epilogue, so no kernel of its own follows the layer."""
-    flat = x.reshape(-1, x.shape[-1]).contiguous()
+    out = _packed_product(layer, x.reshape(-1, x.shape[-1]).contiguous(), layer.kernel_state["real_zeros"], True)
+    return out.reshape(*x.shape[:-1], layer.out_features // 2)
+
+
+def _packed_product(layer, flat: torch.Tensor, real_zeros: bool, gated: bool = False) -> torch.Tensor:
+    """`quant_matmul` of flat x [M, K] by `layer`'s codes, one opaque operator when torch.compile traces it."""
     opt = layer.option
     matmul = quant_matmul_op if torch.compiler.is_compiling() else quant_matmul
-    out = matmul(flat, layer.qweight, layer.scales, layer.zeros, opt.bits, opt.group_size, layer.in_features,
-                 layer.kernel_state["real_zeros"], True)
-    return out.reshape(*x.shape[:-1], layer.out_features // 2)
+    return matmul(flat, layer.qweight, layer.scales, layer.zeros, opt.bits, opt.group_size, layer.in_features,
+                  real_zeros, gated)
 
 
 @register_backend("triton")
@@ -361,10 +367,7 @@ class TritonBackend(Fallback):
         x = divide_act_scale(layer, x)
         shape = x.shape
         flat = x.reshape(-1, shape[-1]).contiguous()
-        opt = layer.option
-        matmul = quant_matmul_op if torch.compiler.is_compiling() else quant_matmul
-        out = matmul(flat, layer.qweight, layer.scales, layer.zeros, opt.bits, opt.group_size, layer.in_features,
-                     state["real_zeros"])
+        out = _packed_product(layer, flat, state["real_zeros"])
         if state["correction"] is not None:
             idx, weight = state["correction"]
             out = out + flat[:, idx] @ weight.to(flat.dtype).T
