@@ -19,6 +19,7 @@ from .cli_args import add_data_args, add_model_args, calibration, check_positive
 from .cost import assignment_bytes, average_bits, layer_shapes
 from .errors import BitallocError, cli_entry
 from .harness import run_tasks
+from .help_format import HelpFormatter
 from .models import load_model
 from .plan import Plan
 from .quant import check_option, parse
@@ -31,7 +32,7 @@ FP = "fp16"
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python scripts/batch_eval.py", description=__doc__.split("\n\n")[0],
-                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                                     formatter_class=HelpFormatter)
     parser.add_argument("--models", nargs="+", default=None, help="several model specs (default: --model)")
     parser.add_argument("--plans", nargs="+", default=[FP, "rtn:int4:g64:asym"],
                         help="fp16, an option applied uniformly, or plan.json files")

@@ -55,6 +55,7 @@ from .cost import layer_bytes, layer_shapes
 from .data import ids_hash
 from .errors import BitallocError, cli_entry
 from .guards import check_activations, check_value, check_weights
+from .help_format import HelpFormatter
 from .linear_pass import forward_sweep, label_gradients, measure_block_linears, weight_values
 from .logit_kl import LogitKL
 from .metrics import DEFAULT_METRIC, METRICS, BlockErrors, combine, parse_metrics
@@ -449,7 +450,7 @@ def build_parser() -> argparse.ArgumentParser:
     from .cli_args import add_data_args, add_model_args
 
     parser = argparse.ArgumentParser(prog="python -m bitalloc.profile", description=__doc__.split("\n\n")[0],
-                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                                     formatter_class=HelpFormatter)
     parser.add_argument("--space", default="rtn-g64", help="option space: preset name, file or comma-separated list")
     parser.add_argument("--space-dir", default="search/spaces", help="where preset option spaces live")
     parser.add_argument("--metrics", default=DEFAULT_METRIC,

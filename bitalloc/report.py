@@ -23,6 +23,7 @@ from pathlib import Path
 
 from . import atomic, plots
 from .errors import BitallocError, cli_entry
+from .help_format import HelpFormatter
 from .plan import Plan
 from .quant import parse
 from .results import markdown
@@ -35,7 +36,7 @@ MEASURED_FILE = "report_measured.json"
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m bitalloc.report", description=__doc__.split("\n\n")[0],
-                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                                     formatter_class=HelpFormatter)
     parser.add_argument("run_dir", help="a run directory written by bash search.sh")
     parser.add_argument("--out", default=None, help="report directory (default RUN_DIR/report)")
     parser.add_argument("--measure", action="store_true",

@@ -25,6 +25,7 @@ from bitalloc.cli_args import add_data_args, add_model_args, calibration, calibr
 from bitalloc.data import eval_windows
 from bitalloc.errors import cli_entry
 from bitalloc.evaluate import ReferenceCache, evaluate
+from bitalloc.help_format import HelpFormatter
 from bitalloc.models import linear_layers, load_model
 from bitalloc.quant import parse
 from bitalloc.quantize_model import needs_calibration, quantize_model, restore
@@ -57,7 +58,7 @@ def variants() -> list[tuple[str, str]]:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0],
-                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                                     formatter_class=HelpFormatter)
     parser.add_argument("--json", default="results/quant_table.json", help="results file (resumed if present)")
     parser.add_argument("--markdown", default="results/quant_table.md", help="the table as Markdown")
     parser.add_argument("--only", default=None, help="comma-separated options to run instead of the full list")

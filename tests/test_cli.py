@@ -103,3 +103,15 @@ def test_apply_rejects_bad_input_with_one_line(case, message, cli_env, tiny_dir,
 def test_search_rejects_bad_input_with_one_line(argv, message, cli_env, tiny_dir, capsys):
     base = ["--model", str(tiny_dir), "--space", SPACE, "--out", "run", *QUICK]
     _expect_bad_input(pipeline.main, base + argv, capsys, cli_env, message)
+
+
+@pytest.mark.parametrize("main", [pipeline.main, apply.main])
+def test_help_states_each_default_once(main, capsys):
+    with pytest.raises(SystemExit) as stop:
+        main(["--help"])
+    assert stop.value.code == 0
+    text = capsys.readouterr().out
+    assert "(default: None)" not in text
+    options = text.split("\n  -")
+    assert all(option.lower().count("default") <= 1 for option in options)
+    assert "(default: " in text  # defaults the help does not state are still appended
