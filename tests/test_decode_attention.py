@@ -74,3 +74,12 @@ def test_prompts_and_cpu_tensors_take_sdpa():
         ours, _ = da.attention_forward(module, q, k, v, None, scaling=0.25)
         expected, _ = sdpa_attention_forward(module, q, k, v, None, scaling=0.25)
         assert torch.equal(ours, expected)
+
+
+def test_a_growing_cache_is_timed_once_per_doubling():
+    """A dynamic cache grows by a key a step: the tuner's key buckets its length, so it times at most once per
+    power of two instead of at every step."""
+    query = torch.zeros(1, 4, 1, 64)
+    keys = {length: da._tuner_key(query, torch.zeros(1, 2, length, 64), None) for length in (65, 100, 128, 129)}
+    assert keys[65] == keys[100] == keys[128] != keys[129]
+    assert keys[65][2] == (1, 2, 128, 64)

@@ -186,12 +186,20 @@ def _launch(kind: str, config: tuple, query, key, value, mask, scale: float) -> 
     return out
 
 
+def _tuner_key(query: torch.Tensor, key: torch.Tensor, mask: torch.Tensor | None) -> tuple:
+    """The cache length rounded up to a power of two: a growing (dynamic) cache is timed once per doubling,
+    not at every step."""
+    batch, kv_heads, keys, dim = key.shape
+    lengths = 1 << (keys - 1).bit_length()
+    return "attention", tuple(query.shape), (batch, kv_heads, lengths, dim), query.dtype, _mask_kind(mask)
+
+
 def decode_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, mask: torch.Tensor | None,
                      scale: float) -> torch.Tensor:
     """One query token per batch row ([B, H, 1, D]) over the cache: the tuner's fastest of SDPA and the Triton
     launches for this shape (timed once; every launch checked against SDPA first)."""
     query, key, value = (t if t.stride(-1) == 1 else t.contiguous() for t in (query, key, value))
-    key_ = ("attention", tuple(query.shape), tuple(key.shape), query.dtype, _mask_kind(mask))
+    key_ = _tuner_key(query, key, mask)
     dim = query.shape[-1]
     choices = LAUNCHES + [SDPA] if dim & (dim - 1) == 0 else [SDPA]  # the kernel spans a power-of-two head size
     launch = functools.partial(_launch, query=query, key=key, value=value, mask=mask, scale=scale)
