@@ -33,6 +33,8 @@
 #   program of a head): its GPU tests, then the compiled, stacked Llama-2-7B mixed4-tied decode through it (profiled).
 # gatedonly: the compiled, stacked Llama-2-7B mixed4-tied decode with torch's own attention (run o's command, now
 #   with the gated gate/up GEMV), profiled.
+# cache: the compiled, stacked Llama-2-7B mixed4-tied decode (split attention) in two processes sharing one tuner
+#   cache file: the second takes the first's launches back instead of timing them.
 # replay: run r's decode (split attention) twice, each process taking run r's launch choices back
 #   (--tuner-choices), so the spread between processes is the gaps' alone.
 # decode: the Llama-2-7B mixed4 decode, eager steps in graphs and torch.compile'd steps in graphs, with
@@ -41,6 +43,7 @@ set -uo pipefail
 out=${1:?output directory}; phase=${2:-full}
 mkdir -p "$out"
 export PYTHONUNBUFFERED=1 PYTHONPATH=$PWD
+export BITALLOC_TUNER_CACHE=off  # every benchmark process times its launches afresh, as docs/RESULTS.md describes
 # compiled kernels of an earlier session, if carried along (saves compile time)
 if [ -f triton_cache.tgz ]; then mkdir -p ~/.triton && tar xzf triton_cache.tgz -C ~/.triton; fi
 python -c "import torch, triton, transformers; print(torch.__version__, triton.__version__, transformers.__version__, torch.cuda.get_device_name())"
@@ -186,6 +189,17 @@ replay)
     timeout 280 python inference/decode.py --config llama-2-7b --mix mixed4-tied --fuse --compile --attention triton \
       --tuner-choices results/h200_split/decode_split_attention_tuner.json --out "$out/decode_replay_$run" 2>&1 | tail -3
   done
+  rm -f "$out"/*.png "$out"/*_plan.json
+  ;;
+cache)
+  for run in a b; do  # the second process takes the first one's launches from the tuner cache file
+    start=$(date +%s)
+    BITALLOC_TUNER_CACHE="$out/tuner_cache.json" timeout 280 python inference/decode.py --config llama-2-7b \
+      --mix mixed4-tied --fuse --compile --attention triton --out "$out/decode_cache_$run" 2>&1 | tail -2
+    echo "process $run: $(( $(date +%s) - start )) s"
+  done 2>&1 | tee "$out/decode_cache.txt"
+  python -c "import json; a, b = (json.load(open(f'$out/decode_cache_{r}_tuner.json')) for r in 'ab')
+print(len(a), 'choices;', 'the same in both processes' if a == b else 'DIFFERENT')" | tee -a "$out/decode_cache.txt"
   rm -f "$out"/*.png "$out"/*_plan.json
   ;;
 retune)

@@ -14,6 +14,12 @@ WORDS = ("the of and to in a is was for on as by with he she it that from at his
          "album song school church station island village league club party state county series north south").split()
 
 
+@pytest.fixture(autouse=True)
+def _no_tuner_cache(monkeypatch):
+    """No test reads or writes the user's tuner cache (tests/test_kernels_tuner.py points it at a temp file)."""
+    monkeypatch.setenv("BITALLOC_TUNER_CACHE", "off")
+
+
 def make_text(n_words: int, seed: int) -> str:
     rng = random.Random(seed)
     sentences, words = [], 0

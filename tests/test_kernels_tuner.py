@@ -91,3 +91,54 @@ def test_an_earlier_runs_choices_are_taken_back_without_timing(monkeypatch, capl
     assert "off the reference" in caplog.text and "not among" in caplog.text
     with pytest.raises(BitallocError, match="not a launch"):
         tuner.preset({"triton 4": "gemv-mma, (8"})
+
+
+def test_timed_choices_are_kept_for_the_next_process_and_a_corrupt_cache_stops_with_one_line(monkeypatch, tmp_path):
+    """What one process times is written to the cache file; the next takes it back (checked against the
+    reference once, not timed); an explicit preset wins over the cache; a corrupt file is named."""
+    import pytest
+    import torch
+
+    from bitalloc.errors import BitallocError
+
+    cache = tmp_path / "tuner" / "gpu.json"
+    monkeypatch.setenv("BITALLOC_TUNER_CACHE", str(cache))
+    monkeypatch.setenv("BITALLOC_TRITON_TUNE", "1")
+    expected = torch.randn(3, 64)
+    outputs = {"reference": expected, "fast": expected + 1e-4, "other": expected - 1e-4}
+    key, second = (("triton", 4, 128, "integer", (n, 8), 1, torch.float16) for n in (64, 128))
+
+    def new_process(fastest):
+        for name, value in (("CHOSEN", {}), ("PRESET", {}), ("_recalled", False), ("_fastest", fastest)):
+            monkeypatch.setattr(tuner, name, value)
+
+    new_process(lambda key, choices, run, reference: "fast")
+    assert tuner.choose(key, ["reference", "fast"], outputs.get, reference="reference") == "fast"
+    assert json.loads(cache.read_text()) == {tuner._written(key): "'fast'"}
+
+    timed = []
+    new_process(lambda key, choices, run, reference: timed.append(key) or "other")
+    assert tuner.choose(key, ["reference", "fast"], outputs.get, reference="reference") == "fast"
+    assert tuner.choose(second, ["reference", "other"], outputs.get, reference="reference") == "other"
+    assert timed == [second]  # only the key the cache did not hold was timed, and both are kept now
+    assert json.loads(cache.read_text()) == {tuner._written(key): "'fast'", tuner._written(second): "'other'"}
+
+    new_process(lambda key, choices, run, reference: "never")
+    tuner.preset({tuner._written(key): "'other'"})
+    assert tuner.choose(key, ["reference", "fast", "other"], outputs.get, reference="reference") == "other"
+
+    cache.write_text("{not json")
+    new_process(lambda key, choices, run, reference: "fast")
+    with pytest.raises(BitallocError, match="tuner cache .*gpu.json is unreadable"):
+        tuner.choose(key, ["reference", "fast"], outputs.get, reference="reference")
+
+
+def test_the_cache_file_is_off_without_a_gpu_or_when_asked(monkeypatch):
+    monkeypatch.setenv("BITALLOC_TUNER_CACHE", "off")
+    assert tuner.cache_file() is None
+    monkeypatch.delenv("BITALLOC_TUNER_CACHE")
+    monkeypatch.setattr("torch.cuda.is_available", lambda: True)
+    monkeypatch.setattr("torch.cuda.get_device_name", lambda: "NVIDIA H200")
+    monkeypatch.setenv("BITALLOC_CACHE", "/somewhere")
+    path = tuner.cache_file()
+    assert path.parent.as_posix() == "/somewhere/tuner" and path.name.startswith("NVIDIA-H200-")

@@ -22,16 +22,29 @@ their decode steps differ by a few percent (docs/RESULTS.md, issue 8, point 5).
 `preset` takes an earlier run's choices (the `<out>_tuner.json` a benchmark
 writes), so a benchmark can repeat its launches exactly; a preset choice is
 still checked against the reference once, and timed over if it disagrees.
+
+What a process times on a GPU is kept in a cache file (`cache_file`: one per
+GPU model, torch and Triton versions and kernel sources), and the next process
+takes it back as presets: a second run neither spends the timing again nor
+lands on different launches.  BITALLOC_TUNER_CACHE names another file, or
+`off` (the benchmark scripts time afresh).
 """
 from __future__ import annotations
 
 import ast
+import functools
+import hashlib
+import json
 import logging
 import os
+import re
 import statistics
+from pathlib import Path
 from typing import Callable, Hashable, Sequence
 
+from .. import atomic
 from ..errors import BitallocError
+from ..paths import cache_root
 from .timing import cold_timer
 
 log = logging.getLogger(__name__)
@@ -42,6 +55,8 @@ AGREEMENT = 1e-2  # relative L2 error against the reference choice (float16 kern
 CLOSE = 1.1  # choices within this factor of the fastest first figure are timed again ...
 RECHECKS = 3  # ... this many times each, interleaved, at most CONTENDERS of them
 CONTENDERS = 4
+CACHE_ENV = "BITALLOC_TUNER_CACHE"
+_recalled = False  # whether this process has read the cache file yet
 
 
 def _written(key: tuple) -> str:
@@ -50,16 +65,83 @@ def _written(key: tuple) -> str:
 
 def choices_made() -> dict[str, str]:
     """CHOSEN as plain data (a benchmark writes it beside its timings: which launch each shape got)."""
-    return {_written(key): str(choice) for key, choice in CHOSEN.items()}
+    return {_written(key): repr(choice) for key, choice in CHOSEN.items()}
 
 
-def preset(choices: dict) -> None:
-    """Take `choices` (a `choices_made()` of an earlier run) for their keys instead of timing."""
+def preset(choices: dict, replace: bool = True) -> None:
+    """Take `choices` (a `choices_made()` of an earlier run) for their keys instead of timing (with `replace`
+    False, only for keys that have no preset yet)."""
     for key, choice in choices.items():
         try:
-            PRESET[str(key)] = ast.literal_eval(choice)
+            launch = ast.literal_eval(choice)
         except (ValueError, SyntaxError, TypeError):
             raise BitallocError(f"tuner choice for {key!r} is not a launch as choices_made writes it: {choice!r}")
+        if replace or str(key) not in PRESET:
+            PRESET[str(key)] = launch
+
+
+def cache_file() -> Path | None:
+    """Where timed choices are kept: $BITALLOC_TUNER_CACHE, None when that is `off` or there is no GPU, else
+    <cache root>/tuner/<GPU>-<hash of torch's and Triton's versions and the kernel sources>.json."""
+    setting = os.environ.get(CACHE_ENV, "")
+    if setting.lower() in ("off", "0", "no", "false"):
+        return None
+    if setting:
+        return Path(setting)
+    import torch
+
+    if not torch.cuda.is_available():
+        return None
+    gpu = re.sub(r"[^A-Za-z0-9]+", "-", torch.cuda.get_device_name()).strip("-")
+    return cache_root() / "tuner" / f"{gpu}-{_toolchain_hash()}.json"
+
+
+@functools.lru_cache(maxsize=None)
+def _toolchain_hash() -> str:
+    import torch
+
+    digest = hashlib.sha256(torch.__version__.encode())
+    try:
+        import triton
+
+        digest.update(triton.__version__.encode())
+    except ImportError:
+        pass
+    for source in sorted(Path(__file__).parent.glob("*.py")):
+        digest.update(source.read_bytes())
+    return digest.hexdigest()[:12]
+
+
+def _stored(path: Path) -> dict:
+    try:
+        stored = json.loads(path.read_text())
+    except FileNotFoundError:
+        return {}
+    except (OSError, ValueError) as err:
+        raise BitallocError(f"tuner cache {path} is unreadable ({err}); delete it or set {CACHE_ENV}=off")
+    if not isinstance(stored, dict) or not all(isinstance(v, str) for v in stored.values()):
+        raise BitallocError(f"tuner cache {path} is not a tuner file; delete it or set {CACHE_ENV}=off")
+    return stored
+
+
+def _recall() -> None:
+    """Once per process: the cache file's choices become presets (explicit presets keep precedence)."""
+    global _recalled
+    if _recalled:
+        return
+    _recalled = True
+    path = cache_file()
+    stored = {} if path is None else _stored(path)
+    if stored:
+        preset(stored, replace=False)
+        log.info("tuner: %d launch choices from %s", len(stored), path)
+
+
+def _remember() -> None:
+    """Add this process's choices to the cache file (written whole: temp file, then rename)."""
+    path = cache_file()
+    if path is not None:
+        atomic.write_json(path, {**_stored(path), **choices_made()})
 
 
 def interpreting() -> bool:
@@ -75,9 +157,14 @@ def choose(key: tuple, choices: Sequence[Hashable], run: Callable[[Hashable], ob
     """The choice for `key` (timing `run(choice)` for each on first sight, each checked against
     `run(reference)`, one of the choices)."""
     choice = CHOSEN.get(key)
-    if choice is None:
-        choice = CHOSEN[key] = _preset(key, choices, run, reference) or (
-            _fastest(key, choices, run, reference) if tuning() else choices[0])
+    if choice is None and not tuning():
+        choice = CHOSEN[key] = _preset(key, choices, run, reference) or choices[0]
+    elif choice is None:
+        _recall()
+        choice = CHOSEN[key] = _preset(key, choices, run, reference)
+        if choice is None:
+            choice = CHOSEN[key] = _fastest(key, choices, run, reference)
+            _remember()
     return choice
 
 
