@@ -131,6 +131,10 @@ def test_timed_choices_are_kept_for_the_next_process_and_a_corrupt_cache_stops_w
     new_process(lambda key, choices, run, reference: "fast")
     with pytest.raises(BitallocError, match="tuner cache .*gpu.json is unreadable"):
         tuner.choose(key, ["reference", "fast"], outputs.get, reference="reference")
+    cache.write_text(json.dumps({tuner._written(key): "fast, ("}))
+    new_process(lambda key, choices, run, reference: "fast")
+    with pytest.raises(BitallocError, match="tuner cache .*gpu.json: tuner choice .* is not a launch"):
+        tuner.choose(key, ["reference", "fast"], outputs.get, reference="reference")
 
 
 def test_the_cache_file_is_off_without_a_gpu_or_when_asked(monkeypatch):

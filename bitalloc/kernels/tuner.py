@@ -133,7 +133,10 @@ def _recall() -> None:
     path = cache_file()
     stored = {} if path is None else _stored(path)
     if stored:
-        preset(stored, replace=False)
+        try:
+            preset(stored, replace=False)
+        except BitallocError as err:
+            raise BitallocError(f"tuner cache {path}: {err}; delete it or set {CACHE_ENV}=off") from None
         log.info("tuner: %d launch choices from %s", len(stored), path)
 
 
