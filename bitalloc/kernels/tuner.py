@@ -160,13 +160,15 @@ def choose(key: tuple, choices: Sequence[Hashable], run: Callable[[Hashable], ob
     """The choice for `key` (timing `run(choice)` for each on first sight, each checked against
     `run(reference)`, one of the choices)."""
     choice = CHOSEN.get(key)
-    if choice is None and not tuning():
-        choice = CHOSEN[key] = _preset(key, choices, run, reference) or choices[0]
-    elif choice is None:
-        _recall()
-        choice = CHOSEN[key] = _preset(key, choices, run, reference)
-        if choice is None:
-            choice = CHOSEN[key] = _fastest(key, choices, run, reference)
+    if choice is None:
+        if tuning():
+            _recall()
+        choice = _preset(key, choices, run, reference)
+        timed = choice is None and tuning()
+        if timed:
+            choice = _fastest(key, choices, run, reference)
+        CHOSEN[key] = choice = choices[0] if choice is None else choice
+        if timed:
             _remember()
     return choice
 
