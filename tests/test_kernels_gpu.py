@@ -247,3 +247,22 @@ def test_a_gated_layer_gives_silu_gate_times_up_through_every_launch(bits):
             assert out.shape == (batch, 512), (kind, config)
             error = float((out - expected).norm() / expected.norm())
             assert error < 3e-3, (kind, config, batch, error)
+
+
+def test_a_tuned_launch_is_taken_back_from_the_cache_by_the_next_process(monkeypatch, tmp_path):
+    """The first process times the choices and writes the cache file; a second (the tuner's state reset)
+    launches the same choice without timing anything."""
+    from bitalloc.kernels import tuner
+
+    monkeypatch.setenv("BITALLOC_TRITON_TUNE", "1")
+    monkeypatch.setenv("BITALLOC_TUNER_CACHE", str(tmp_path / "tuner.json"))
+    x = torch.randn(1, IN_FEATURES, device="cuda", dtype=torch.float16)
+    chosen = []
+    for fastest in (tuner._fastest, lambda *args: pytest.fail("the second process timed again")):
+        for name, value in (("CHOSEN", {}), ("PRESET", {}), ("_recalled", False), ("_fastest", fastest)):
+            monkeypatch.setattr(tuner, name, value)
+        reference, layer = layers("rtn:int4:g128:asym", "triton")
+        error = float((layer(x).float() - reference(x).float()).norm() / reference(x).float().norm())
+        assert error < 3e-3
+        chosen.append(tuner.choices_made())
+    assert chosen[0] == chosen[1] and len(chosen[0]) == 1
