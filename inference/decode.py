@@ -13,8 +13,11 @@ packed model alike.  Decoding is greedy with a static KV cache, each step a CUDA
 graph replay (bitalloc.decode).  Writes <out>.json, <out>.txt, <out>.png and
 the plan of a built model as <out>_plan.json and the launch the tuner chose per
 packed shape as <out>_tuner.json; --tuner-choices takes such a file back, so a
-rerun launches the same kernels (where choices time alike, processes keep
-different ones and the packed step moves by a few percent).
+rerun launches the same kernels (where choices time alike, processes that time
+afresh keep different ones and the packed step moves by a few percent).  Without
+it, choices come from the tuner's cache file where an earlier process on this GPU
+left them (bitalloc.kernels.tuner; BITALLOC_TUNER_CACHE=off times afresh, as
+inference/run_gpu.sh does).
 """
 import argparse
 import contextlib
