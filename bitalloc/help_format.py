@@ -1,14 +1,15 @@
-"""One help format for every command line: defaults shown, but never twice."""
+"""One help format for every command line: defaults shown, but never twice; descriptions and epilogs
+(usage examples copied from module docstrings) keep their line breaks."""
 from __future__ import annotations
 
 import argparse
 
 
-class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+class HelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
     """Appends an option's default only where its help does not already say it and there is one."""
 
     def _get_help_string(self, action):
         text = action.help or ""
-        if "default" in text.lower() or action.default in (None, False, argparse.SUPPRESS):
+        if "default" in text.lower() or any(action.default is nothing for nothing in (None, False, argparse.SUPPRESS)):
             return text
         return super()._get_help_string(action)

@@ -34,6 +34,7 @@ from bitalloc.cost import average_bits, layer_shapes
 from bitalloc.decode import decode
 from bitalloc.errors import BitallocError, cli_entry
 from bitalloc.fuse import four_tokens, fusable, fuse_layers, fuse_packed, options_after_fusing, shared_input_groups
+from bitalloc.help_format import HelpFormatter
 from bitalloc.kernels import tuner
 from bitalloc.kernels.decode_attention import use_for_decoding
 from bitalloc.plan import Plan
@@ -48,7 +49,7 @@ ATTENTION = {"torch": None, "cudnn": SDPBackend.CUDNN_ATTENTION, "efficient": SD
 
 def parse_args(argv):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0],
-                                     formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
+                                     formatter_class=HelpFormatter, epilog=__doc__)
     source = parser.add_mutually_exclusive_group(required=True)
     source.add_argument("--config", choices=sorted(LLAMA_CONFIGS), help="build this shape with random weights")
     source.add_argument("--saved", help="a directory written by python -m bitalloc.apply --save")
@@ -56,7 +57,7 @@ def parse_args(argv):
     parser.add_argument("--layers", type=int, default=None, help="fewer decoder blocks (quick checks)")
     parser.add_argument("--backend", default="auto", help="backend of the packed layers")
     parser.add_argument("--prompt", type=int, default=32, help="prompt tokens")
-    parser.add_argument("--new-tokens", type=int, default=128)
+    parser.add_argument("--new-tokens", type=int, default=128, help="decode steps timed per model")
     parser.add_argument("--no-graphs", action="store_true", help="eager decode steps (no CUDA graphs)")
     parser.add_argument("--fuse", action="store_true",
                         help="compute the linears that read one input and share an option (q/k/v, gate/up) as one "
@@ -76,7 +77,8 @@ def parse_args(argv):
     parser.add_argument("--tuner-choices", metavar="FILE",
                         help="launch choices of an earlier run (its <out>_tuner.json) to take instead of timing "
                              "(each still checked against the reference once)")
-    parser.add_argument("--out", default="results/decode")
+    parser.add_argument("--out", default="results/decode",
+                        help="output path prefix: <out>.json, <out>.txt, <out>_tuner.json, <out>_profile.txt")
     return parser.parse_args(argv)
 
 

@@ -24,6 +24,7 @@ import torch
 
 from bitalloc.benchmarks import random_layer, roofline_bandwidth, time_layer, weight_bytes
 from bitalloc.errors import BitallocError, cli_entry
+from bitalloc.help_format import HelpFormatter
 from bitalloc.kernels import triton_backend as tb
 from bitalloc.kernels import triton_kernels as tk
 from bitalloc.kernels import tuner
@@ -34,10 +35,11 @@ from read_floor import read_floor_seconds
 
 def parse_args(argv):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0],
-                                     formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
+                                     formatter_class=HelpFormatter, epilog=__doc__)
     parser.add_argument("--shapes", default="8192x8192,4096x4096", help="out x in, comma separated")
-    parser.add_argument("--bits", default="4,2,3,8")
-    parser.add_argument("--kernel", choices=["gemv", "gemv-pairs", "gemv-mma"], default="gemv")
+    parser.add_argument("--bits", default="4,2,3,8", help="code widths to sweep, comma separated")
+    parser.add_argument("--kernel", choices=["gemv", "gemv-pairs", "gemv-mma"], default="gemv",
+                        help="the float32 GEMV, the float16-pair GEMV or the tensor-core GEMV")
     parser.add_argument("--configs", default=None, help="BLOCK_N/BLOCK_K (gemv-pairs: VEC)/SPLIT_K/num_warps, "
                         "or VEC/SPLIT_K/num_warps/X_LOAD[/PDL] (gemv-mma); comma separated")
     parser.add_argument("--top", type=int, default=6, help="how many configurations to print per case")

@@ -35,6 +35,7 @@ from triton.compiler import ASTSource
 from triton.compiler.errors import CompilationError
 from triton.experimental.gluon._runtime import GluonASTSource
 
+from bitalloc.help_format import HelpFormatter
 from bitalloc.kernels import triton_kernels as tk
 from bitalloc.kernels import triton_mma as tm
 from bitalloc.kernels import triton_pairs as tp
@@ -111,9 +112,10 @@ def loop_body(sass: str) -> list[str]:
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0],
-                                     formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
-    parser.add_argument("--bits", default="4,2,3,8")
-    parser.add_argument("--configs", default="64/128/16/4,128/128/16/4,256/128/16/4")
+                                     formatter_class=HelpFormatter, epilog=__doc__)
+    parser.add_argument("--bits", default="4,2,3,8", help="code widths to compile, comma separated")
+    parser.add_argument("--configs", default="64/128/16/4,128/128/16/4,256/128/16/4",
+                        help="launch configurations (see above), comma separated")
     parser.add_argument("--kernel", choices=sorted(SIGNATURES), default="units",
                         help="gemv_units (float32 arithmetic), gemv_pairs (float16 pairs) or gemv_mma (tensor cores)")
     parser.add_argument("--dump", default=None, help="also write the last SASS compiled here")

@@ -15,6 +15,7 @@ import sys
 import torch
 
 from bitalloc import atomic
+from bitalloc.help_format import HelpFormatter
 from bitalloc.kernels import int8 as int8_backend
 from bitalloc.kernels.timing import time_cuda
 
@@ -23,8 +24,8 @@ BATCHES = (256, 512, 1024)
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--out", default="results/int8_layouts.txt")
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0], formatter_class=HelpFormatter)
+    parser.add_argument("--out", default="results/int8_layouts.txt", help="where the table is written")
     args = parser.parse_args(argv)
     dev = "cuda"
     lines = [f"{torch.cuda.get_device_name()}, torch {torch.__version__}; microseconds (speed-up vs fp16)",

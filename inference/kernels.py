@@ -21,6 +21,7 @@ from bitalloc import atomic
 from bitalloc.benchmarks import (BATCHES, LAYER_SHAPES, kernel_rows, plot_speedups, roofline_bandwidth, summary,
                                  write_csv, write_latency_table)
 from bitalloc.errors import BitallocError, cli_entry
+from bitalloc.help_format import HelpFormatter
 from bitalloc.kernels import tuner
 
 GPU_BACKENDS = {
@@ -33,12 +34,13 @@ CPU_BACKENDS = {"cpu": ["rtn:int8:pc:sym", "rtn:int4:g128:asym", "rtn:int4:g32:a
 
 def parse_args(argv):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0],
-                                     formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+                                     formatter_class=HelpFormatter, epilog=__doc__)
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
+                        help="cuda or cpu (default: cuda when there is a GPU)")
     parser.add_argument("--out", default=None, help="output path prefix (default results/kernels_<device>)")
     parser.add_argument("--models", default=",".join(LAYER_SHAPES), help="which shape sets")
     parser.add_argument("--layers", default=None, help="only these layer names (comma separated)")
-    parser.add_argument("--batches", default=",".join(map(str, BATCHES)))
+    parser.add_argument("--batches", default=",".join(map(str, BATCHES)), help="rows of activations, comma separated")
     parser.add_argument("--backends", default=None,
                         help='JSON {"backend": [options]} (default: every GPU or CPU backend and bit width)')
     return parser.parse_args(argv)

@@ -28,6 +28,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_profile import RANDOM_CONFIGS, RandomBlocks, random_model  # noqa: E402
+from bitalloc.help_format import HelpFormatter
 
 
 def _value(text: str):
@@ -83,16 +84,18 @@ def launch(ranks: int, argv: list[str], threads: int) -> dict:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=HelpFormatter)
     parser.add_argument("--gpus", type=int, default=2, help="ranks of the sharded run (one GPU each on CUDA)")
-    parser.add_argument("--random", choices=sorted(RANDOM_CONFIGS), default="llama-2-13b")
+    parser.add_argument("--random", choices=sorted(RANDOM_CONFIGS), default="llama-2-13b",
+                        help="shape of the random-weight model profiled")
     parser.add_argument("--override", nargs="*", default=[], metavar="FIELD=VALUE",
                         help="config fields changed from the --random shape")
-    parser.add_argument("--device", default="auto")
-    parser.add_argument("--nsamples", type=int, default=16)
-    parser.add_argument("--calib-seqlen", type=int, default=512)
-    parser.add_argument("--batch-size", type=int, default=4)
-    parser.add_argument("--space", default="rtn:int2:g64:asym,rtn:int3:g64:asym,rtn:int4:g64:asym,rtn:int8:g64:asym")
+    parser.add_argument("--device", default="auto", help="cuda, cpu or auto")
+    parser.add_argument("--nsamples", type=int, default=16, help="calibration sequences")
+    parser.add_argument("--calib-seqlen", type=int, default=512, help="tokens per calibration sequence")
+    parser.add_argument("--batch-size", type=int, default=4, help="calibration sequences per forward pass")
+    parser.add_argument("--space", default="rtn:int2:g64:asym,rtn:int3:g64:asym,rtn:int4:g64:asym,rtn:int8:g64:asym",
+                        help="options profiled, comma separated")
     parser.add_argument("--metrics", default="rel", help="comma-separated profile metrics")
     parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     args, argv = parser.parse_args(), [a for a in sys.argv[1:] if a != "--worker"]

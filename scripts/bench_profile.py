@@ -25,6 +25,7 @@ from bitalloc.blocks import capture_inputs
 from bitalloc.candidates import Candidates
 from bitalloc.cli_args import resolve_device
 from bitalloc.data import calibration_ids
+from bitalloc.help_format import HelpFormatter
 from bitalloc.models import LoadedModel, block_linears, find_blocks, load_model
 from bitalloc.profile import measure_block, profile
 from bitalloc.quant import parse
@@ -108,18 +109,19 @@ def _sync(device):
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--model", default="smollm2-135m")
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=HelpFormatter)
+    parser.add_argument("--model", default="smollm2-135m", help="model spec (see bitalloc.models)")
     parser.add_argument("--random", choices=sorted(RANDOM_CONFIGS), help="a random-weight model of this shape")
     parser.add_argument("--layers", type=int, default=None,
                         help="with --random: only this many blocks (peak memory per block is the same; time scales)")
-    parser.add_argument("--device", default="auto")
+    parser.add_argument("--device", default="auto", help="cuda, cpu or auto")
     parser.add_argument("--dtype", default=None, help="float32 (CPU default) or bfloat16/float16 (CUDA default bf16)")
-    parser.add_argument("--data-dir", default=None)
-    parser.add_argument("--nsamples", type=int, default=16)
-    parser.add_argument("--calib-seqlen", type=int, default=512)
-    parser.add_argument("--batch-size", type=int, default=4)
-    parser.add_argument("--space", default="rtn:int2:g64:asym,rtn:int3:g64:asym,rtn:int4:g64:asym,rtn:int8:g64:asym")
+    parser.add_argument("--data-dir", default=None, help="local data directory (default: $BITALLOC_DATA, else the hub)")
+    parser.add_argument("--nsamples", type=int, default=16, help="calibration sequences")
+    parser.add_argument("--calib-seqlen", type=int, default=512, help="tokens per calibration sequence")
+    parser.add_argument("--batch-size", type=int, default=4, help="calibration sequences per forward pass")
+    parser.add_argument("--space", default="rtn:int2:g64:asym,rtn:int3:g64:asym,rtn:int4:g64:asym,rtn:int8:g64:asym",
+                        help="options profiled, comma separated")
     parser.add_argument("--metrics", default="fisher;rel", help="metric groups, each profiled fresh and timed")
     parser.add_argument("--baseline-blocks", default="0,15", help="blocks on which the full recompute is timed")
     parser.add_argument("--lean-memory", action="store_true", help="profile(lean_memory=True): see bitalloc.profile")

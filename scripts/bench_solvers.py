@@ -20,6 +20,7 @@ import numpy as np
 
 from bitalloc.budget import parse_budget
 from bitalloc.cost import LayerShape, layer_bytes
+from bitalloc.help_format import HelpFormatter
 from bitalloc.quant import parse
 from bitalloc.solve import SOLVERS, TABLE_SOLVERS, build_problem, pareto_front, solve_ilp
 from bitalloc.table import SensitivityTable
@@ -59,9 +60,10 @@ def timed(fn, repeats: int = 3):
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--tie", choices=("none", "fused"), default="fused")
-    parser.add_argument("--seed", type=int, default=0)
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=HelpFormatter)
+    parser.add_argument("--tie", choices=("none", "fused"), default="fused",
+                        help="fused: q/k/v and gate/up each take one option; none: every layer its own")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the synthetic table")
     parser.add_argument("--budgets", default="2.5,3,3.5,4,4.5,5,6", help="average bits per weight")
     args = parser.parse_args()
     shapes, ties, table, options = synthetic_table(args.seed)

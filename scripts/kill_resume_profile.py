@@ -21,6 +21,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from bitalloc.help_format import HelpFormatter
+
 
 def block_files(cache: Path) -> list[Path]:
     return sorted(cache.glob("profile/*/block_*.json"))
@@ -56,11 +58,11 @@ def run(argv: list[str], cache: Path, out: Path, kill_when=None, sig=None) -> di
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--data-dir", default=None)
-    parser.add_argument("--model", default="smollm2-135m")
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=HelpFormatter)
+    parser.add_argument("--data-dir", default=None, help="local data directory (default: $BITALLOC_DATA, else the hub)")
+    parser.add_argument("--model", default="smollm2-135m", help="model spec (see bitalloc.models)")
     parser.add_argument("--space", default="rtn-g64", help="option space (a smaller one makes the demo quicker)")
-    parser.add_argument("--json", default=None)
+    parser.add_argument("--json", default=None, help="also write the report here")
     args = parser.parse_args()
     common = ["--model", args.model, "--space", args.space] + (["--data-dir", args.data_dir] if args.data_dir else [])
     root = Path(tempfile.mkdtemp(prefix="kill-resume-"))

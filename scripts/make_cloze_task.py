@@ -15,11 +15,12 @@ from pathlib import Path
 
 from bitalloc import atomic
 from bitalloc.errors import BitallocError, cli_entry
+from bitalloc.help_format import HelpFormatter
 
 
 @cli_entry
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0], formatter_class=HelpFormatter)
     parser.add_argument("text", help="a plain text file")
     parser.add_argument("--out", required=True, help="the JSONL task file to write")
     parser.add_argument("--questions", type=int, default=100, help="number of questions")

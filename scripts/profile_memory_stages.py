@@ -19,6 +19,7 @@ from pathlib import Path
 import torch
 
 import bitalloc.profile as profile_module
+from bitalloc.help_format import HelpFormatter
 from bitalloc.quant import parse
 
 sys.path.insert(0, str(Path(__file__).parent))
@@ -43,13 +44,14 @@ def watched(name, fn):
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--random", choices=sorted(RANDOM_CONFIGS), default="llama-3-8b")
-    parser.add_argument("--layers", type=int, default=2)
-    parser.add_argument("--nsamples", type=int, default=128)
-    parser.add_argument("--calib-seqlen", type=int, default=2048)
-    parser.add_argument("--batch-size", type=int, default=4)
-    parser.add_argument("--lean-memory", action="store_true")
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=HelpFormatter)
+    parser.add_argument("--random", choices=sorted(RANDOM_CONFIGS), default="llama-3-8b",
+                        help="shape of the random-weight model profiled")
+    parser.add_argument("--layers", type=int, default=2, help="blocks kept (peak memory per block does not depend on it)")
+    parser.add_argument("--nsamples", type=int, default=128, help="calibration sequences")
+    parser.add_argument("--calib-seqlen", type=int, default=2048, help="tokens per calibration sequence")
+    parser.add_argument("--batch-size", type=int, default=4, help="calibration sequences per forward pass")
+    parser.add_argument("--lean-memory", action="store_true", help="profile(lean_memory=True): see bitalloc.profile")
     args = parser.parse_args()
     if not torch.cuda.is_available():
         sys.exit("profile_memory_stages needs a CUDA GPU")

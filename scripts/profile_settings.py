@@ -27,6 +27,7 @@ import torch
 import bitalloc.candidates as candidates_module
 from bitalloc.blocks import capture_inputs
 from bitalloc.candidates import Candidates
+from bitalloc.help_format import HelpFormatter
 from bitalloc.models import block_linears, find_blocks
 from bitalloc.profile import measure_block, profile
 from bitalloc.quant import parse
@@ -87,11 +88,12 @@ def trace_one_block(seqlen: int) -> str:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                     formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
-    parser.add_argument("--layers", type=int, default=3)
-    parser.add_argument("--settings", default="4:lean:triton,4:lean:torch,4:full:triton,2:full:triton,8:lean:triton")
-    parser.add_argument("--nsamples", type=int, default=128)
-    parser.add_argument("--calib-seqlen", type=int, default=2048)
+                                     formatter_class=HelpFormatter, epilog=__doc__)
+    parser.add_argument("--layers", type=int, default=3, help="blocks of the random model timed")
+    parser.add_argument("--settings", default="4:lean:triton,4:lean:torch,4:full:triton,2:full:triton,8:lean:triton",
+                        help="BATCH:lean|full:triton|torch settings (see above), comma separated")
+    parser.add_argument("--nsamples", type=int, default=128, help="calibration sequences")
+    parser.add_argument("--calib-seqlen", type=int, default=2048, help="tokens per calibration sequence")
     parser.add_argument("--trace", action="store_true", help="also print the kernel table of one lean block")
     args = parser.parse_args()
     if not torch.cuda.is_available():

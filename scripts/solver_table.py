@@ -11,6 +11,8 @@ import argparse
 import json
 from pathlib import Path
 
+from bitalloc.help_format import HelpFormatter
+
 
 def rows(run: Path) -> list[str]:
     data = json.loads((run / "results.json").read_text())
@@ -34,7 +36,7 @@ def rows(run: Path) -> list[str]:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=HelpFormatter)
     parser.add_argument("runs", nargs="+", help="run directories written by search.sh")
     args = parser.parse_args()
     print("| budget | plan | MB | avg bits | predicted loss | PPL | dPPL | KL mean | dPPL / dPPL(uniform) |")

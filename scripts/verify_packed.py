@@ -28,6 +28,7 @@ from bitalloc.cost import assignment_bytes, layer_shapes, other_bytes
 from bitalloc.data import eval_windows
 from bitalloc.errors import cli_entry
 from bitalloc.evaluate import evaluate
+from bitalloc.help_format import HelpFormatter
 from bitalloc.kernels.quant_linear import QuantLinear
 from bitalloc.models import linear_layers, load_model
 from bitalloc.plan import Plan
@@ -60,12 +61,12 @@ def set_backend(model, name: str) -> None:
 @cli_entry
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0],
-                                     formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
-    parser.add_argument("--model", default="smollm2-135m")
-    parser.add_argument("--data-dir", default=None)
-    parser.add_argument("--windows", type=int, default=24)
-    parser.add_argument("--seqlen", type=int, default=512)
-    parser.add_argument("--out", default="results/verify_packed.json")
+                                     formatter_class=HelpFormatter, epilog=__doc__)
+    parser.add_argument("--model", default="smollm2-135m", help="model spec (see bitalloc.models)")
+    parser.add_argument("--data-dir", default=None, help="local data directory (default: $BITALLOC_DATA, else the hub)")
+    parser.add_argument("--windows", type=int, default=24, help="WikiText-2 test windows evaluated")
+    parser.add_argument("--seqlen", type=int, default=512, help="tokens per window")
+    parser.add_argument("--out", default="results/verify_packed.json", help="where the checks are written")
     args = parser.parse_args(argv)
     loaded = load_model(args.model)
     plan = mixed_plan(loaded.model, args.model)

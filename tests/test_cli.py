@@ -115,3 +115,37 @@ def test_help_states_each_default_once(main, capsys):
     options = text.split("\n  -")
     assert all(option.lower().count("default") <= 1 for option in options)
     assert "(default: " in text  # defaults the help does not state are still appended
+
+
+def test_help_shows_a_default_of_zero_and_keeps_the_epilogs_lines():
+    import argparse
+
+    from bitalloc.help_format import HelpFormatter
+    parser = argparse.ArgumentParser(formatter_class=HelpFormatter, epilog="example:\n    run --seed 3")
+    parser.add_argument("--seed", type=int, default=0, help="random seed")
+    text = parser.format_help()
+    assert "random seed (default: 0)" in text
+    assert "example:\n    run --seed 3" in text
+
+
+def _command_lines():
+    from pathlib import Path
+    root = Path(__file__).resolve().parent.parent
+    files = [*root.glob("bitalloc/**/*.py"), *root.glob("scripts/*.py"), *root.glob("inference/*.py")]
+    return [f for f in files if "ArgumentParser(" in f.read_text()]
+
+
+@pytest.mark.parametrize("path", _command_lines(), ids=lambda p: f"{p.parent.name}/{p.name}")
+def test_every_option_of_every_command_line_is_explained(path):
+    """Read from the source (importing ~30 scripts would cost minutes): each parser uses the shared help
+    format and each option has a help text."""
+    import ast
+
+    tree = ast.parse(path.read_text())
+    calls = [node for node in ast.walk(tree) if isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute)]
+    parsers = [c for c in calls if c.func.attr == "ArgumentParser"]
+    assert parsers and all(any(k.arg == "formatter_class" and ast.unparse(k.value) == "HelpFormatter"
+                                   for k in c.keywords) for c in parsers)
+    unexplained = [ast.unparse(c.args[0]) for c in calls
+                   if c.func.attr == "add_argument" and not any(k.arg == "help" for k in c.keywords)]
+    assert not unexplained, f"options without help: {unexplained}"

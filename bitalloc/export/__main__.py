@@ -14,6 +14,7 @@ from pathlib import Path
 
 from .. import atomic
 from ..errors import cli_entry
+from ..help_format import HelpFormatter
 from ..models import EMBEDDED, load_model
 from ..plan import Plan
 from ..preflight import model_path
@@ -22,7 +23,7 @@ from . import EXPORTERS, export_input, get_exporter
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m bitalloc.export", description=__doc__.split("\n\n")[0],
-                                     formatter_class=argparse.RawDescriptionHelpFormatter,
+                                     formatter_class=HelpFormatter,
                                      epilog=__doc__.split("\n\n", 1)[1])
     parser.add_argument("out", help="file to write")
     parser.add_argument("--plan", required=True, help="plan.json written by search")
