@@ -47,7 +47,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=HelpFormatter)
     parser.add_argument("--random", choices=sorted(RANDOM_CONFIGS), default="llama-3-8b",
                         help="shape of the random-weight model profiled")
-    parser.add_argument("--layers", type=int, default=2, help="blocks kept (peak memory per block does not depend on it)")
+    parser.add_argument("--layers", type=int, default=2,
+                        help="blocks kept (peak memory per block does not depend on it)")
     parser.add_argument("--nsamples", type=int, default=128, help="calibration sequences")
     parser.add_argument("--calib-seqlen", type=int, default=2048, help="tokens per calibration sequence")
     parser.add_argument("--batch-size", type=int, default=4, help="calibration sequences per forward pass")
