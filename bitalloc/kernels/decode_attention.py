@@ -5,14 +5,17 @@ and values per head (a Llama-2-7B layer at 167 positions: 2.7 MB), yet on the
 H200 torch's SDPA (cuDNN) took ~7 us a layer, as long as a 4096x4096 int4 GEMV:
 a fixed cost in the float16 and the packed model alike, so it caps their ratio.
 One query row needs no tiles of queries.  A program per head walking the whole
-cache (the first version of this kernel) left most SMs idle and took 11.7 us, so
-the cache is split as flash-decoding splits it: each program takes one head and
-one stretch of keys, keeps a running softmax (max, sum and the weighted values
-in float32) and stores it; the last program of a head to finish, counted by an
-atomic ticket, merges the stretches and resets the ticket, all in one launch
-(a second merge kernel would cost a launch per layer): 7.4 us a layer on the
-H200 at 16 keys a program, as fast as cuDNN and no faster, both bound by
-latency rather than by the bytes (docs/RESULTS.md, issue 8).  The mask Hugging Face
+cache in dependent steps (the first version of this kernel) left most SMs idle
+and took 11.7 us, so the cache is split as flash-decoding splits it: each
+program takes one head and one stretch of keys, keeps a running softmax (max,
+sum and the weighted values in float32) and stores it; the last program of a
+head to finish, counted by an atomic ticket, merges the stretches and resets the
+ticket, all in one launch (a second merge kernel would cost a launch per layer):
+7.4 us a layer on the H200 at 16 keys a program.  A cache of at most 256
+positions is faster still unsplit in one step (all its keys loaded at once, no
+merge): 6.4 us; from 512 positions the split wins (`inference/attention.py`).
+All of these are bound by latency rather than by the bytes (docs/RESULTS.md,
+issue 8).  The mask Hugging Face
 builds for a static cache is honoured: keys past the current position are
 masked, not skipped, exactly as SDPA computes them.
 
@@ -34,8 +37,8 @@ from . import tuner
 NAME = "bitalloc_decode"
 SDPA = ("sdpa", ())
 # (keys per block, warps, most stretches a head's keys are split into; 1: one program walks them all)
-LAUNCHES = [("triton", config) for config in ((16, 2, 64), (16, 4, 64), (32, 4, 32), (32, 8, 32), (64, 8, 16),
-                                              (32, 4, 1))]
+LAUNCHES = [("triton", config) for config in ((16, 2, 64), (64, 4, 16), (32, 4, 32), (64, 8, 16), (128, 4, 2),
+                                              (256, 8, 1))]
 NO_MASK, BOOL_MASK, ADDED_MASK = 0, 1, 2
 MERGED_AT_ONCE = 8  # stretches the last program loads per step of its merge
 
