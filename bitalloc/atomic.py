@@ -8,12 +8,17 @@ it only when complete.  A temporary name says who made it,
 so that when a process is killed outright (SIGKILL, power loss: no cleanup
 runs), the next atomic write into the same directory recognises the leftovers
 of a process of this host that is no longer alive and removes them.  Leftovers
-of live processes (another run sharing a cache) are never touched.
+of live processes (another run sharing a cache) are never touched.  Outputs get
+the modes a plain `open` would give them (the umask's), not the private ones of
+temporary files, so a shared cache or a saved model stays readable by others;
+`locked` serialises read-merge-write updates of one file by several processes.
 """
 from __future__ import annotations
 
 import contextlib
 import ctypes
+import fcntl
+import functools
 import json
 import os
 import re
@@ -72,6 +77,20 @@ def sweep_stale(directory: Path) -> list[Path]:
     return removed
 
 
+@functools.cache
+def _umask() -> int:
+    """The process's umask: from /proc where Linux shows it, else set and put back at once."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return int(line.split()[1], 8)
+    except OSError:
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
 def _fsync_dir(directory: Path) -> None:
     try:
         fd = os.open(directory, os.O_RDONLY)
@@ -92,6 +111,7 @@ def atomic_path(path: str | os.PathLike):
     path.parent.mkdir(parents=True, exist_ok=True)
     sweep_stale(path.parent)
     fd, tmp = tempfile.mkstemp(prefix=_owner_prefix(path), suffix=".tmp", dir=path.parent)
+    os.fchmod(fd, 0o666 & ~_umask())  # mkstemp's 0600 would make every output private
     os.close(fd)
     tmp = Path(tmp)
     try:
@@ -160,6 +180,7 @@ def atomic_dir(path: str | os.PathLike):
     path.parent.mkdir(parents=True, exist_ok=True)
     sweep_stale(path.parent)
     tmp = Path(tempfile.mkdtemp(prefix=_owner_prefix(path), suffix=".tmp", dir=path.parent))
+    os.chmod(tmp, 0o777 & ~_umask())  # mkdtemp's 0700 would make a saved model private
     try:
         yield tmp
         if not path.exists():
@@ -172,3 +193,14 @@ def atomic_dir(path: str | os.PathLike):
         _fsync_dir(path.parent)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)  # after a swap, this is the old directory
+
+
+@contextlib.contextmanager
+def locked(path: str | os.PathLike):
+    """Hold an exclusive lock on `path` (through a `.<name>.lock` file beside it) for a read-merge-write:
+    processes that add to one file take turns, so none writes over rows another has just added."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path.with_name(f".{path.name}.lock"), "a") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        yield

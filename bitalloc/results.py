@@ -45,16 +45,18 @@ def read_rows(path: Path, fields: tuple[str, ...]) -> list[dict]:
 
 
 def merge_rows(path: Path, fields: tuple[str, ...], key: tuple[str, ...], new: list[dict]) -> list[dict]:
-    """Write `path` with `new` rows replacing any old row of the same key; returns all rows."""
-    rows = {tuple(r[k] for k in key): r for r in read_rows(path, fields)}
-    for row in new:
-        cells = {f: _cell(row.get(f)) for f in fields}
-        rows[tuple(cells[k] for k in key)] = cells
-    buffer = io.StringIO()
-    writer = csv.DictWriter(buffer, fieldnames=fields, delimiter="\t", lineterminator="\n")
-    writer.writeheader()
-    writer.writerows(rows.values())
-    atomic.write_text(path, buffer.getvalue())
+    """Write `path` with `new` rows replacing any old row of the same key (under a lock: runs sharing the file
+    take turns); returns all rows."""
+    with atomic.locked(path):
+        rows = {tuple(r[k] for k in key): r for r in read_rows(path, fields)}
+        for row in new:
+            cells = {f: _cell(row.get(f)) for f in fields}
+            rows[tuple(cells[k] for k in key)] = cells
+        buffer = io.StringIO()
+        writer = csv.DictWriter(buffer, fieldnames=fields, delimiter="\t", lineterminator="\n")
+        writer.writeheader()
+        writer.writerows(rows.values())
+        atomic.write_text(path, buffer.getvalue())
     return list(rows.values())
 
 

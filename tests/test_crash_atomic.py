@@ -104,3 +104,29 @@ def test_files_named_by_their_writer_appear_whole(tmp_path):
             (tmp / "events.out.tfevents.2.host").write_bytes(b"half")
             raise RuntimeError
     assert names(tmp_path) == {"events.out.tfevents.1.host"}
+
+
+def test_outputs_get_the_umasks_modes_not_private_ones(tmp_path):
+    mask = os.umask(0o022)
+    try:
+        atomic._umask.cache_clear()
+        atomic.write_text(tmp_path / "plan.json", "{}")
+        with atomic.atomic_dir(tmp_path / "saved") as tmp:
+            (tmp / "config.json").write_text("{}")
+    finally:
+        os.umask(mask)
+        atomic._umask.cache_clear()
+    assert (tmp_path / "plan.json").stat().st_mode & 0o777 == 0o644
+    assert (tmp_path / "saved").stat().st_mode & 0o777 == 0o755
+
+
+def test_processes_merging_rows_into_one_file_keep_each_others_rows(tmp_path):
+    """Eight processes each add 20 rows, one merge at a time: the lock makes every row survive."""
+    script = ("import sys; from pathlib import Path; from bitalloc.results import merge_rows\n"
+              "for i in range(20):\n"
+              "    merge_rows(Path(sys.argv[1]), ('run', 'i'), ('run', 'i'), [{'run': sys.argv[2], 'i': i}])\n")
+    workers = [subprocess.Popen([sys.executable, "-c", script, str(tmp_path / "rows.tsv"), str(n)], cwd=REPO)
+               for n in range(8)]
+    assert all(w.wait() == 0 for w in workers)
+    lines = (tmp_path / "rows.tsv").read_text().splitlines()
+    assert len(lines) == 1 + 8 * 20

@@ -141,10 +141,12 @@ def _recall() -> None:
 
 
 def _remember() -> None:
-    """Add this process's choices to the cache file (written whole: temp file, then rename)."""
+    """Add this process's choices to the cache file (written whole: temp file, then rename; under a lock, so
+    processes tuning at once keep each other's choices)."""
     path = cache_file()
     if path is not None:
-        atomic.write_json(path, {**_stored(path), **choices_made()})
+        with atomic.locked(path):
+            atomic.write_json(path, {**_stored(path), **choices_made()})
 
 
 def interpreting() -> bool:
