@@ -112,6 +112,20 @@ def test_hqq_lowers_the_weight_error_without_calibration():
         quantize(w, parse("hqq:int4:g64:sym"))
 
 
+@pytest.mark.parametrize("method", ["rtn:int3:{g}:asym:clip=1", "hqq:int3:{g}:asym"])
+def test_a_ragged_last_group_is_fitted_on_its_real_columns_only(method):
+    """136 inputs at g128: the last group has 8 real columns and 120 of padding; its scales and zeros are
+    those of the 8 columns quantized alone (one group of 8)."""
+    torch.manual_seed(3)
+    w = torch.randn(32, 136) * 0.02
+    w[:, -1] *= 8  # the padding repeats this column: counted 121 times, it would decide the fit
+    whole = quantize(w, parse(method.format(g="g128")))
+    alone = quantize(w[:, 128:], parse(method.format(g="g128")))
+    assert torch.equal(whole.scales[:, -1:], alone.scales)
+    assert torch.equal(whole.zeros[:, -1:], alone.zeros)
+    assert torch.equal(whole.codes[:, 128:], alone.codes)
+
+
 def test_smoothquant_helps_w8a8_when_activations_have_outlier_channels(layer):
     x, w, calib = layer
     plain = rel_output_error(x, w, quantize(w, parse("rtn:int8:pc:sym:a8"), calib), act_bits=8)

@@ -62,7 +62,7 @@ def search_scale(w: torch.Tensor, option: Option, calib: LayerCalib, grid: int =
     return best
 
 
-@register_quantizer("awq", version="1", needs_calibration=True, transforms_input=True)
+@register_quantizer("awq", version="2", needs_calibration=True, transforms_input=True)
 def quantize_awq(w: torch.Tensor, option: Option, calib: LayerCalib) -> QuantizedWeight:
     s = search_scale(w, option, calib, option.param("grid", 20, int), bool(option.param("duo", 1, int)))
     scaled = w * s

@@ -38,6 +38,13 @@ def to_groups(w: torch.Tensor, group_size: int) -> torch.Tensor:
     return w.reshape(out_features, -1, group_size)
 
 
+def real_columns(in_features: int, group_size: int) -> torch.Tensor:
+    """[n_groups, g] in `to_groups`' layout: 1.0 on real columns, 0.0 on a ragged last group's padding, which
+    must not count in an error or a mean (repeating the last column leaves min/max alone, not averages)."""
+    shape = to_groups(torch.zeros(1, in_features), group_size).shape[1:]
+    return (torch.arange(shape.numel()) < in_features).reshape(shape).float()
+
+
 def from_groups(wg: torch.Tensor, in_features: int) -> torch.Tensor:
     return wg.reshape(wg.shape[0], -1)[:, :in_features]
 

@@ -29,24 +29,26 @@ def _shrink(x: torch.Tensor, beta: float, p: float) -> torch.Tensor:
 
 
 def optimise_zeros(wg: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor, maxq: int, iters: int, p: float,
-                   beta: float, kappa: float) -> torch.Tensor:
-    """Zeros [out, ng] minimising the l_p rounding error of groups wg [out, ng, g]."""
+                   beta: float, kappa: float, real: torch.Tensor) -> torch.Tensor:
+    """Zeros [out, ng] minimising the l_p rounding error of groups wg [out, ng, g]; `real` ([ng, g],
+    `formats.real_columns`) keeps a ragged last group's padding out of the means."""
     s = scales[..., None]
     z = zeros[..., None]
+    count = real.sum(-1, keepdim=True)
     best, best_error = z.clone(), torch.full_like(zeros, float("inf"))[..., None]
     for _ in range(iters):
         q = torch.clamp(torch.round(wg / s + z), 0, maxq)
         residual = wg - (q - z) * s
-        error = residual.abs().pow(p).mean(-1, keepdim=True)
+        error = (residual.abs().pow(p) * real).sum(-1, keepdim=True) / count
         better = error < best_error
         best, best_error = torch.where(better, z, best), torch.where(better, error, best_error)
         sparse = _shrink(residual, beta, p)
-        z = (q - (wg - sparse) / s).mean(-1, keepdim=True)
+        z = ((q - (wg - sparse) / s) * real).sum(-1, keepdim=True) / count
         beta *= kappa
     return best[..., 0]
 
 
-@register_quantizer("hqq", version="1", formats=("int",))
+@register_quantizer("hqq", version="2", formats=("int",))
 def quantize_hqq(w: torch.Tensor, option: Option, calib=None) -> QuantizedWeight:
     if option.sym:
         raise BitallocError(f"hqq optimises zero points: use an asymmetric option ({option})")
@@ -55,7 +57,8 @@ def quantize_hqq(w: torch.Tensor, option: Option, calib=None) -> QuantizedWeight
     scales, _ = formats.int_scales(wg, option.bits, sym=False)
     start = -formats.asym_range(wg.amin(-1), wg.amax(-1))[0] / scales
     zeros = optimise_zeros(wg, scales, start, maxq, option.param("iters", 20, int), option.param("lp", 0.7, float),
-                           option.param("beta", 10.0, float), option.param("kappa", 1.01, float))
+                           option.param("beta", 10.0, float), option.param("kappa", 1.01, float),
+                           formats.real_columns(w.shape[1], option.group_size))
     zeros = formats.to_storage(zeros, "zeros")
     codes = torch.clamp(torch.round(wg / scales[..., None] + zeros[..., None]), 0, maxq).to(torch.uint8)
     return QuantizedWeight(option, formats.from_groups(codes, w.shape[1]).contiguous(), scales, zeros)

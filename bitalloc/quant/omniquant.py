@@ -88,7 +88,7 @@ def train_clipping(w: torch.Tensor, option: Option, hessian: torch.Tensor, epoch
     return best
 
 
-@register_quantizer("lwc", version="1", needs_calibration=True)
+@register_quantizer("lwc", version="2", needs_calibration=True)
 def quantize_lwc(w: torch.Tensor, option: Option, calib: LayerCalib) -> QuantizedWeight:
     epochs = option.param("epochs", 40 if option.bits <= 2 else 20, int)
     upper, lower = train_clipping(w, option, calib.hessian(), epochs, option.param("lr", 0.05, float))

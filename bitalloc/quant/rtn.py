@@ -42,7 +42,8 @@ def clip_search(w: torch.Tensor, option: Option, weights: torch.Tensor, grid: to
     Returns (scales, zeros, ratio): `ratio` [out, n_groups] is the chosen shrink factor.
     """
     wg = formats.to_groups(w, option.group_size)
-    weight_g = formats.to_groups(weights[None], option.group_size)[0]
+    weight_g = formats.to_groups(weights[None], option.group_size)[0] * formats.real_columns(w.shape[1],
+                                                                                             option.group_size)
     best = None
     for ratio in grid:
         err, scales, zeros = _group_error(wg, option, ratio, weight_g)
@@ -72,6 +73,6 @@ def _output_weighted(option: Option) -> bool:
     return option.param("clip", 0, int) == 2
 
 
-@register_quantizer("rtn", version="3", needs_calibration=_output_weighted)
+@register_quantizer("rtn", version="4", needs_calibration=_output_weighted)
 def quantize_rtn(w: torch.Tensor, option: Option, calib: LayerCalib | None = None) -> QuantizedWeight:
     return rtn_quantize(w, option, channel_weight(calib if _output_weighted(option) else None, w.shape[1]))
