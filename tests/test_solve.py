@@ -61,6 +61,13 @@ def test_tie_groups_share_one_option():
     assert assignment["b.0.q"] == assignment["b.0.k"] == assignment["b.0.v"]
 
 
+def test_a_tie_group_only_partly_in_the_table_ties_the_members_it_has():
+    shapes = [LayerShape(n, 64, 128, False) for n in ("b.0.q", "b.0.k", "b.0.o")]
+    table = _table([s.name for s in shapes], shapes)
+    problem = build_problem(table, shapes, OPTIONS, tie_groups=[["b.0.q", "b.0.k", "b.0.v"]])
+    assert problem.units == [["b.0.q", "b.0.k"], ["b.0.o"]]
+
+
 @pytest.mark.parametrize("seed", range(4))
 def test_plans_never_exceed_the_budget_as_the_cost_model_counts(seed):
     rng = np.random.default_rng(seed)

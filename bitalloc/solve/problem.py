@@ -120,9 +120,10 @@ def build_problem(table: SensitivityTable, shapes: list[LayerShape], options: li
     numel = np.array([by_name[layer].numel for layer in layers], dtype=float)
     weighted = WEIGHTINGS[weighting](errors, numel)
 
-    grouped = {layer for group in (tie_groups or []) for layer in group}
     layer_set = set(layers)
-    units = [list(g) for g in (tie_groups or []) if all(layer in layer_set for layer in g)]
+    # a group only partly in the table ties the members it has; every layer is in exactly one unit
+    units = [present for group in (tie_groups or []) if (present := [layer for layer in group if layer in layer_set])]
+    grouped = {layer for unit in units for layer in unit}
     units += [[layer] for layer in layers if layer not in grouped]
     order = {layer: i for i, layer in enumerate(layers)}
     units.sort(key=lambda unit: order[unit[0]])
