@@ -93,6 +93,14 @@ def test_auto_picks_the_kernel_for_the_device():
     assert w4.backend == "cpu" and w4.kernel == "cpu"
 
 
+def test_the_approx_simulation_answers_in_the_inputs_dtype():
+    reference, layer = make_layer("rtn:int4:g64:asym", "approx")
+    x = inputs(3).to(torch.bfloat16)
+    out = layer(x)
+    assert out.dtype == torch.bfloat16 and out.shape == reference(x).shape
+    assert relative_error(out.float(), reference(x).float()) < 0.1  # approximate products, a few % off
+
+
 def test_approx_backend_feeds_the_simulation_the_effective_weight(monkeypatch):
     calls = []
 
@@ -100,7 +108,7 @@ def test_approx_backend_feeds_the_simulation_the_effective_weight(monkeypatch):
         calls.append(weight.shape)
         return x @ weight.T
 
-    monkeypatch.setattr(approx_module, "simulation", lambda: exact)
+    monkeypatch.setattr(approx_module, "approx_matmul", exact)
     reference, layer = make_layer("rtn:int4:g64:asym:a8", "approx", outliers=1)
     assert layer.kernel == "approx"
     x = inputs(5)

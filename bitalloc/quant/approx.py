@@ -58,15 +58,16 @@ def mean_compensation(steps: int = 512) -> float:
 
 
 def approx_matmul(x: torch.Tensor, w: torch.Tensor, compensated: bool = True, chunk: int = 8) -> torch.Tensor:
-    """x [..., in] @ w[out, in]^T with every product approximate and exact float32 accumulation.
+    """x [..., in] @ w[out, in]^T with every product approximate and exact float32 accumulation, returned in
+    x's dtype on x's device (as the exact product would be).
 
     Memory is bounded by processing `chunk` input channels at a time ([tokens, chunk, out]).
     """
     c = mean_compensation() if compensated else 0.0
     flat = x.reshape(-1, x.shape[-1]).float()
     wt = w.float().T
-    out = torch.zeros(flat.shape[0], w.shape[0])
+    out = torch.zeros(flat.shape[0], w.shape[0], device=x.device)
     for start in range(0, flat.shape[1], chunk):
         end = min(start + chunk, flat.shape[1])
         out += mitchell_multiply(flat[:, start:end, None], wt[None, start:end, :], c).sum(1)
-    return out.reshape(*x.shape[:-1], w.shape[0])
+    return out.reshape(*x.shape[:-1], w.shape[0]).to(x.dtype)
