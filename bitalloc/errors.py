@@ -16,10 +16,17 @@ class BitallocError(Exception):
     """
 
 
-def one_line(err: BaseException, limit: int = 2000) -> str:
+def one_line(err: BaseException | str, limit: int = 2000) -> str:
     """The message on one line (lone surrogates escaped), at most `limit` characters."""
     message = " ".join(str(err).split()).encode("utf-8", "backslashreplace").decode("utf-8")
     return message if len(message) <= limit else message[: limit - 3] + "..."
+
+
+def first_line(err: BaseException, limit: int = 300) -> str:
+    """The first non-empty line of the message (the exception's type when it has none), at most `limit`
+    characters: for messages whose later lines are a traceback or a dump."""
+    lines = [line.strip() for line in str(err).splitlines() if line.strip()]
+    return one_line(lines[0] if lines else type(err).__name__, limit)
 
 
 def cli_entry(main):

@@ -31,7 +31,7 @@ import torch
 from torch import nn
 
 from .arch import Architecture
-from .errors import BitallocError
+from .errors import BitallocError, first_line
 from .models import find_blocks, linear_layers
 
 log = logging.getLogger(__name__)
@@ -221,8 +221,7 @@ def count_macs(model: nn.Module, workload: Workload = Workload()) -> MacCount:
         try:
             by_module = analysis.by_module()
         except (RuntimeError, ValueError, TypeError, IndexError) as err:
-            first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-            raise BitallocError(f"fvcore cannot trace {type(model).__name__}: {first}") from None
+            raise BitallocError(f"fvcore cannot trace {type(model).__name__}: {first_line(err)}") from None
         by_module_op = analysis.by_module_and_operator()
     missed = sorted(op for op in analysis.unsupported_ops() if _PRODUCT_LIKE.search(op))
     if missed:

@@ -26,7 +26,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from .errors import BitallocError
+from .errors import BitallocError, first_line
 from .guards import check_weights
 from .hooks import run_hooked
 from .preflight import require_safe_weights
@@ -153,8 +153,7 @@ def load_model(spec: str = DEFAULT_MODEL, dtype: torch.dtype = torch.float32) ->
     try:
         model, tokenizer = _from_pretrained(location, gguf, dtype)
     except (OSError, ValueError) as err:
-        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        raise BitallocError(f"cannot load model '{spec}': {first}") from None
+        raise BitallocError(f"cannot load model '{spec}': {first_line(err)}") from None
     check_weights(model)
     if path is None:  # hub: hash the snapshot that was downloaded
         from huggingface_hub import snapshot_download

@@ -6,6 +6,7 @@ from pathlib import Path
 
 import numpy as np
 
+from . import atomic
 from .models import block_index
 from .table import SensitivityTable
 from .tb import _save, _tag, heatmap_figure
@@ -44,22 +45,23 @@ def write_report(out: Path, table: SensitivityTable) -> list[Path]:
     from tensorboardX import SummaryWriter
 
     written = []
-    writer = SummaryWriter(logdir=str(out))
-    try:
-        for metric in table.metrics:
-            view = table.with_metric(metric)
-            for kind, make in (("heatmap", heatmap_figure), ("blocks", lambda t: curves_figure(t, metric))):
-                figure = make(view)
-                if kind == "heatmap":
-                    figure.axes[0].set_title(f"sensitivity: log10 {metric}")
-                path = out / f"profile_{kind}_{metric}.png"
-                _save(figure, path)
-                written.append(path)
-                writer.add_figure(_tag(f"profile/{kind}/{metric}"), figure, close=True)
-                plt.close(figure)
-            for option, values in block_totals(view, metric).items():
-                for block, value in enumerate(values):
-                    writer.add_scalar(_tag(f"profile_blocks/{metric}/{option}"), float(value), block)
-    finally:
-        writer.close()
+    with atomic.atomic_files(out) as events_dir:  # event files appear complete or not at all
+        writer = SummaryWriter(logdir=str(events_dir))
+        try:
+            for metric in table.metrics:
+                view = table.with_metric(metric)
+                for kind, make in (("heatmap", heatmap_figure), ("blocks", lambda t: curves_figure(t, metric))):
+                    figure = make(view)
+                    if kind == "heatmap":
+                        figure.axes[0].set_title(f"sensitivity: log10 {metric}")
+                    path = out / f"profile_{kind}_{metric}.png"
+                    _save(figure, path)
+                    written.append(path)
+                    writer.add_figure(_tag(f"profile/{kind}/{metric}"), figure, close=True)
+                    plt.close(figure)
+                for option, values in block_totals(view, metric).items():
+                    for block, value in enumerate(values):
+                        writer.add_scalar(_tag(f"profile_blocks/{metric}/{option}"), float(value), block)
+        finally:
+            writer.close()
     return written

@@ -23,7 +23,7 @@ import sys
 import torch
 
 from bitalloc.benchmarks import random_layer, roofline_bandwidth, time_layer, weight_bytes
-from bitalloc.errors import BitallocError, cli_entry
+from bitalloc.errors import BitallocError, cli_entry, first_line
 from bitalloc.help_format import HelpFormatter
 from bitalloc.kernels import triton_backend as tb
 from bitalloc.kernels import triton_kernels as tk
@@ -94,7 +94,7 @@ def main(argv=None):
                 try:
                     timings.append((time_layer(layer, 1, device), config))
                 except Exception as err:  # resources the GPU lacks (shared memory, registers): skip it
-                    print(f"  {'/'.join(map(str, config))} failed: {str(err).splitlines()[0][:120]}", flush=True)
+                    print(f"  {'/'.join(map(str, config))} failed: {first_line(err, 120)}", flush=True)
             tuner.CHOSEN.pop(key, None)
             timings.sort()
             if not timings:

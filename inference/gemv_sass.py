@@ -35,6 +35,7 @@ from triton.compiler import ASTSource
 from triton.compiler.errors import CompilationError
 from triton.experimental.gluon._runtime import GluonASTSource
 
+from bitalloc import atomic
 from bitalloc.help_format import HelpFormatter
 from bitalloc.kernels import triton_kernels as tk
 from bitalloc.kernels import triton_mma as tm
@@ -120,6 +121,7 @@ def main(argv=None) -> int:
                         help="gemv_units (float32 arithmetic), gemv_pairs (float16 pairs) or gemv_mma (tensor cores)")
     parser.add_argument("--dump", default=None, help="also write the last SASS compiled here")
     args = parser.parse_args(argv)
+    last = None  # the SASS --dump writes
     for bits in (int(b) for b in args.bits.split(",")):
         for text in args.configs.split(","):
             config = tuple(int(v) for v in text.split("/"))
@@ -135,9 +137,9 @@ def main(argv=None) -> int:
             print(f"{args.kernel} int{bits} {text}: {registers(sass)} registers, {len(body)} instructions per loop "
                   f"step, {per_thread:.0f} codes per thread, {len(body) / per_thread:.2f} per code ({top})",
                   flush=True)
-            if args.dump:
-                with open(args.dump, "w") as handle:
-                    handle.write(sass)
+            last = sass
+    if args.dump and last is not None:
+        atomic.write_text(args.dump, last)
     return 0
 
 

@@ -21,6 +21,7 @@ import time
 
 import torch
 
+from bitalloc import atomic
 from bitalloc.blocks import capture_inputs
 from bitalloc.candidates import Candidates
 from bitalloc.cli_args import resolve_device
@@ -169,8 +170,7 @@ def main() -> None:
         figures["partial_speedup"] = round(seconds[False] / seconds[True], 2)
     print(json.dumps(figures, indent=1))
     if args.json:
-        with open(args.json, "w") as handle:
-            json.dump(figures, handle, indent=1)
+        atomic.write_json(args.json, figures)
 
 
 if __name__ == "__main__":

@@ -21,6 +21,7 @@ import tempfile
 import time
 from pathlib import Path
 
+from bitalloc import atomic
 from bitalloc.help_format import HelpFormatter
 
 
@@ -44,15 +45,18 @@ def run(argv: list[str], cache: Path, out: Path, kill_when=None, sig=None) -> di
     command = [sys.executable, "-m", "bitalloc.profile", *argv, "--cache-dir", str(cache), "--out", str(out),
                "--quiet"]
     start = time.perf_counter()
-    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    killed = False
-    while process.poll() is None:
-        if kill_when is not None and kill_when():
-            process.send_signal(sig)
-            killed = True
-            break
-        time.sleep(0.2)
-    output, _ = process.communicate()
+    log_path = out.with_name(f"{out.name}.log")  # a file, not a pipe: nobody reads a pipe while polling
+    with open(log_path, "w") as log_file:
+        process = subprocess.Popen(command, stdout=log_file, stderr=subprocess.STDOUT, text=True)
+        killed = False
+        while process.poll() is None:
+            if kill_when is not None and kill_when():
+                process.send_signal(sig)
+                killed = True
+                break
+            time.sleep(0.2)
+        process.wait()
+    output = log_path.read_text()
     return {"seconds": round(time.perf_counter() - start, 1), "returncode": process.returncode, "killed": killed,
             "log": [line for line in output.splitlines() if "resumes" in line or "error" in line]}
 
@@ -87,7 +91,7 @@ def main() -> None:
         print(json.dumps({name: report[name]}, indent=1), flush=True)
     print(json.dumps(report, indent=1))
     if args.json:
-        Path(args.json).write_text(json.dumps(report, indent=1))
+        atomic.write_json(args.json, report)
 
 
 if __name__ == "__main__":

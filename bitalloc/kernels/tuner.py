@@ -43,7 +43,7 @@ from pathlib import Path
 from typing import Callable, Hashable, Sequence
 
 from .. import atomic
-from ..errors import BitallocError
+from ..errors import BitallocError, first_line
 from ..paths import cache_root
 from .timing import cold_timer
 
@@ -187,7 +187,7 @@ def _preset(key, choices, run, reference) -> Hashable | None:
         try:
             error = _error(run, choice, run(reference).float())
         except Exception as err:  # compiled on another machine's toolchain, perhaps
-            log.warning("%s: preset %s failed (%s); timing the choices", key[0], choice, str(err).splitlines()[0])
+            log.warning("%s: preset %s failed (%s); timing the choices", key[0], choice, first_line(err))
             return None
         if not error <= AGREEMENT:
             log.warning("%s: preset %s is %.2g off the reference %s; timing the choices", key[0], choice, error,
@@ -215,7 +215,7 @@ def _fastest(key, choices, run, reference):
                     continue
             timings[choice] = [timed(lambda: run(choice))]
         except Exception as err:  # a configuration the compiler rejects (resources): skip it
-            log.warning("%s %s failed: %s", key[0], choice, str(err).splitlines()[0][:200])
+            log.warning("%s %s failed: %s", key[0], choice, first_line(err, 200))
     if not timings:
         raise RuntimeError(f"no launch choice compiled for {key}")
     first = min(figures[0] for figures in timings.values())

@@ -35,7 +35,7 @@ from typing import Callable
 
 import numpy as np
 
-from ..errors import BitallocError
+from ..errors import BitallocError, first_line
 from .problem import Problem
 from .refit import refit_plan
 
@@ -77,7 +77,7 @@ def open_storage(url: str | None, attempts: int = 5):
         except Exception as err:  # bad URL, server down, missing driver, schema race: one clear line at the end
             racing = any(sign in type(err).__name__ + str(err) for sign in ("IntegrityError", "already exists"))
             if attempt + 1 == attempts or not racing:
-                raise BitallocError(f"cannot open Optuna storage {shown_url(url)}: {str(err).splitlines()[0]}") from None
+                raise BitallocError(f"cannot open Optuna storage {shown_url(url)}: {first_line(err)}") from None
             time.sleep(0.5 * (attempt + 1))
 
 
