@@ -17,7 +17,8 @@ def test_option_string_round_trips(text):
 
 
 @pytest.mark.parametrize("text", ["rtn:int9:g64", "rtn:int4:g0", "rtn:int4", "RTN:int4:g64", "rtn:int4:g64:a5",
-                                  "rtn:int4:g64:x=1:x=2", "rtn:fp5:g64", 7, "rtn:int4:g64:wat"])
+                                  "rtn:int4:g64:x=1:x=2", "rtn:fp5:g64", 7, "rtn:int4:g64:wat",
+                                  "rtn:int4:g64:asym:afp8:a4", "rtn:int4:g64:sym:asym"])
 def test_bad_options_are_rejected_with_a_message(text):
     with pytest.raises(BitallocError, match="option"):
         parse(text)

@@ -19,7 +19,6 @@ from dataclasses import dataclass, field
 from ..errors import BitallocError
 
 UNQUANTIZED = "fp16"
-INT_BITS = range(2, 9)
 _FORMAT_RE = re.compile(r"^(int)([2-8])$|^(fp8e4m3|fp8e5m2|fp4|nf4)$")
 FLOAT_FORMAT_BITS = {"fp8e4m3": 8, "fp8e5m2": 8, "fp4": 4, "nf4": 4}
 ACT_BITS = (4, 8, 16)
@@ -104,7 +103,13 @@ def parse(text: str) -> Option:
     sym = fmt != "int"
     act_bits, act_fmt = 16, "int"
     params = []
+    given = set()  # symmetry and activations may each be said once
     for token in rest:
+        kind = ("symmetry" if token in ("sym", "asym") else
+                "activations" if token in ACT_FORMATS or re.fullmatch(r"a[0-9]+", token) else None)
+        if kind in given:
+            raise BitallocError(f"option '{text}': {kind} given twice")
+        given.add(kind)
         if token in ("sym", "asym") and fmt == "int":
             sym = token == "sym"
         elif token in ACT_FORMATS:
