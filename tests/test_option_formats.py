@@ -9,6 +9,7 @@ from bitalloc.quant.option import FP16, Option
 @pytest.mark.parametrize("text", [
     "rtn:int4:g64:asym", "rtn:int3:g128:sym", "rtn:int8:pc:sym:a8", "rtn:nf4:g64", "rtn:fp4:g32",
     "rtn:fp8e4m3:pc", "rtn:fp8e5m2:g128", "rtn:int2:g64:asym:clip=1", "fp16",
+    "gptq:int3:g32:asym:act_order=0:static_groups=1",
 ])
 def test_option_string_round_trips(text):
     option = parse(text)

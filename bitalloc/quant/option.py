@@ -107,7 +107,7 @@ def parse(text: str) -> Option:
     for token in rest:
         kind = ("symmetry" if token in ("sym", "asym") else
                 "activations" if token in ACT_FORMATS or re.fullmatch(r"a[0-9]+", token) else None)
-        if kind in given:
+        if kind is not None and kind in given:
             raise BitallocError(f"option '{text}': {kind} given twice")
         given.add(kind)
         if token in ("sym", "asym") and fmt == "int":
