@@ -62,7 +62,7 @@ def move_outside_blocks(model: nn.Module, device) -> None:
     for name, module in model.named_modules():
         if name == prefix or name.startswith(prefix + "."):
             continue
-        for key, param in module._parameters.items():
+        for param in module._parameters.values():
             if param is not None:
                 param.data = param.data.to(device)
         for key, buffer in module._buffers.items():

@@ -45,9 +45,6 @@ class Candidates:
     def keys(self):
         return self.layers.keys()
 
-    def items(self):
-        return self.layers.items()
-
     def _ready(self, layer: QuantLinear) -> QuantLinear:
         if not self.on_host:
             layer.set_backend("reference")

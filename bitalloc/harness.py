@@ -25,13 +25,6 @@ from .errors import BitallocError
 
 log = logging.getLogger(__name__)
 
-STANDARD_TASKS = ("arc_easy", "hellaswag", "piqa", "winogrande", "boolq")
-
-
-class TaskUnavailable(BitallocError):
-    """The task's data could not be reached: skip it and say so."""
-
-
 def _require_lm_eval():
     try:
         import lm_eval  # noqa: F401

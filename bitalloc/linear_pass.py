@@ -135,7 +135,7 @@ def measure_block_linears(block, candidates, boundary: list[BlockBatch], upstrea
                     below[k].append(hidden.grad.detach().to("cpu"))
                     hidden.grad = None
                 windows = hidden.shape[0]
-                for (name, option), layer in candidates.items():
+                for name, option in candidates.keys():
                     x, y, g = catch.inputs[name], catch.outputs[name], catch.grads[name]
                     with torch.no_grad():
                         delta = candidates.run(name, option, x) - y
@@ -152,7 +152,7 @@ def measure_block_linears(block, candidates, boundary: list[BlockBatch], upstrea
         catch.remove()
     weight_terms = {}
     if fisher_diag:
-        for (name, option), _ in candidates.items():
+        for name, option in candidates.keys():
             weight = weight_matrix(block.get_submodule(name)).detach().float()
             weight_terms[(name, option)] = (candidates.weight_error(name, option, weight), diag[name])
     return terms, weight_terms, below

@@ -79,7 +79,6 @@ class ReferenceCache:
             full = tokens * (vocab_size or 0) * 2
             topk = 0 if root is None or full <= self.max_bytes else DEFAULT_TOPK
         self.topk = topk
-        self.expected_bytes = tokens * (topk * 6 + 4) if topk else tokens * (vocab_size or 0) * 2
         storage = f"top{topk}" if topk else "full"
         self.key = f"{fingerprint}-{ids_hash(windows)}-b{batch_size}-{storage}"
         self.root = None if root is None else Path(root) / "reference"

@@ -8,7 +8,7 @@ from bitalloc.arch import architecture
 from bitalloc.cost import layer_shapes
 from bitalloc.errors import BitallocError
 from bitalloc.macs import Workload, analytic_macs, count_macs, mac_analysis
-from conftest import SHARED_DATA, requires_default_model, tiny_gpt2, tiny_llama, tiny_opt
+from conftest import requires_default_model, tiny_gpt2, tiny_llama, tiny_opt
 
 WORKLOADS = [Workload(batch=2, seqlen=16), Workload(batch=2, seqlen=10, decode=True)]
 

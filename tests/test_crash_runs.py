@@ -144,7 +144,7 @@ def killed(env, tiny_dir, clean_search):
         runs[name] = (work, subprocess.Popen([sys.executable, "-c", DRIVER, mode, str(at), module, *argv(work)],
                                              cwd=work, env=process_env, stdout=subprocess.DEVNULL,
                                              stderr=subprocess.PIPE, text=True))
-    for work, process in runs.values():
+    for _, process in runs.values():
         process.communicate(timeout=300)
     return runs
 

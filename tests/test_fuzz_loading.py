@@ -3,7 +3,6 @@ base loads nothing unsafely, and a model that will not fit stops before loading 
 import json
 import pickle
 import re
-import shutil
 from pathlib import Path
 
 import pytest

@@ -3,7 +3,7 @@ import pytest
 import torch
 
 from bitalloc.errors import BitallocError
-from bitalloc.quant import LayerCalib, formats, parse, quantize
+from bitalloc.quant import LayerCalib, parse, quantize
 from bitalloc.quant.activation import fake_quantize_tokens
 from bitalloc.quant.calib import output_error
 from bitalloc.quant.registry import outlier_channels

@@ -11,7 +11,6 @@ from bitalloc.quant import parse
 from bitalloc.solve import SOLVERS, TABLE_SOLVERS, build_problem, pareto_front, solve_ilp
 from bitalloc.solve.baselines import more_bits_block, rule_levels
 from bitalloc.solve.pareto import ExactFront
-from bitalloc.solve.problem import Problem
 from bitalloc.table import SensitivityTable
 
 OPTIONS = [parse(t) for t in ("rtn:int2:g64:asym", "rtn:int3:g64:asym", "rtn:int3:g128:asym", "rtn:int4:g64:asym",

@@ -103,8 +103,8 @@ def _launch(kind: str, config: tuple, x, qweight, scales, zeros, bits: int, grou
     if kind == DEQUANT:
         return x @ dequantize(qweight, scales, zeros, bits, group, in_features, x.dtype, config).T
     if kind in (PAIRS, MMA):
-        return _launch_pairs(kind, config, x, qweight, scales, zeros_arg, bits, group, in_features, real_zeros,
-                             common, gated)
+        return _launch_pairs(kind, config, x, qweight, scales, zeros_arg, bits, in_features, real_zeros, common,
+                             gated)
     block_n, block_k, split, warps = config
     out = _gemv_output(x, n, split)
     codes = unit_codes(bits)
@@ -131,7 +131,7 @@ def _gemv_output(x: torch.Tensor, n: int, split: int) -> torch.Tensor:
     return torch.empty(x.shape[0], n, device=x.device, dtype=torch.float32 if split > 1 else x.dtype)
 
 
-def _launch_pairs(kind, config, x, qweight, scales, zeros_arg, bits, group, in_features, real_zeros, common,
+def _launch_pairs(kind, config, x, qweight, scales, zeros_arg, bits, in_features, real_zeros, common,
                   gated: bool = False):
     """The float16-pair GEMVs (CUDA cores or tensor cores) after their activation pass, or the tensor-core
     one reading x itself (X_LOAD = RAW).  That one MMAs -(M + z) in float16, exact only for integer zero
@@ -146,7 +146,7 @@ def _launch_pairs(kind, config, x, qweight, scales, zeros_arg, bits, group, in_f
     block_n, vec, split, warps = (tm.ROWS, *config[:3]) if kind == MMA else config
     grid = (triton_cdiv(n, block_n), split, m)
     even = kind == MMA and n % block_n == 0 and units % (warps * 4 * vec) == 0  # gemv_mma's unmasked path
-    dequantize = len(config) > 5 and bool(config[5])
+    dequantizing = len(config) > 5 and bool(config[5])
     width = n // 2 if gated else n  # gated: silu(gate) * up, one column per row pair
     if kind == MMA and config[3] >= X_RAW:
         out = _gemv_output(x, width, split)
@@ -157,18 +157,18 @@ def _launch_pairs(kind, config, x, qweight, scales, zeros_arg, bits, group, in_f
         pdl = len(config) > 4 and bool(config[4])
         tm.gemv_mma[grid](words, words, qweight, scales, zeros_arg, out, n, units, ng, out.stride(0), words.stride(0),
                           words.shape[1], VEC=vec, SPLIT_K=split, EVEN=even, X_LOAD=config[3], PDL=pdl, launch_pdl=pdl,
-                          DEQUANTIZE=dequantize or real_zeros, GATED=gated, num_warps=warps, **common)
+                          DEQUANTIZE=dequantizing or real_zeros, GATED=gated, num_warps=warps, **common)
         return out.to(x.dtype)
     out = _gemv_output(x, width, split)
     xp = torch.empty(m, codes // 2, units, device=x.device, dtype=torch.int32)
-    offsets = kind == MMA and not dequantize  # the MMAs on unpacked pairs take the chunks' sums of M x too
+    offsets = kind == MMA and not dequantizing  # the MMAs on unpacked pairs take the chunks' sums of M x too
     xs = torch.empty(m, (1 + offsets) * triton_cdiv(units, vec), device=x.device, dtype=torch.float32)
     tp.arrange_pairs[(triton_cdiv(units, ARRANGE_BLOCK), m)](x, xp, xs, out, in_features, units, n, x.stride(0),
                                                               out.stride(0), CODES=codes, TILE=vec,
                                                               ZERO_OUT=split > 1, BLOCK=ARRANGE_BLOCK, OFFSETS=offsets)
     if kind == MMA:
         tm.gemv_mma[grid](xp, xs, qweight, scales, zeros_arg, out, n, units, ng, out.stride(0), xp.stride(0), 0,
-                          VEC=vec, SPLIT_K=split, EVEN=even, X_LOAD=config[3], DEQUANTIZE=dequantize,
+                          VEC=vec, SPLIT_K=split, EVEN=even, X_LOAD=config[3], DEQUANTIZE=dequantizing,
                           GATED=gated, num_warps=warps, **common)
     else:
         tp.gemv_pairs[grid](xp, xs, qweight, scales, zeros_arg, out, n, units, ng, out.stride(0), BLOCK_N=block_n,

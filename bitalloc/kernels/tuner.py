@@ -75,7 +75,7 @@ def preset(choices: dict, replace: bool = True) -> None:
         try:
             launch = ast.literal_eval(choice)
         except (ValueError, SyntaxError, TypeError):
-            raise BitallocError(f"tuner choice for {key!r} is not a launch as choices_made writes it: {choice!r}")
+            raise BitallocError(f"tuner choice for {key!r} is not a launch as choices_made writes it: {choice!r}") from None
         if replace or str(key) not in PRESET:
             PRESET[str(key)] = launch
 
@@ -118,7 +118,7 @@ def _stored(path: Path) -> dict:
     except FileNotFoundError:
         return {}
     except (OSError, ValueError) as err:
-        raise BitallocError(f"tuner cache {path} is unreadable ({err}); delete it or set {CACHE_ENV}=off")
+        raise BitallocError(f"tuner cache {path} is unreadable ({err}); delete it or set {CACHE_ENV}=off") from None
     if not isinstance(stored, dict) or not all(isinstance(v, str) for v in stored.values()):
         raise BitallocError(f"tuner cache {path} is not a tuner file; delete it or set {CACHE_ENV}=off")
     return stored

@@ -38,7 +38,7 @@ CLIP_GRID = torch.linspace(1.0, 0.5, 21)
 def _rounded(w: torch.Tensor, option: Option) -> torch.Tensor:
     wg = formats.to_groups(w, option.group_size)
     scales, zeros = formats.fit_scales(wg, option.fmt, option.bits, option.sym)
-    codes = formats.quantize_groups(wg, option.fmt, option.bits, option.sym, scales, zeros)
+    codes = formats.quantize_groups(wg, option.fmt, option.bits, scales, zeros)
     return formats.from_groups(formats.dequantize_groups(codes, option.fmt, option.bits, scales, zeros), w.shape[1])
 
 

@@ -49,13 +49,6 @@ def from_groups(wg: torch.Tensor, in_features: int) -> torch.Tensor:
     return wg.reshape(wg.shape[0], -1)[:, :in_features]
 
 
-def expand_groups(per_group: torch.Tensor, in_features: int, group_size: int) -> torch.Tensor:
-    """[out, n_groups] -> [out, in]: each group's value repeated over its columns."""
-    if group_size == 0 or group_size >= in_features:
-        return per_group[:, :1].expand(-1, in_features)
-    return per_group.repeat_interleave(group_size, dim=1)[:, :in_features]
-
-
 def to_storage(values: torch.Tensor, what: str) -> torch.Tensor:
     """Round to the float16 that will be stored; overflow is an error, not an inf."""
     stored = values.to(STORAGE_DTYPE)
@@ -147,8 +140,9 @@ def int_scales(wg: torch.Tensor, bits: int, sym: bool, clip: torch.Tensor | floa
     return scales, zeros
 
 
-def quantize_groups(wg, fmt: str, bits: int, sym: bool, scales, zeros=None) -> torch.Tensor:
-    """Codes for grouped weights given their scales (and zeros for asymmetric ints)."""
+def quantize_groups(wg, fmt: str, bits: int, scales, zeros=None) -> torch.Tensor:
+    """Codes for grouped weights given their scales (and zeros for asymmetric ints; symmetric ones are offset
+    by half the range)."""
     if fmt != "int":
         return _codebook_quantize(wg, scales, fmt)
     maxq = 2**bits - 1

@@ -34,7 +34,7 @@ from .registry import register_quantizer
 def _round_column(column, option: Option, scale, zero):
     """Quantize-dequantize one column [out] with per-row scale/zero [out]."""
     zero = None if zero is None else zero[:, None]
-    codes = formats.quantize_groups(column[:, None, None], option.fmt, option.bits, option.sym, scale[:, None], zero)
+    codes = formats.quantize_groups(column[:, None, None], option.fmt, option.bits, scale[:, None], zero)
     return formats.dequantize_groups(codes, option.fmt, option.bits, scale[:, None], zero)[:, 0, 0]
 
 

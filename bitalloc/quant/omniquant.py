@@ -30,7 +30,7 @@ from .calib import LayerCalib, output_error
 from .option import Option
 from .qweight import QuantizedWeight, quantize_with_scales
 from .registry import register_quantizer
-from .rtn import channel_weight, clip_search
+from .rtn import clip_search
 
 
 def _ste_round(x: torch.Tensor) -> torch.Tensor:

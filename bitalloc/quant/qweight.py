@@ -53,5 +53,5 @@ class QuantizedWeight:
 def quantize_with_scales(w: torch.Tensor, option: Option, scales, zeros=None) -> QuantizedWeight:
     """Codes for `w` under given group scales/zeros (shared by every method)."""
     wg = formats.to_groups(w, option.group_size)
-    codes = formats.quantize_groups(wg, option.fmt, option.bits, option.sym, scales, zeros)
+    codes = formats.quantize_groups(wg, option.fmt, option.bits, scales, zeros)
     return QuantizedWeight(option, formats.from_groups(codes, w.shape[1]).contiguous(), scales, zeros)

@@ -31,7 +31,7 @@ def channel_weight(calib: LayerCalib | None, in_features: int) -> torch.Tensor:
 
 def _group_error(wg, option, clip, weight_g):
     scales, zeros = formats.fit_scales(wg, option.fmt, option.bits, option.sym, clip)
-    codes = formats.quantize_groups(wg, option.fmt, option.bits, option.sym, scales, zeros)
+    codes = formats.quantize_groups(wg, option.fmt, option.bits, scales, zeros)
     err = (formats.dequantize_groups(codes, option.fmt, option.bits, scales, zeros) - wg) ** 2
     return (err * weight_g).sum(-1), scales, zeros
 

@@ -54,10 +54,6 @@ class Problem:
     def assignment(self, choice) -> dict[str, Option]:
         return {layer: self.options[o] for unit, o in zip(self.units, choice) for layer in unit}
 
-    def choice_of(self, assignment: dict[str, Option]) -> np.ndarray:
-        index = {str(o): i for i, o in enumerate(self.options)}
-        return np.array([index[str(assignment[unit[0]])] for unit in self.units])
-
     def total(self, kind: str, choice) -> float:
         matrix = {"loss": self.loss, "objective": self.objective}.get(kind)
         matrix = self.costs[kind] if matrix is None else matrix
