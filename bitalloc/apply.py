@@ -49,7 +49,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--json", default=None, help="write the measured results to this JSON file")
     parser.add_argument("--quiet", action="store_true", help="no progress bars")
     add_model_args(parser, default_model=None)
-    add_data_args(parser, seqlen=None, windows=None)
+    add_data_args(parser, seqlen=None, windows=None, from_plan=True)
     return parser
 
 

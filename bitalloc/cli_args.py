@@ -12,32 +12,41 @@ from .paths import cache_root
 
 
 def add_model_args(parser: argparse.ArgumentParser, default_model: str | None = "smollm2-135m") -> None:
+    """`default_model` None: the model comes from elsewhere (apply: the one the plan names)."""
     group = parser.add_argument_group("model and device")
+    where = "smollm2-135m (the embedded default)" if default_model else "the plan's model (default), smollm2-135m"
     group.add_argument("--model", default=default_model,
-                       help="smollm2-135m (embedded default), a .gguf file, a Hugging Face directory or a hub id")
+                       help=f"{where}, a .gguf file, a Hugging Face directory or a hub id")
     group.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto (cuda when available)")
     group.add_argument("--cache-dir", default=None,
                        help="where sensitivity and reference caches live (default $BITALLOC_CACHE or ~/.cache/bitalloc)")
 
 
-def add_data_args(parser: argparse.ArgumentParser, seqlen: int = 512, windows: int | None = 32) -> None:
+def add_data_args(parser: argparse.ArgumentParser, seqlen: int | None = 512, windows: int | None = 32,
+                  evaluation: bool = True, from_plan: bool = False) -> None:
+    """Calibration options, and with `evaluation` the evaluation ones; `from_plan` (apply): what the user
+    leaves unset is taken from the plan, as its help says.  `seqlen` None: the model's context."""
+    plan = " (default: the plan's, else %(default)s)" if from_plan else ""
     group = parser.add_argument_group("data")
     group.add_argument("--data-dir", default=None, help=f"local corpora (layout of shared/data); default ${ENV_DATA}")
     group.add_argument("--calib", default=DEFAULT_CALIB,
-                       help="calibration text: wiki (default), ptb (train), wikitext2 (validation), c4 (train shard), "
-                            "pileval or a .txt/.jsonl path")
-    group.add_argument("--nsamples", type=int, default=16, help="calibration windows (default 16)")
-    group.add_argument("--calib-seqlen", type=int, default=512, help="tokens per calibration window (default 512)")
-    group.add_argument("--seed", type=int, default=0, help="seed for calibration sampling (default 0)")
-    group.add_argument("--eval", default="wikitext2",
-                       help="evaluation corpora, comma-separated: wikitext2, ptb (test splits), c4, c4-new "
-                            "(validation shard), or a text/JSONL path; a corpus that is not available is skipped "
-                            "with one line")
-    group.add_argument("--seqlen", type=int, default=seqlen,
-                       help="evaluation window length (default: %(default)s; none = the model's context, at most 2048)")
-    group.add_argument("--eval-windows", type=int, default=windows,
-                       help="evaluate an evenly spaced subset of N windows (default: %(default)s; 0 = all)")
-    group.add_argument("--batch-size", type=int, default=4, help="windows per forward pass (default 4)")
+                       help="calibration text: wiki, ptb (train), wikitext2 (validation), c4 (train shard), "
+                            f"pileval or a .txt/.jsonl path{plan}")
+    group.add_argument("--nsamples", type=int, default=16, help=f"calibration windows{plan}")
+    group.add_argument("--calib-seqlen", type=int, default=512, help=f"tokens per calibration window{plan}")
+    group.add_argument("--seed", type=int, default=0, help=f"seed for calibration sampling{plan}")
+    if evaluation:
+        group.add_argument("--eval", default="wikitext2",
+                           help="evaluation corpora, comma-separated: wikitext2, ptb (test splits), c4, c4-new "
+                                "(validation shard), or a text/JSONL path; a corpus that is not available is "
+                                f"skipped with one line{plan}")
+        unset = (" (default: the plan's)" if from_plan else
+                 " (default: the model's context, at most 2048)" if seqlen is None else "")
+        group.add_argument("--seqlen", type=int, default=seqlen, help=f"evaluation window length{unset}")
+        group.add_argument("--eval-windows", type=int, default=windows,
+                           help="evaluate an evenly spaced subset of N windows (0 = all)"
+                                + (" (default: the plan's)" if from_plan else ""))
+    group.add_argument("--batch-size", type=int, default=4, help="windows per forward pass")
 
 
 def resolve_device(name: str) -> torch.device:

@@ -473,7 +473,7 @@ def build_parser() -> argparse.ArgumentParser:
                              "memory for an 8B model at batch 4, slightly more compute, the same values")
     parser.add_argument("--quiet", action="store_true", help="no progress bars")
     add_model_args(parser)
-    add_data_args(parser)
+    add_data_args(parser, evaluation=False)
     return parser
 
 

@@ -40,7 +40,7 @@ def main(argv=None) -> int:
     parser.add_argument("--option", default="gptq:int4:g64:asym", help="the option every linear gets")
     parser.add_argument("--target-minutes", type=float, default=10.0, help="the time the run must stay within")
     add_model_args(parser)
-    add_data_args(parser)
+    add_data_args(parser, evaluation=False)
     parser.set_defaults(nsamples=128, calib_seqlen=512)
     args = parser.parse_args(argv)
     check_positive(args)

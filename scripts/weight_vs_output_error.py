@@ -64,7 +64,7 @@ def main(argv=None) -> int:
     parser.add_argument("--options", default="rtn:int3:g64:asym,hqq:int3:g64:asym",
                         help="comma-separated calibration-free options")
     add_model_args(parser)
-    add_data_args(parser)
+    add_data_args(parser, evaluation=False)
     parser.set_defaults(nsamples=2)
     args = parser.parse_args(argv)
     options = [parse(text) for text in args.options.split(",")]
