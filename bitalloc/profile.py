@@ -449,12 +449,14 @@ def _table(setup, loaded, calib_ids, units, kl_windows, kl_stride, fisher_sample
 def build_parser() -> argparse.ArgumentParser:
     from .cli_args import add_data_args, add_model_args
 
+    width = max(map(len, METRICS))
+    metrics = "\n".join(f"  {name:<{width}}  {metric.help}" for name, metric in METRICS.items())
     parser = argparse.ArgumentParser(prog="python -m bitalloc.profile", description=__doc__.split("\n\n")[0],
-                                     formatter_class=HelpFormatter)
+                                     epilog=f"metrics (--metrics):\n{metrics}", formatter_class=HelpFormatter)
     parser.add_argument("--space", default="rtn-g64", help="option space: preset name, file or comma-separated list")
     parser.add_argument("--space-dir", default="search/spaces", help="where preset option spaces live")
     parser.add_argument("--metrics", default=DEFAULT_METRIC,
-                        help=f"comma-separated; the first is each row's error ({', '.join(METRICS)})")
+                        help="comma-separated (listed below); the first is each row's error")
     parser.add_argument("--granularity", choices=GRANULARITIES, default="linear",
                         help="one candidate per linear, per tie group (q/k/v, gate/up) or per whole block")
     parser.add_argument("--interaction", default=None, metavar="PLAN",

@@ -20,9 +20,11 @@ import torch
 from bitalloc import atomic
 from bitalloc.benchmarks import (BATCHES, LAYER_SHAPES, kernel_rows, plot_speedups, roofline_bandwidth, summary,
                                  write_csv, write_latency_table)
+from bitalloc.cost import layer_shapes
 from bitalloc.errors import BitallocError, cli_entry
 from bitalloc.help_format import HelpFormatter
 from bitalloc.kernels import tuner
+from bitalloc.models import load_model
 
 GPU_BACKENDS = {
     "triton": [f"rtn:int{b}:g128:asym" for b in (2, 3, 4, 8)],
@@ -39,6 +41,9 @@ def parse_args(argv):
                         help="cuda or cpu (default: cuda when there is a GPU)")
     parser.add_argument("--out", default=None, help="output path prefix (default results/kernels_<device>)")
     parser.add_argument("--models", default=",".join(LAYER_SHAPES), help="which shape sets")
+    parser.add_argument("--model", default=None,
+                        help="time this model's decoder-linear shapes instead (a model spec, as search.sh --model "
+                             "takes it): <out>_latency.csv then serves its latency budgets")
     parser.add_argument("--layers", default=None, help="only these layer names (comma separated)")
     parser.add_argument("--batches", default=",".join(map(str, BATCHES)), help="rows of activations, comma separated")
     parser.add_argument("--backends", default=None,
@@ -46,15 +51,26 @@ def parse_args(argv):
     return parser.parse_args(argv)
 
 
+def shape_sets(names: str) -> dict[str, dict[str, tuple[int, int]]]:
+    unknown = [m for m in names.split(",") if m not in LAYER_SHAPES]
+    if unknown:
+        raise BitallocError(f"unknown shape set(s) {', '.join(unknown)} (known: {', '.join(LAYER_SHAPES)})")
+    return {m: dict(LAYER_SHAPES[m]) for m in names.split(",")}
+
+
+def model_shapes(spec: str) -> dict[str, dict[str, tuple[int, int]]]:
+    """The distinct (out, in) of the model's decoder linears (what plans quantize), named OUTxIN."""
+    loaded = load_model(spec)
+    distinct = sorted({(s.out_features, s.in_features) for s in layer_shapes(loaded.model)})
+    return {spec: {f"{o}x{i}": (o, i) for o, i in distinct}}
+
+
 @cli_entry
 def main(argv=None):
     args = parse_args(argv)
     device = torch.device(args.device)
     out = Path(args.out or f"results/kernels_{device.type}")
-    unknown = [m for m in args.models.split(",") if m not in LAYER_SHAPES]
-    if unknown:
-        raise BitallocError(f"unknown shape set(s) {', '.join(unknown)} (known: {', '.join(LAYER_SHAPES)})")
-    shapes = {m: dict(LAYER_SHAPES[m]) for m in args.models.split(",")}
+    shapes = model_shapes(args.model) if args.model else shape_sets(args.models)
     if args.layers:
         keep = set(args.layers.split(","))
         known = {n for layers in shapes.values() for n in layers}

@@ -77,3 +77,26 @@ def test_profile_line_counts_gpu_operations_and_the_time_between_them():
     line = gpu_time_line(events, steps=2, seconds=0.008)
     assert line == ("per step: 200 GPU operations, 3.000 ms of GPU time, 4.000 ms wall under the profiler: "
                     "1.000 ms (25 %) between operations\n")
+
+
+def test_a_models_own_shapes_give_a_latency_table_that_serves_its_latency_budget(tiny_dir, tmp_path, monkeypatch):
+    """inference/kernels.py --model: every decoder-linear shape of that model timed, so a latency budget
+    over its layers can be counted from the table."""
+    import sys
+    from pathlib import Path
+
+    from bitalloc.budget import parse_budget
+    from bitalloc.cost import LatencyTable, layer_shapes
+    from bitalloc.models import load_model
+
+    monkeypatch.syspath_prepend(str(Path(__file__).parents[1] / "inference"))
+    import kernels
+
+    out = tmp_path / "k"
+    assert kernels.main(["--device", "cpu", "--model", str(tiny_dir), "--batches", "1",
+                         "--backends", '{"cpu": ["rtn:int4:g32:asym"]}', "--out", str(out)]) == 0
+    shapes = layer_shapes(load_model(str(tiny_dir)).model)
+    latency = LatencyTable.load(tmp_path / "k_latency.csv")
+    budget = parse_budget("rtn:int4:g32:asym@latency", shapes, latency.lookup())
+    assert budget.kind == "latency" and budget.limit > 0
+    del sys.modules["kernels"]
