@@ -1,17 +1,24 @@
 """`bitalloc COMMAND ...` (or `python -m bitalloc COMMAND ...`): one name for the entry points.
 
+    bitalloc search ...           the pipeline of search.sh
+    bitalloc profile ...          the sensitivity table alone (python -m bitalloc.profile)
+    bitalloc apply --plan P       quantize, pack and evaluate a plan
+    bitalloc flops ...            parameters, MACs, bytes and BOPs (python flops/cal_flops.py)
     bitalloc report RUN_DIR       Markdown report with figures of a search run
     bitalloc batch ...            batch evaluation into results/*.txt
-    bitalloc apply --plan P       quantize and evaluate a plan
-    bitalloc search ...           the pipeline of search.sh
+    bitalloc fidelity ...         predicted loss against measured KL over random plans
+    bitalloc export ...           a plan for GPTQModel or llama.cpp
+
+`bitalloc COMMAND --help` explains each.
 """
 from __future__ import annotations
 
 import importlib
 import sys
 
-COMMANDS = {"report": "bitalloc.report", "batch": "bitalloc.batch", "apply": "bitalloc.apply",
-            "search": "bitalloc.pipeline"}
+COMMANDS = {"search": "bitalloc.pipeline", "profile": "bitalloc.profile", "apply": "bitalloc.apply",
+            "flops": "bitalloc.cost_cli", "report": "bitalloc.report", "batch": "bitalloc.batch",
+            "fidelity": "bitalloc.fidelity", "export": "bitalloc.export.__main__"}
 
 
 def main(argv=None) -> int:

@@ -41,7 +41,7 @@ def parse_args(argv):
     parser.add_argument("--kernel", choices=["gemv", "gemv-pairs", "gemv-mma"], default="gemv",
                         help="the float32 GEMV, the float16-pair GEMV or the tensor-core GEMV")
     parser.add_argument("--configs", default=None, help="BLOCK_N/BLOCK_K (gemv-pairs: VEC)/SPLIT_K/num_warps, "
-                        "or VEC/SPLIT_K/num_warps/X_LOAD[/PDL] (gemv-mma); comma separated")
+                        "or VEC/SPLIT_K/num_warps/X_LOAD[/PDL[/DEQUANTIZE]] (gemv-mma); comma separated")
     parser.add_argument("--top", type=int, default=6, help="how many configurations to print per case")
     return parser.parse_args(argv)
 
