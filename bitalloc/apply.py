@@ -72,6 +72,10 @@ def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     plan = Plan.load(args.plan)
     check_backend_name(args.backend)
+    if args.save:  # before any work: the save replaces the directory whole
+        from .saving import check_target
+
+        check_target(args.save)
     protocol_defaults(args, plan)
     check_positive(args)
     device = resolve_device(args.device)

@@ -27,6 +27,8 @@ import socket
 import tempfile
 from pathlib import Path
 
+from .errors import BitallocError
+
 _HOST = re.sub(r"\W", "_", socket.gethostname()) or "host"
 _TEMP = re.compile(r"^\.(?P<target>.+)\.~(?P<host>\w+)~(?P<pid>\d+)~(?P<tag>\w*)\.tmp$")
 _RENAME_EXCHANGE = 2  # renameat2 flag (Linux >= 3.15): swap two paths in one step
@@ -104,11 +106,23 @@ def _fsync_dir(directory: Path) -> None:
         os.close(fd)
 
 
+def _make_directory(directory: Path, what: Path) -> None:
+    """mkdir -p, or one line naming the output that cannot be written (a file where a folder must be)."""
+    try:
+        directory.mkdir(parents=True, exist_ok=True)
+    except (FileExistsError, NotADirectoryError) as err:
+        raise BitallocError(f"cannot write {what}: {err.filename or directory} is a file, not a folder") from None
+    except OSError as err:
+        raise BitallocError(f"cannot write {what}: {err.strerror or err}") from None
+
+
 @contextlib.contextmanager
 def atomic_path(path: str | os.PathLike):
     """Yield a temporary path beside `path`; rename it over `path` only on success."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
+    _make_directory(path.parent, path)
+    if path.is_dir():
+        raise BitallocError(f"cannot write {path}: it is a directory")
     sweep_stale(path.parent)
     fd, tmp = tempfile.mkstemp(prefix=_owner_prefix(path), suffix=".tmp", dir=path.parent)
     os.fchmod(fd, 0o666 & ~_umask())  # mkstemp's 0600 would make every output private
@@ -150,7 +164,7 @@ def atomic_files(directory: str | os.PathLike):
     appears complete or not at all.
     """
     directory = Path(directory)
-    directory.mkdir(parents=True, exist_ok=True)
+    _make_directory(directory, directory)
     sweep_stale(directory)
     tmp = Path(tempfile.mkdtemp(prefix=_owner_prefix(directory / "files"), suffix=".tmp", dir=directory))
     try:
@@ -177,7 +191,7 @@ def _exchange(a: Path, b: Path) -> bool:
 def atomic_dir(path: str | os.PathLike):
     """Build a directory under a temporary name and swap it in whole on success."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
+    _make_directory(path.parent, path)
     sweep_stale(path.parent)
     tmp = Path(tempfile.mkdtemp(prefix=_owner_prefix(path), suffix=".tmp", dir=path.parent))
     os.chmod(tmp, 0o777 & ~_umask())  # mkdtemp's 0700 would make a saved model private

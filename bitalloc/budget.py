@@ -90,6 +90,12 @@ def _uniform(spec: str, shapes: list[LayerShape], latency: LatencyLookup | None)
     return Budget(kind, sum(cost(s, option) for s in shapes), spec, option, latency if kind == "latency" else None)
 
 
+def _finite(limit: float, spec: str) -> float:
+    if not math.isfinite(limit):
+        raise BitallocError(f"budget '{spec}': the number is too large")
+    return limit
+
+
 def parse_budget(text: str, shapes: list[LayerShape], latency: LatencyLookup | None = None) -> Budget:
     """Read a budget (grammar in the module doc); `latency` is needed for latency budgets only."""
     spec = str(text).strip()
@@ -99,17 +105,18 @@ def parse_budget(text: str, shapes: list[LayerShape], latency: LatencyLookup | N
         bits = float(match.group(1))
         if not 0 < bits <= 32:
             raise BitallocError(f"budget '{spec}': average bits must be in (0, 32]")
-        return Budget("bytes", math.floor(bits * numel / 8), spec)
+        return Budget("bytes", math.floor(_finite(bits * numel / 8, spec)), spec)
     match = re.fullmatch(_NUMBER + r"\s*([kmgt]i?b|b)", spec, flags=re.I)
     if match:
-        return Budget("bytes", math.floor(float(match.group(1)) * _BYTE_UNITS[match.group(2).lower()]), spec)
+        return Budget("bytes", math.floor(_finite(float(match.group(1)) * _BYTE_UNITS[match.group(2).lower()], spec)),
+                      spec)
     match = re.fullmatch(_NUMBER + r"\s*([kmgt]?)bops?", spec, flags=re.I)
     if match:
-        return Budget("bops", float(match.group(1)) * _PREFIXES[match.group(2).lower()], spec)
+        return Budget("bops", _finite(float(match.group(1)) * _PREFIXES[match.group(2).lower()], spec), spec)
     match = re.fullmatch(_NUMBER + r"\s*(s|ms|us|µs)", spec, flags=re.I)
     if match:
         cost_function("latency", latency)
-        return Budget("latency", float(match.group(1)) * _SECONDS_IN_MS[match.group(2).lower()], spec,
+        return Budget("latency", _finite(float(match.group(1)) * _SECONDS_IN_MS[match.group(2).lower()], spec), spec,
                       latency=latency)
     if re.fullmatch(_NUMBER + r"\s*[kmgt]?(flops?|macs?)", spec, flags=re.I):
         raise BitallocError(f"budget '{spec}': FLOPs and MACs are the same under every option, so they cannot "

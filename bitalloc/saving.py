@@ -49,8 +49,24 @@ def layer_record(layer: QuantLinear) -> dict:
             "bias": layer.bias is not None, "act_scale": layer.act_scale is not None, "backend": layer.backend}
 
 
+def check_target(directory) -> Path:
+    """The directory a save may replace: new, empty, or an earlier save; anything else holds the user's files
+    (a run directory, a model) that the whole-directory swap would delete.  Returns it resolved."""
+    path = Path(directory).resolve()
+    if path.exists() and not path.is_dir():
+        raise BitallocError(f"cannot save to {directory}: it is a file")
+    if path.is_dir() and any(path.iterdir()) and not (path / META).is_file():
+        raise BitallocError(f"cannot save to {directory}: it holds other files and is not a saved bitalloc model "
+                            f"(no {META}); choose a new or empty directory")
+    if path.parent == path:
+        raise BitallocError(f"cannot save to {directory}: a filesystem root")
+    return path
+
+
 def save(loaded: LoadedModel, directory, plan: str | None = None) -> dict:
-    """Write `loaded` (after `quantize_model`) to `directory`; returns the metadata written."""
+    """Write `loaded` (after `quantize_model`) to `directory`, replacing an earlier save there; returns the
+    metadata written."""
+    directory = check_target(directory)
     model = loaded.model
     layers = quant_layers(model)
     if not layers:

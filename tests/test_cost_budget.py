@@ -71,6 +71,9 @@ def test_budget_grammar(tmp_path):
         parse_budget("5GFLOPs", shapes)
     with pytest.raises(BitallocError, match="unknown budget kind 'speed'"):
         parse_budget(f"{int4}@speed", shapes)
+    for huge in ("1e999MB", "1e305TB", "1e999bops", "1e999ms"):
+        with pytest.raises(BitallocError, match="too large"):
+            parse_budget(huge, shapes, lookup)
 
 
 def test_latency_tables_are_checked_row_by_row(tmp_path):

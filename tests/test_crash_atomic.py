@@ -130,3 +130,15 @@ def test_processes_merging_rows_into_one_file_keep_each_others_rows(tmp_path):
     assert all(w.wait() == 0 for w in workers)
     lines = (tmp_path / "rows.tsv").read_text().splitlines()
     assert len(lines) == 1 + 8 * 20
+
+
+def test_an_output_in_the_way_of_a_folder_or_a_folder_in_the_way_of_a_file_is_one_line(tmp_path):
+    from bitalloc.errors import BitallocError
+
+    (tmp_path / "afile").write_text("x")
+    (tmp_path / "adir").mkdir()
+    with pytest.raises(BitallocError, match="afile is a file, not a folder"):
+        atomic.write_json(tmp_path / "afile" / "x.json", {})
+    with pytest.raises(BitallocError, match="adir: it is a directory"):
+        atomic.write_json(tmp_path / "adir", {})
+    assert (tmp_path / "afile").read_text() == "x" and not any((tmp_path / "adir").iterdir())

@@ -90,3 +90,20 @@ def test_reload_can_fuse_the_layers_that_share_an_input_and_an_option(tmp_path):
     assert sum(isinstance(m, GatedMLP) for m in fused.modules()) == 2
     with torch.no_grad():
         torch.testing.assert_close(fused(input_ids=ids).logits, apart(input_ids=ids).logits, rtol=1e-5, atol=1e-5)
+
+
+def test_a_save_replaces_only_a_new_empty_or_earlier_saved_directory(tmp_path):
+    from bitalloc.errors import BitallocError
+    from bitalloc.saving import META, check_target
+
+    (tmp_path / "run").mkdir()
+    (tmp_path / "run" / "plan.json").write_text("{}")
+    (tmp_path / "file").write_text("x")
+    for target, message in (("run", "holds other files"), ("file", "is a file")):
+        with pytest.raises(BitallocError, match=message):
+            check_target(tmp_path / target)
+    (tmp_path / "empty").mkdir()
+    (tmp_path / "saved").mkdir()
+    (tmp_path / "saved" / META).write_text("{}")
+    for target in ("new", "empty", "saved"):
+        assert check_target(tmp_path / target) == (tmp_path / target).resolve()
