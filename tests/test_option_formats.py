@@ -148,3 +148,20 @@ def test_output_weighted_clip_search_needs_calibration_and_weight_mse_ignores_it
     assert torch.equal(plain, quantize(w, weight_mse, calib).dequantize())  # same result wherever it runs
     out_error = lambda q: float((x @ (q - w).T).pow(2).sum())
     assert out_error(quantize(w, output, calib).dequantize()) <= out_error(plain)
+
+
+@pytest.mark.parametrize("text, message", [
+    ("rtn:int4:g32:asym:foo=1", "has no parameter 'foo'"),
+    ("rtn:int4:g32:asym:outliers=-5", "outliers must be at least 0"),
+    ("gptq:int4:g32:asym:damp=-1", "damp must be above 0"),
+    ("gptq:int4:g32:asym:damp=nan", "damp must be above 0"),
+    ("rtn:int4:g32:asym:clip=3", "clip must be 0, 1 or 2"),
+    ("hqq:int4:g64:asym:iters=0", "iters must be at least 1"),
+    ("smoothquant:int8:pc:sym:a8:alpha=2", "alpha must be in"),
+])
+def test_each_method_checks_the_parameters_it_reads(text, message):
+    """Before any work: a misspelt parameter was silently ignored, an impossible one failed deep inside."""
+    from bitalloc.quant import check_option
+
+    with pytest.raises(BitallocError, match=message):
+        check_option(parse(text))

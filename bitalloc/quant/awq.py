@@ -29,7 +29,7 @@ from . import formats
 from .calib import LayerCalib, output_error
 from .option import Option
 from .qweight import QuantizedWeight, quantize_with_scales
-from .registry import register_quantizer
+from .registry import at_least, flag, register_quantizer
 from .rtn import channel_weight, clip_search
 
 CLIP_GRID = torch.linspace(1.0, 0.5, 21)
@@ -62,7 +62,8 @@ def search_scale(w: torch.Tensor, option: Option, calib: LayerCalib, grid: int =
     return best
 
 
-@register_quantizer("awq", version="2", needs_calibration=True, transforms_input=True)
+@register_quantizer("awq", version="2", needs_calibration=True, transforms_input=True,
+                    params={"grid": at_least(1), "duo": flag(), "clip": flag()})
 def quantize_awq(w: torch.Tensor, option: Option, calib: LayerCalib) -> QuantizedWeight:
     s = search_scale(w, option, calib, option.param("grid", 20, int), bool(option.param("duo", 1, int)))
     scaled = w * s

@@ -28,7 +28,7 @@ from . import formats
 from .calib import LayerCalib
 from .option import Option
 from .qweight import QuantizedWeight, quantize_with_scales
-from .registry import register_quantizer
+from .registry import at_least, flag, positive, register_quantizer
 
 
 def _round_column(column, option: Option, scale, zero):
@@ -91,7 +91,8 @@ def gptq_quantize(w: torch.Tensor, option: Option, hessian: torch.Tensor, damp: 
     return quantize_with_scales(dequantized, option, scales, zeros)
 
 
-@register_quantizer("gptq", version="1", needs_calibration=True)
+@register_quantizer("gptq", version="1", needs_calibration=True,
+                    params={"damp": positive(), "block": at_least(1), "act_order": flag(), "static_groups": flag()})
 def quantize_gptq(w: torch.Tensor, option: Option, calib: LayerCalib) -> QuantizedWeight:
     return gptq_quantize(
         w, option, calib.hessian(),

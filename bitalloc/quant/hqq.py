@@ -19,7 +19,7 @@ from . import formats
 from ..errors import BitallocError
 from .option import Option
 from .qweight import QuantizedWeight
-from .registry import register_quantizer
+from .registry import Param, at_least, positive, register_quantizer
 
 
 def _shrink(x: torch.Tensor, beta: float, p: float) -> torch.Tensor:
@@ -48,7 +48,9 @@ def optimise_zeros(wg: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor, 
     return best[..., 0]
 
 
-@register_quantizer("hqq", version="2", formats=("int",))
+@register_quantizer("hqq", version="2", formats=("int",),
+                    params={"iters": at_least(1), "lp": Param(float, lambda v: 0 < v <= 1, "in (0, 1]"),
+                            "beta": positive(), "kappa": positive()})
 def quantize_hqq(w: torch.Tensor, option: Option, calib=None) -> QuantizedWeight:
     if option.sym:
         raise BitallocError(f"hqq optimises zero points: use an asymmetric option ({option})")

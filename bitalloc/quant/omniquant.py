@@ -29,7 +29,7 @@ from . import formats
 from .calib import LayerCalib, output_error
 from .option import Option
 from .qweight import QuantizedWeight, quantize_with_scales
-from .registry import register_quantizer
+from .registry import at_least, positive, register_quantizer
 from .rtn import clip_search
 
 
@@ -88,7 +88,7 @@ def train_clipping(w: torch.Tensor, option: Option, hessian: torch.Tensor, epoch
     return best
 
 
-@register_quantizer("lwc", version="2", needs_calibration=True)
+@register_quantizer("lwc", version="2", needs_calibration=True, params={"epochs": at_least(0), "lr": positive()})
 def quantize_lwc(w: torch.Tensor, option: Option, calib: LayerCalib) -> QuantizedWeight:
     epochs = option.param("epochs", 40 if option.bits <= 2 else 20, int)
     upper, lower = train_clipping(w, option, calib.hessian(), epochs, option.param("lr", 0.05, float))

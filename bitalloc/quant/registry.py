@@ -6,10 +6,13 @@ Adding a method is one module with one `@register_quantizer` line, plus an impor
 in `bitalloc/quant/__init__.py`.  The version string enters cache keys, so bump
 it whenever the method's output changes.
 
-Two things are handled here for every method alike: NaN checks, and MixQ-style
-outlier channels (option parameter `outliers=N`): the N input channels with the
-largest calibration max |x| (after the method's own input transform x / s) keep
-their weight columns in float16 and skip activation quantization.
+Three things are handled here for every method alike: NaN checks, the option's
+parameters (each method declares the ones it reads, with the values that make
+sense, so a misspelt or impossible parameter stops before any work instead of
+being ignored or failing deep inside), and MixQ-style outlier channels (option
+parameter `outliers=N`): the N input channels with the largest calibration
+max |x| (after the method's own input transform x / s) keep their weight
+columns in float16 and skip activation quantization.
 """
 from __future__ import annotations
 
@@ -27,6 +30,29 @@ from .qweight import QuantizedWeight
 
 
 @dataclass(frozen=True)
+class Param:
+    """An option parameter a method reads: its type, and the values it accepts (`valid`, said in `what`)."""
+    cast: type
+    valid: Callable[[float], bool]
+    what: str
+
+
+def flag() -> Param:
+    return Param(int, lambda v: v in (0, 1), "0 or 1")
+
+
+def at_least(low: float, cast: type = int) -> Param:
+    return Param(cast, lambda v: v >= low, f"at least {low}")
+
+
+def positive(cast: type = float) -> Param:
+    return Param(cast, lambda v: v > 0, "above 0")
+
+
+COMMON_PARAMS = {"outliers": at_least(0)}  # read here, for every method
+
+
+@dataclass(frozen=True)
 class Quantizer:
     name: str
     fn: Callable[[torch.Tensor, Option, LayerCalib | None], QuantizedWeight]
@@ -34,6 +60,7 @@ class Quantizer:
     needs_calibration: bool | Callable[[Option], bool]  # a rule when only some of the method's options calibrate
     formats: tuple[str, ...]
     transforms_input: bool  # stores a per-input-channel act_scale (AWQ, SmoothQuant)
+    params: dict[str, Param]  # the option parameters the method reads
 
 
 QUANTIZERS: dict[str, Quantizer] = {}
@@ -41,9 +68,10 @@ QUANTIZERS: dict[str, Quantizer] = {}
 
 def register_quantizer(name: str, version: str, needs_calibration: bool | Callable[[Option], bool] = False,
                        formats: tuple[str, ...] = ("int", "fp8e4m3", "fp8e5m2", "fp4", "nf4"),
-                       transforms_input: bool = False):
+                       transforms_input: bool = False, params: dict[str, Param] | None = None):
     def decorate(fn):
-        QUANTIZERS[name] = Quantizer(name, fn, version, needs_calibration, formats, transforms_input)
+        QUANTIZERS[name] = Quantizer(name, fn, version, needs_calibration, formats, transforms_input,
+                                     {**COMMON_PARAMS, **(params or {})})
         return fn
 
     return decorate
@@ -58,12 +86,22 @@ def get_quantizer(name: str) -> Quantizer:
 
 
 def check_option(option: Option) -> None:
-    """Raise BitallocError if no registered method can produce this option."""
+    """Raise BitallocError if no registered method can produce this option, or a parameter is unknown to the
+    method or out of its range."""
     if not option.quantized:
         return
     quantizer = get_quantizer(option.method)
     if option.fmt not in quantizer.formats:
         raise BitallocError(f"method '{option.method}' does not support format '{option.format_name}' ({option})")
+    for key, _ in option.params:
+        param = quantizer.params.get(key)
+        if param is None:
+            known = ", ".join(sorted(quantizer.params))
+            raise BitallocError(f"option '{option}': method '{option.method}' has no parameter '{key}' "
+                                f"(it reads: {known})")
+        value = option.param(key, cast=param.cast)
+        if not param.valid(value):
+            raise BitallocError(f"option '{option}': {key} must be {param.what}, got {value}")
 
 
 def method_needs_calibration(option: Option) -> bool:

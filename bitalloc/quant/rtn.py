@@ -17,7 +17,7 @@ from . import formats
 from .calib import LayerCalib
 from .option import Option
 from .qweight import QuantizedWeight, quantize_with_scales
-from .registry import register_quantizer
+from .registry import Param, register_quantizer
 
 CLIP_GRID = torch.linspace(1.0, 0.7, 16)
 
@@ -73,6 +73,7 @@ def _output_weighted(option: Option) -> bool:
     return option.param("clip", 0, int) == 2
 
 
-@register_quantizer("rtn", version="4", needs_calibration=_output_weighted)
+@register_quantizer("rtn", version="4", needs_calibration=_output_weighted,
+                    params={"clip": Param(int, lambda v: v in (0, 1, 2), "0, 1 or 2")})
 def quantize_rtn(w: torch.Tensor, option: Option, calib: LayerCalib | None = None) -> QuantizedWeight:
     return rtn_quantize(w, option, channel_weight(calib if _output_weighted(option) else None, w.shape[1]))

@@ -30,7 +30,7 @@ from . import formats
 from .calib import LayerCalib
 from .option import Option
 from .qweight import QuantizedWeight
-from .registry import register_quantizer
+from .registry import Param, flag, register_quantizer
 from .rtn import channel_weight, rtn_quantize
 
 DEFAULT_ALPHA = 0.85
@@ -45,7 +45,8 @@ def smoothing_scale(w: torch.Tensor, calib: LayerCalib, alpha: float = DEFAULT_A
     return formats.to_storage(s, "SmoothQuant scales")
 
 
-@register_quantizer("smoothquant", version="1", needs_calibration=True, transforms_input=True)
+@register_quantizer("smoothquant", version="1", needs_calibration=True, transforms_input=True,
+                    params={"alpha": Param(float, lambda v: 0 <= v <= 1, "in [0, 1]"), "clip": flag()})
 def quantize_smoothquant(w: torch.Tensor, option: Option, calib: LayerCalib) -> QuantizedWeight:
     s = smoothing_scale(w, calib, option.param("alpha", DEFAULT_ALPHA, float))
     qw = rtn_quantize(w * s, option, channel_weight(calib, w.shape[1]) / s**2)
