@@ -23,9 +23,12 @@ COMMANDS = {"search": "bitalloc.pipeline", "profile": "bitalloc.profile", "apply
 
 def main(argv=None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
-    if not argv or argv[0] not in COMMANDS:
-        print(__doc__.strip(), file=sys.stderr if argv else sys.stdout)
-        return 2 if argv and argv[0] not in ("-h", "--help") else 0
+    if not argv or argv[0] in ("-h", "--help"):
+        print(__doc__.strip())
+        return 0
+    if argv[0] not in COMMANDS:
+        print(f"error: unknown command '{argv[0]}' (commands: {', '.join(COMMANDS)}; bitalloc --help)", file=sys.stderr)
+        return 2
     return importlib.import_module(COMMANDS[argv[0]]).main(argv[1:])
 
 

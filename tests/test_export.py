@@ -25,6 +25,8 @@ OVERRIDABLE = {"bits", "group_size", "desc_act", "sym"}
 VLLM_FUSED = {"qkv_proj": ("q_proj", "k_proj", "v_proj"), "gate_up_proj": ("gate_proj", "up_proj")}
 TINY_TENSORS = [f"blk.{b}.{n}.weight" for b in range(2)
                 for n in ("attn_q", "attn_k", "attn_v", "attn_output", "ffn_gate", "ffn_up", "ffn_down")]
+TINY_SHAPES = {"attn_q": (96, 96), "attn_k": (48, 96), "attn_v": (48, 96), "attn_output": (96, 96),
+               "ffn_gate": (160, 96), "ffn_up": (160, 96), "ffn_down": (96, 160)}  # [rows, columns] (tiny_llama)
 
 
 def mixed_plan(blocks: int, group: int, tied: bool = True) -> dict:
@@ -121,12 +123,14 @@ def test_ggml_types_follow_bits_and_row_width():
     assert ggml_type(4, 100) == ("f16", 16)
 
 
-def write_gguf(path, names):
+def write_gguf(path, names, shapes=None):
+    """A GGUF holding `names`, each of its tiny-Llama shape unless `shapes` (name -> shape) says otherwise."""
     import gguf
 
     writer = gguf.GGUFWriter(str(path), "llama")
     for name in names:
-        writer.add_tensor(name, np.zeros((2, 32), dtype=np.float32))
+        shape = (shapes or {}).get(name) or TINY_SHAPES[name.split(".")[2]]
+        writer.add_tensor(name, np.zeros(shape, dtype=np.float32))
     writer.write_header_to_file()
     writer.write_kv_data_to_file()
     writer.write_tensors_to_file()
@@ -165,6 +169,19 @@ def test_llamacpp_names_are_checked_against_the_gguf_file(tiny, tmp_path):
     assert any("checked against" in n for n in get_exporter("llamacpp")(data, allow_wider=True)[1])
     data.gguf = bad
     with pytest.raises(BitallocError, match="tensor blk.0.attn_q.weight \\(and 0 more\\) is not in"):
+        get_exporter("llamacpp")(data, allow_wider=True)
+
+
+@pytest.mark.parametrize("names, shapes, message", [
+    (TINY_TENSORS, {"blk.1.ffn_up.weight": (192, 96)}, "blk.1.ffn_up.weight is 192x96 in .*the plan's layer is 160x96"),
+    (TINY_TENSORS + ["blk.2.attn_q.weight"], None, "1 block matrices the plan does not cover, e.g. blk.2.attn_q"),
+])
+def test_a_gguf_of_another_model_is_refused(tiny, tmp_path, names, shapes, message):
+    """Names alone would pass a plan of fewer blocks or other widths, leaving tensors at the default type."""
+    other = tmp_path / "other.gguf"
+    write_gguf(other, names, shapes)
+    data = export_input(Plan.from_json(mixed_plan(2, 32)), tiny, other)
+    with pytest.raises(BitallocError, match=message):
         get_exporter("llamacpp")(data, allow_wider=True)
 
 

@@ -49,22 +49,44 @@ def gguf_names(model_type: str, blocks: int):
     return name_of
 
 
-def gguf_tensors(path: Path) -> set[str]:
+def gguf_tensors(path: Path) -> dict[str, tuple[int, ...]]:
+    """Tensor name -> shape as torch writes it ([rows, columns]; GGUF lists the innermost dimension first)."""
     from gguf import GGUFReader
 
     try:
-        return {tensor.name for tensor in GGUFReader(str(path)).tensors}
+        return {tensor.name: tuple(int(n) for n in reversed(tensor.shape.tolist()))
+                for tensor in GGUFReader(str(path)).tensors}
     except (OSError, ValueError) as err:
         raise BitallocError(f"cannot read GGUF file {path}: {err}") from None
+
+
+def check_against_gguf(entries: list[tuple[str, str]], shapes: dict[str, tuple[int, int]], path: Path) -> None:
+    """The plan's tensors are the GGUF's block matrices, name for name and shape for shape: a plan of another
+    model (fewer blocks, other widths) would otherwise leave tensors at llama-quantize's default type."""
+    present = gguf_tensors(path)
+    missing = [tensor for tensor, _ in entries if tensor not in present]
+    if missing:
+        raise BitallocError(f"tensor {missing[0]} (and {len(missing) - 1} more) is not in {path}")
+    for tensor, _ in entries:
+        if present[tensor] != shapes[tensor]:
+            raise BitallocError(f"tensor {tensor} is {'x'.join(map(str, present[tensor]))} in {path}, but the "
+                                f"plan's layer is {'x'.join(map(str, shapes[tensor]))}: the plan is for another model")
+    planned = {tensor for tensor, _ in entries}
+    uncovered = [name for name, shape in present.items()
+                 if name.startswith("blk.") and len(shape) == 2 and name not in planned]
+    if uncovered:
+        raise BitallocError(f"{path} has {len(uncovered)} block matrices the plan does not cover, e.g. {uncovered[0]}: "
+                            "the plan is for another model")
 
 
 @register_exporter("llamacpp")
 def export_llamacpp(data: ExportInput, allow_wider: bool = False) -> tuple[str, list[str]]:
     """--tensor-type-file text, and notes (including every tensor stored wider than planned)."""
     name_of = gguf_names(data.model_type, data.blocks)
-    entries, wider = [], []
+    entries, wider, shapes = [], [], {}
     for layer, option in data.assignment.items():
         tensor = f"{name_of(layer)}.weight"
+        shapes[tensor] = (data.shapes[layer].out_features, data.shapes[layer].in_features)
         bits = option.bits if option.quantized else 16
         columns = data.shapes[layer].in_features
         chosen, width = ggml_type(bits, columns)
@@ -76,11 +98,8 @@ def export_llamacpp(data: ExportInput, allow_wider: bool = False) -> tuple[str, 
                             f"(K-quants need rows of a multiple of 256); pass --allow-wider to accept that")
     notes = [f"{len(entries)} tensor types; unlisted tensors (embeddings, output) follow llama-quantize's type argument"]
     if data.gguf is not None:
-        present = gguf_tensors(data.gguf)
-        missing = [tensor for tensor, _ in entries if tensor not in present]
-        if missing:
-            raise BitallocError(f"tensor {missing[0]} (and {len(missing) - 1} more) is not in {data.gguf}")
-        notes.append(f"all {len(entries)} tensor names checked against {data.gguf}")
+        check_against_gguf(entries, shapes, data.gguf)
+        notes.append(f"all {len(entries)} tensor names and shapes checked against {data.gguf}")
     notes += [f"wider than planned: {w}" for w in wider]
     text = "".join(f"^{re.escape(tensor)}$={chosen}\n" for tensor, chosen in entries)
     return text, notes
