@@ -4,7 +4,9 @@ Each model is loaded once; its unquantized reference is computed once; each
 plan is applied (the same quantizers and packed layers as `bitalloc.apply`),
 measured, and undone before the next.  A plan is `fp16` (the unquantized
 model), an option applied to every layer (`rtn:int4:g64:asym`), or a plan.json
-file (skipped with one line on models it was not made for).
+file (with several --models, skipped with one line on models it was not made for).
+Every plan is read and checked before any model is loaded, and against each
+model before anything is evaluated on it.
 """
 from __future__ import annotations
 
@@ -15,7 +17,8 @@ import sys
 from pathlib import Path
 
 from . import results as res
-from .cli_args import add_data_args, add_model_args, calibration, check_positive, evaluator, resolve_device
+from .cli_args import (add_data_args, add_model_args, calibration, check_above_zero, check_non_negative, check_positive,
+                       evaluator, resolve_device)
 from .cost import assignment_bytes, average_bits, layer_shapes
 from .errors import BitallocError, cli_entry
 from .harness import run_tasks
@@ -23,6 +26,7 @@ from .help_format import HelpFormatter
 from .models import load_model
 from .plan import Plan
 from .quant import check_option, parse
+from .quant.option import Option
 from .quantize_model import needs_calibration, quantize_model, restore
 
 log = logging.getLogger(__name__)
@@ -49,40 +53,57 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def resolve_plan(spec: str, loaded, shapes) -> tuple[dict | None, Plan | None]:
-    """(assignment, plan) for a plan spec; None assignment for fp16."""
+def read_plan(spec: str) -> Plan | Option | None:
+    """A --plans entry checked as far as it can be without a model: None for fp16."""
     if spec == FP:
-        return None, None
-    if Path(spec).is_file():
-        plan = Plan.load(spec)
-        return plan.check_against(shapes, loaded.fingerprint), plan
+        return None
+    if spec.endswith(".json") or Path(spec).is_file():
+        return Plan.load(spec)  # its errors name the file
     if ":" not in spec:
         raise BitallocError(f"plan '{spec}' is not fp16, an option (e.g. rtn:int4:g64:asym) or a plan file")
     option = parse(spec)
     check_option(option)
-    return {s.name: option for s in shapes}, None
+    return option
 
 
-def evaluate_model(args, model_spec: str, date: str) -> tuple[list[dict], list[dict]]:
+def made_for(plan: Plan, loaded) -> bool:
+    """The weights a plan records, or without a fingerprint the model it names."""
+    if plan.fingerprint:
+        return plan.fingerprint == loaded.fingerprint
+    return plan.model == loaded.spec
+
+
+def resolve_plans(plans: dict, loaded, shapes, several: bool) -> dict[str, tuple[dict | None, Plan | None]]:
+    """spec -> (assignment, plan), None assignment for fp16; a plan that does not fit stops the run before
+    evaluation, unless it was made for another of `several` models."""
+    resolved = {}
+    for spec, plan in plans.items():
+        if isinstance(plan, Plan):
+            if several and not made_for(plan, loaded):
+                log.warning("skipping plan %s on %s: it was made for %s", spec, loaded.spec, plan.model)
+                continue
+            try:
+                resolved[spec] = plan.check_against(shapes, loaded.fingerprint), plan
+            except BitallocError as err:
+                raise BitallocError(f"plan {spec} on {loaded.spec}: {err}") from None
+        else:
+            resolved[spec] = (None if plan is None else {s.name: plan for s in shapes}), None
+    return resolved
+
+
+def evaluate_model(args, model_spec: str, plans: dict, several: bool, date: str) -> tuple[list[dict], list[dict]]:
     device = resolve_device(args.device)
     progress = not args.quiet
     loaded = load_model(model_spec)
     shapes = layer_shapes(loaded.model)
-    plans = {}
-    for spec in args.plans:
-        try:
-            plans[spec] = resolve_plan(spec, loaded, shapes)
-        except BitallocError as err:
-            if not Path(spec).is_file():
-                raise
-            log.warning("skipping plan %s on %s: %s", spec, model_spec, err)
-    quantized = any(assignment is not None for assignment, _ in plans.values())
+    resolved = resolve_plans(plans, loaded, shapes, several)
+    quantized = any(assignment is not None for assignment, _ in resolved.values())
     evaluation = None if args.no_ppl else evaluator(args, loaded, device, progress, keep_reference=quantized)
     loaded.model.to(device)
     base = evaluation.unquantized() if evaluation else None
     ppl, lm = [], []
     tasks = [t.strip() for t in args.tasks.split(",") if t.strip()]
-    for spec, (assignment, plan) in plans.items():
+    for spec, (assignment, plan) in resolved.items():
         bits = 16.0 if assignment is None else average_bits(shapes, assignment)
         size = sum(s.numel for s in shapes) * 2 if assignment is None else assignment_bytes(shapes, assignment)
         originals = {}
@@ -119,14 +140,18 @@ def _limit(value: float | None):
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     check_positive(args)
+    check_non_negative(args, "eval_windows", "num_fewshot")
+    check_above_zero(args, "limit")
     if args.no_ppl and not (args.tasks or args.task_file):
         raise BitallocError("--no-ppl leaves nothing to do: name lm-eval --tasks or a --task-file")
+    plans = {spec: read_plan(spec) for spec in args.plans}
+    models = args.models or [args.model]
     out = Path(args.results)
     date = datetime.date.today().isoformat()
     seqlen = args.seqlen
-    for model_spec in args.models or [args.model]:
+    for model_spec in models:
         args.seqlen = seqlen  # None: each model's own context, at most 2048
-        ppl, lm = evaluate_model(args, model_spec, date)
+        ppl, lm = evaluate_model(args, model_spec, plans, len(models) > 1, date)
         if ppl:
             res.merge_rows(out / res.PPL_FILE, res.PPL_FIELDS, res.PPL_KEY, ppl)
         if lm:

@@ -2,13 +2,14 @@
 
 A block's file is written atomically once its values are measured; a frontier
 (the hidden states entering the next block, or the gradient leaving the last
-finished one) lets a killed run continue where it stopped.  Unreadable or
-older-format files are reported and measured again, never trusted.
+finished one) lets a killed run continue where it stopped.  Unreadable, malformed
+or older-format files are reported and measured again, never trusted.
 """
 from __future__ import annotations
 
 import json
 import logging
+import math
 from pathlib import Path
 
 import torch
@@ -19,6 +20,29 @@ from . import atomic
 
 log = logging.getLogger(__name__)
 CACHE_FORMAT = 2
+
+
+def _is_finite_number(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def _valid_row(row) -> bool:
+    """A row as `profile._merge` writes it; anything else would crash the profiler that reads it back."""
+    return (isinstance(row, dict) and isinstance(row.get("layer"), str) and isinstance(row.get("option"), str)
+            and isinstance(row.get("version", ""), str) and isinstance(row.get("settings", {}), dict)
+            and isinstance(row.get("values"), dict) and all(map(_is_finite_number, row["values"].values())))
+
+
+def _block_problem(data) -> str | None:
+    """Why a parsed block file cannot be trusted (a hand edit, another tool's file), or None if it can."""
+    if not isinstance(data, dict):
+        return "is not a JSON object"
+    if data.get("format") != CACHE_FORMAT:
+        return "has an older format"
+    if not isinstance(data.get("rows"), list):
+        return "has no list of rows"
+    bad = next((number for number, row in enumerate(data["rows"]) if not _valid_row(row)), None)
+    return None if bad is None else f"has a malformed row (row {bad})"
 
 
 class BlockCache:
@@ -35,18 +59,19 @@ class BlockCache:
     def load_rows(self, index: int) -> list[dict]:
         if self.dir is None:
             return self.memory.get(index, [])
-        if not self._block_path(index).is_file():
+        path = self._block_path(index)
+        if not path.is_file():
             return []
         try:
-            data = json.loads(self._block_path(index).read_text())
-            if data.get("format") != CACHE_FORMAT:
-                log.warning("cache file %s has an older format; block %d is measured again",
-                            self._block_path(index), index)
-                return []
-            return data["rows"]
-        except (ValueError, KeyError, OSError):
-            log.warning("cache file %s is unreadable; block %d will be measured again", self._block_path(index), index)
+            data = json.loads(path.read_text())
+        except (ValueError, OSError):  # ValueError covers bad JSON and bad UTF-8
+            problem = "is unreadable"
+        else:
+            problem = _block_problem(data)
+        if problem:
+            log.warning("cache file %s %s; block %d will be measured again", path, problem, index)
             return []
+        return data["rows"]
 
     def save_rows(self, index: int, rows: list[dict]) -> None:
         if self.dir is None:

@@ -61,11 +61,27 @@ def resolve_device(name: str) -> torch.device:
     return device
 
 
-def check_positive(args) -> None:
-    for name in ("nsamples", "calib_seqlen", "seqlen", "batch_size"):
-        value = getattr(args, name, 1)
-        if value is not None and value < 1:  # None: decided later (seqlen from the model)
-            raise BitallocError(f"--{name.replace('_', '-')} must be at least 1")
+def check_positive(args, *names: str) -> None:
+    """Counts and lengths must be at least 1: the shared ones and a command's own `names`.  Called before
+    any model is loaded, so a bad value costs nothing."""
+    _check(args, ("nsamples", "calib_seqlen", "seqlen", "batch_size", *names), lambda v: v >= 1, "at least 1")
+
+
+def check_non_negative(args, *names: str) -> None:
+    """Seeds, and counts where 0 means something (--eval-windows 0: all), must not be negative."""
+    _check(args, ("seed", *names), lambda v: v >= 0, "0 or more")
+
+
+def check_above_zero(args, *names: str) -> None:
+    """Durations and fractions (floats) must be finite and above 0."""
+    _check(args, names, lambda v: v > 0, "above 0")
+
+
+def _check(args, names, ok, wanted: str) -> None:
+    for name in names:
+        value = getattr(args, name, None)  # None: not this command's, unset, or decided later (seqlen)
+        if value is not None and not (abs(value) < float("inf") and ok(value)):  # NaN fails too
+            raise BitallocError(f"--{name.replace('_', '-')} must be {wanted}, got {value}")
 
 
 def calibration(args, loaded) -> torch.Tensor:

@@ -110,6 +110,17 @@ def hub_reachable(timeout: float = 3.0) -> bool:
         return False
 
 
+def _document_text(line: str, where: str) -> str:
+    """The "text" of one JSON line; anything else would surface later as a TypeError far from the file."""
+    try:
+        text = json.loads(line)["text"]
+    except (ValueError, KeyError, TypeError):  # not JSON, no "text", or not an object
+        text = None
+    if not isinstance(text, str):
+        raise BitallocError(f"{where}: expected a JSON object with a 'text' field holding a string")
+    return text
+
+
 def read_documents(path: Path) -> list[str]:
     """The "text" field of every line of a JSON-lines file (optionally .gz)."""
     opener = gzip.open if path.suffix == ".gz" else open
@@ -119,10 +130,7 @@ def read_documents(path: Path) -> list[str]:
             for number, line in enumerate(handle, 1):
                 if not line.strip():
                     continue
-                try:
-                    documents.append(json.loads(line)["text"])
-                except (ValueError, KeyError, TypeError):
-                    raise BitallocError(f"{path}:{number}: expected a JSON object with a 'text' field") from None
+                documents.append(_document_text(line, f"{path}:{number}"))
     except (OSError, EOFError, UnicodeDecodeError) as err:
         raise BitallocError(f"cannot read {path}: {err}") from None
     return documents
@@ -132,6 +140,11 @@ def read_user_text(path: Path) -> str:
     """A user's own text file: plain text, or JSONL with a "text" field (optionally .gz)."""
     if path.name.removesuffix(".gz").endswith((".jsonl", ".json")):
         return "\n\n".join(read_documents(path))
+    return read_text_file(path)
+
+
+def read_text_file(path: Path) -> str:
+    """A whole text file (optionally .gz) as UTF-8; a file that is not is named, not a UnicodeDecodeError."""
     opener = gzip.open if path.suffix == ".gz" else open
     try:
         with opener(path, "rt", encoding="utf-8") as handle:
@@ -169,7 +182,7 @@ def load_documents(name: str, split: str, directory: str | os.PathLike | None = 
     if found is not None:
         if source.documents:
             return read_documents(found)
-        text = found.read_text(encoding="utf-8")
+        text = read_text_file(found)
         return text.splitlines() if source.joiner else [text]
     rows = _from_hub(source)
     if rows is not None:

@@ -87,6 +87,21 @@ def evaluate(model, windows: torch.Tensor, reference: ReferenceCache | None = No
     return result
 
 
+def _is_finite_number(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def _is_reference_result(result) -> bool:
+    """`result` has what `evaluate` writes for a reference run and its readers use (PPL, KL, top-1, per window)."""
+    numbers = ("ppl", "nll", "top1", "tokens", "windows")
+    if not isinstance(result, dict) or not all(_is_finite_number(result.get(k)) for k in numbers):
+        return False
+    kl, per_window = result.get("kl"), result.get("per_window")
+    return (isinstance(kl, dict) and all(_is_finite_number(kl.get(k)) for k in ("mean", "median", "p99"))
+            and isinstance(per_window, dict) and isinstance(per_window.get("ppl"), list)
+            and all(map(_is_finite_number, per_window["ppl"])))
+
+
 class Evaluator:
     """One evaluation protocol (corpus, seqlen, windows) bound to one model and its reference.
 
@@ -106,17 +121,31 @@ class Evaluator:
     def _result_path(self) -> Path | None:
         return None if self.cache is None or self.cache.dir is None else self.cache.dir / "result.json"
 
+    def _cached_result(self) -> dict | None:
+        """The stored unquantized result if it and every reference batch can be trusted; else None (recompute)."""
+        path = self._result_path()
+        if path is None or not path.is_file() or not self.cache.complete():
+            return None
+        try:
+            result = json.loads(path.read_text())
+        except (ValueError, OSError):  # ValueError covers bad JSON and bad UTF-8
+            result = None
+        if not _is_reference_result(result):
+            log.warning("reference result %s is unreadable or malformed; recomputing the reference", path)
+            return None
+        return result if self.cache.verify() else None
+
     def unquantized(self) -> dict:
         """The unquantized model's result; computes (and caches) the reference log-probs if needed.
 
         Call while the model is still unquantized.
         """
+        cached = self._cached_result()
+        if cached is not None:
+            self.cache.touch()
+            self._base = cached
+            return self._base
         path = self._result_path()
-        if self.cache is not None and self.cache.complete() and path is not None and path.is_file():
-            if self.cache.verify():
-                self.cache.touch()
-                self._base = json.loads(path.read_text())
-                return self._base
         name = self.protocol.get("corpus", "")
         self._base = evaluate(self.loaded.model, self.windows, self.cache, self.cache is not None, self.batch_size,
                               self.device, self.progress, desc=f"eval unquantized {name}".strip())

@@ -13,14 +13,14 @@ from __future__ import annotations
 
 import argparse
 import logging
-import math
 import sys
 from pathlib import Path
 
 import numpy as np
 
 from . import atomic
-from .cli_args import add_data_args, add_model_args, calibration, check_positive, evaluator, resolve_device
+from .cli_args import (add_data_args, add_model_args, calibration, check_non_negative, check_positive, evaluator,
+                       resolve_device)
 from .cost import LayerShape, bits_per_weight, layer_shapes
 from .errors import BitallocError, cli_entry
 from .help_format import HelpFormatter
@@ -81,11 +81,12 @@ def random_plans(shapes: list[LayerShape], options: list[Option], count: int, lo
     return plans
 
 
-def spearman(predicted, measured) -> float:
+def spearman(predicted, measured) -> float | None:
+    """None where the correlation is undefined (a constant series): JSON has no NaN."""
     from scipy.stats import spearmanr
 
     value = spearmanr(predicted, measured).statistic
-    return float(value) if value == value else float("nan")
+    return float(value) if value == value else None
 
 
 def predicted_loss(table, assignment: dict[str, Option], metric: str) -> float:
@@ -113,10 +114,23 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def bits_range(text: str) -> tuple[float, float]:
+    """--bits LOW:HIGH, read before any work so a typo costs nothing."""
+    try:
+        low, high = (float(v) for v in text.split(":"))
+    except ValueError:
+        raise BitallocError(f"--bits must be LOW:HIGH, got '{text}'") from None
+    if not 0 < low <= high < float("inf"):
+        raise BitallocError(f"--bits LOW:HIGH needs 0 < LOW <= HIGH (finite), got '{text}'")
+    return low, high
+
+
 def render(results: dict) -> str:
+    shown = lambda value, spec: "-" if value is None else format(value, spec)
     lines = [f"{'metric':<11} {'Spearman KLD':>12} {'Spearman PPL':>12}  predicted/measured KLD (median)"]
     for metric, entry in results["correlation"].items():
-        lines.append(f"{metric:<11} {entry['kld']:>12.3f} {entry['ppl']:>12.3f}  {entry['scale']:.3g}")
+        lines.append(f"{metric:<11} {shown(entry['kld'], '>12.3f')} {shown(entry['ppl'], '>12.3f')}  "
+                     f"{shown(entry['scale'], '.3g')}")
     return "\n".join(lines)
 
 
@@ -125,24 +139,24 @@ def main(argv=None) -> int:
     from .pipeline import load_space
 
     args = build_parser().parse_args(argv)
-    check_positive(args)
-    try:
-        low, high = (float(v) for v in args.bits.split(":"))
-    except ValueError:
-        raise BitallocError(f"--bits must be LOW:HIGH, got '{args.bits}'") from None
+    check_positive(args, "kl_windows", "kl_stride", "fisher_samples", "profile_batch_size")
+    check_non_negative(args, "eval_windows", "plan_seed")
+    if args.plans < 2:
+        raise BitallocError(f"--plans must be at least 2 (a rank correlation needs two), got {args.plans}")
+    low, high = bits_range(args.bits)
     metrics = parse_metrics(args.metrics)
     device = resolve_device(args.device)
     options = load_space(args.space, args.space_dir, None)
     loaded = load_model(args.model)
     shapes = layer_shapes(loaded.model)
+    plans = random_plans(shapes, options, args.plans, low, high, args.plan_seed)  # before the long work: may refuse
+    evaluation = evaluator(args, loaded, device, not args.quiet)
     calib = calibration(args, loaded)
     table = profile(loaded, calib, options, cache_root(args.cache_dir) / "profile", args.profile_batch_size, device,
                     progress=not args.quiet, metrics=metrics, kl_windows=args.kl_windows,
                     fisher_samples=args.fisher_samples, seed=args.seed, kl_stride=args.kl_stride)
-    evaluation = evaluator(args, loaded, device, not args.quiet)
     loaded.model.to(device)
     base = evaluation.unquantized()
-    plans = random_plans(shapes, options, args.plans, low, high, args.plan_seed)
     by_name = {s.name: s for s in shapes}
     measured = []
     for number, plan in enumerate(plans):
@@ -162,7 +176,7 @@ def main(argv=None) -> int:
         predicted = [e["predicted"][metric] for e in measured]
         ratios = [p / k for p, k in zip(predicted, kld) if k > 0]
         correlation[metric] = {"kld": spearman(predicted, kld), "ppl": spearman(predicted, ppl),
-                               "scale": float(np.median(ratios)) if ratios else math.nan}
+                               "scale": float(np.median(ratios)) if ratios else None}
     results = {"model": loaded.spec, "fingerprint": loaded.fingerprint, "options": [str(o) for o in options],
                "bits": [low, high], "plans": measured, "unquantized": base, "correlation": correlation,
                "evaluation": evaluation.protocol, "table": table.meta}

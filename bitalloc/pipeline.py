@@ -22,8 +22,8 @@ import numpy as np
 from . import atomic, tb
 from .blocks import capture_inputs, run_block
 from .budget import add_budget_args, budgets_from_args, combined_cost_fns, combined_json, combined_limits
-from .cli_args import (add_data_args, add_model_args, calibration, calibration_record, check_positive, evaluator,
-                       resolve_device)
+from .cli_args import (add_data_args, add_model_args, calibration, calibration_record, check_above_zero,
+                       check_non_negative, check_positive, evaluator, resolve_device)
 from .cost import bits_per_weight, layer_shapes
 from .data import calibration_ids
 from .errors import BitallocError, cli_entry
@@ -211,7 +211,9 @@ def write_report(path: Path, text: str, results: dict, reports: dict, front: dic
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     args.budget = args.budget or ["rtn:int4:g64:asym"]
-    check_positive(args)
+    check_positive(args, "front_points", "latency_batch", "held_windows", "held_seqlen")
+    check_non_negative(args, "eval_windows", "span", "n_trials")  # 0 trials: read a shared study's best
+    check_above_zero(args, "time_limit", "timeout")
     started = time.time()
     device = resolve_device(args.device)
     options = load_space(args.space, args.space_dir, args.method)

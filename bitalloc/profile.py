@@ -481,7 +481,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 @cli_entry
 def main(argv=None) -> int:
-    from .cli_args import calibration, check_positive, resolve_device
+    from .cli_args import calibration, check_non_negative, check_positive, resolve_device
     from .distributed import process_group, profile_sharded, rank_device, shard_from_env
     from .models import load_model
     from .paths import cache_root
@@ -491,7 +491,8 @@ def main(argv=None) -> int:
     from .weights import load_lazy
 
     args = build_parser().parse_args(argv)
-    check_positive(args)
+    check_positive(args, "kl_windows", "kl_stride", "fisher_samples")
+    check_non_negative(args)
     device = resolve_device(args.device)
     shard = shard_from_env()  # launched by torchrun with several ranks: profile one range of blocks each
     if shard is not None:

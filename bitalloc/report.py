@@ -18,10 +18,11 @@ import argparse
 import datetime
 import json
 import logging
+import math
 import sys
 from pathlib import Path
 
-from . import atomic, plots
+from . import atomic, plots, safe_json
 from .errors import BitallocError, cli_entry
 from .help_format import HelpFormatter
 from .plan import Plan
@@ -32,6 +33,17 @@ from .table import SensitivityTable
 log = logging.getLogger(__name__)
 
 MEASURED_FILE = "report_measured.json"
+
+# What the report reads from a run's JSON files (see `check_shape`): every key optional, each of its kind.
+NUMBER, NUMBER_OR_NULL, POSITIVE, TEXT = "a number", "a number or null", "a positive number", "a string"
+CORPUS_RESULT = {"ppl": POSITIVE, "top1": NUMBER, "kl": {"mean": NUMBER, "median": NUMBER, "p99": NUMBER},
+                 "per_window": {"ppl": [POSITIVE]}}
+ASSIGNMENT = {str: TEXT}
+VARIANT = {"bytes": NUMBER_OR_NULL, "avg_bits": NUMBER_OR_NULL, "predicted_loss": NUMBER_OR_NULL,
+           "measured": {**CORPUS_RESULT, "corpora": {str: CORPUS_RESULT}}, "layers": ASSIGNMENT,
+           "assignment": ASSIGNMENT}
+RESULTS = {"evaluation": {"corpus": TEXT}, "variants": {str: VARIANT}}
+TABLE_ROW = {"layer": TEXT, "error": NUMBER, "bytes": NUMBER, "numel": POSITIVE}
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -49,13 +61,59 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _read_json(path: Path) -> dict:
-    try:
-        return json.loads(path.read_text())
-    except FileNotFoundError:
-        raise BitallocError(f"{path} not found: is {path.parent} a run directory of bash search.sh?") from None
-    except (OSError, ValueError) as err:
-        raise BitallocError(f"cannot read {path}: {err}") from None
+def _read_json(path: Path):
+    if not path.exists():
+        raise BitallocError(f"{path} not found: is {path.parent} a run directory of bash search.sh?")
+    return safe_json.load_json(path, "run file")
+
+
+def _fits(value, kind: str) -> bool:
+    if kind == TEXT:
+        return isinstance(value, str)
+    if value is None:
+        return kind == NUMBER_OR_NULL
+    number = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+    return number and (kind != POSITIVE or value > 0)
+
+
+def _shown(value) -> str:
+    return {dict: "an object", list: "a list"}.get(type(value)) or json.dumps(value)[:60]
+
+
+def check_shape(value, schema, where: str) -> None:
+    """Stop with one line naming the field unless `value` fits `schema`, so no report fails half-way.
+
+    A schema is a kind (NUMBER, TEXT...), [schema] for a list of them, {key: schema} for an object
+    whose listed keys are optional, or {str: schema} for an object of any keys.
+    """
+    if isinstance(schema, str):
+        fits, expected = _fits(value, schema), schema
+    else:
+        fits, expected = isinstance(value, type(schema)), "a list" if isinstance(schema, list) else "a JSON object"
+    if not fits:
+        raise BitallocError(f"{where} is {_shown(value)}, expected {expected}")
+    if isinstance(schema, list):
+        for number, item in enumerate(value):
+            check_shape(item, schema[0], f"{where}[{number}]")
+    elif isinstance(schema, dict):
+        for key, item in value.items():
+            inner = schema[str] if str in schema else schema.get(key)
+            if inner is not None:
+                check_shape(item, inner, f"{where}[{json.dumps(key)}]")
+
+
+def check_table(table: SensitivityTable, path: Path) -> None:
+    """Every cell the figures read: a row per (layer, option), a number for each error, a positive size."""
+    if not table.rows:
+        raise BitallocError(f"sensitivity table {path} has no rows")
+    for number, row in enumerate(table.rows):
+        check_shape(row, TABLE_ROW, f"sensitivity table {path} row {number}")
+    cells = {(r["layer"], r["option"]) for r in table.rows}
+    missing = next(((l, str(o)) for l in table.layers for o in table.options if (l, str(o)) not in cells), None)
+    if missing:
+        raise BitallocError(f"sensitivity table {path} has no row for layer {missing[0]} at option {missing[1]}")
+    if not any(o.quantized for o in table.options):
+        raise BitallocError(f"sensitivity table {path} has no quantized option")
 
 
 class Run:
@@ -67,19 +125,35 @@ class Run:
             raise BitallocError(f"run directory not found: {run_dir}")
         self.plan = Plan.load(run_dir / "plan.json")
         self.results = _read_json(run_dir / "results.json")
+        check_shape(self.results, RESULTS, str(run_dir / "results.json"))
         self.table = SensitivityTable.load(run_dir / "sensitivity.json")
+        check_table(self.table, run_dir / "sensitivity.json")
         self.errors = {(r["layer"], r["option"]): float(r["error"]) for r in self.table.rows}
         self.bits = {(r["layer"], r["option"]): 8 * r["bytes"] / r["numel"] for r in self.table.rows}
         self.layers = self.table.layers
         measured = run_dir / MEASURED_FILE
         self.extra = _read_json(measured) if measured.is_file() else {}
+        check_shape(self.extra, {str: VARIANT}, str(measured))
         self.variants = self._ordered({**self.results.get("variants", {}), **self.extra})
+        self._check_assignments()
         self.front, self.front_file = self._front()
 
     @staticmethod
     def _ordered(variants: dict[str, dict]) -> dict[str, dict]:
-        """Unquantized first, then by size, largest first."""
-        return dict(sorted(variants.items(), key=lambda kv: (kv[0] != "unquantized", -kv[1].get("avg_bits", 16.0))))
+        """Unquantized first, then by size, largest first (a size the run could not state, null, counts as 16)."""
+        def largest_first(item):
+            name, entry = item
+            return name != "unquantized", -(16.0 if entry.get("avg_bits") is None else entry["avg_bits"])
+
+        return dict(sorted(variants.items(), key=largest_first))
+
+    def _check_assignments(self) -> None:
+        """Each recorded plan covers the table's layers exactly: bits per layer are drawn on one axis."""
+        for name in self.variants:
+            assignment = self.assignment(name)
+            if assignment is not None and set(assignment) != set(self.layers):
+                raise BitallocError(f"the layers recorded for variant {json.dumps(name)} in {self.dir} are not "
+                                    f"those of its sensitivity table")
 
     def assignment(self, name: str) -> dict[str, str] | None:
         """Layer -> option string of a variant, where the run says (plans, uniform variants)."""
@@ -108,19 +182,25 @@ class Run:
         total = sum(r["numel"] for r in self.table.rows if r["option"] == self.table.rows[0]["option"])
         for path in sorted(self.dir.glob("*pareto*.json")):
             data = _read_json(path)
+            if not isinstance(data, (list, dict)):
+                raise BitallocError(f"Pareto front {path} is {_shown(data)}, expected a list of points or an "
+                                    f"object with \"points\"")
             points = data if isinstance(data, list) else data.get("points", [])
             by_bytes = isinstance(data, list) or data.get("kind", "bytes") == "bytes"
-            front = []
-            for p in points if isinstance(points, list) else []:
-                if not isinstance(p, dict) or not isinstance(p.get("loss"), (int, float)):
-                    continue
-                size = p.get("bytes", p.get("size") if by_bytes else None)
-                bits = p.get("avg_bits", 8 * size / total if isinstance(size, (int, float)) else None)
-                if bits is not None:
-                    front.append((float(bits), float(p["loss"])))
+            front = [point for p in (points if isinstance(points, list) else [])
+                     if (point := _front_point(p, by_bytes, total)) is not None]
             if front:
                 return front, path.name
         return None, None
+
+
+def _front_point(point, by_bytes: bool, total_numel: int) -> tuple[float, float] | None:
+    """(average bits, loss) of one front point; None for a point that does not give both as numbers."""
+    if not isinstance(point, dict) or not _fits(point.get("loss"), NUMBER):
+        return None
+    size = point.get("bytes", point.get("size") if by_bytes else None)
+    bits = point.get("avg_bits", 8 * size / total_numel if _fits(size, NUMBER) else None)
+    return (float(bits), float(point["loss"])) if _fits(bits, NUMBER) else None
 
 
 def _cell(value, spec: str) -> str:
@@ -161,7 +241,8 @@ def predicted_points(run: Run) -> dict[str, dict]:
     points = {}
     for name, entry in run.variants.items():
         m = entry.get("measured", {})
-        if name == "unquantized" or entry.get("predicted_loss") is None or "kl" not in m:
+        if name == "unquantized" or entry.get("predicted_loss") is None or "mean" not in m.get("kl", {}) \
+                or "ppl" not in m:
             continue
         points[name] = {"predicted": entry["predicted_loss"], "kl": m["kl"]["mean"],
                         "dppl": m["ppl"] - base.get("ppl", m["ppl"]), "avg_bits": entry.get("avg_bits")}
@@ -169,7 +250,14 @@ def predicted_points(run: Run) -> dict[str, dict]:
 
 
 def write_report(run: Run, out: Path) -> Path:
-    out.mkdir(parents=True, exist_ok=True)
+    """Write report.md and its figures into `out`; they are made aside and moved in only once all are done."""
+    with atomic.atomic_files(out) as staging:
+        atomic.write_text(staging / "report.md", "\n".join(report_lines(run, staging)))
+    return out / "report.md"
+
+
+def report_lines(run: Run, out: Path) -> list[str]:
+    """The report's Markdown lines; its figures are saved into `out` on the way."""
     lines = [f"# bitalloc report: {run.plan.model}", "",
              f"Run directory `{run.dir}`; report written {datetime.date.today().isoformat()}.", "",
              f"- model: `{run.plan.model}` (weights {run.plan.fingerprint})",
@@ -228,26 +316,26 @@ def write_report(run: Run, out: Path) -> Path:
 
     base = run.variants.get("unquantized", {}).get("measured", {})
     windows = {n: e["measured"]["per_window"]["ppl"] for n, e in run.variants.items()
-               if n != "unquantized" and "per_window" in e.get("measured", {})}
-    if windows and "per_window" in base:
+               if n != "unquantized" and "ppl" in e.get("measured", {}).get("per_window", {})}
+    if windows and "ppl" in base.get("per_window", {}):
         plots.save(plots.window_figure(windows, base["per_window"]["ppl"]), out / "per_window.png")
         lines += ["## Per-window perplexity", "", "![per-window PPL](per_window.png)", ""]
-    path = out / "report.md"
-    atomic.write_text(path, "\n".join(lines))
-    return path
+    return lines
 
 
 def measure(run: Run, args) -> None:
     """Quantize and evaluate each table option uniformly (and --plans) under the run's protocol; cache results."""
-    from .batch import build_parser as batch_parser, resolve_plan
+    from .batch import build_parser as batch_parser, read_plan, resolve_plans
     from .cli_args import calibration, evaluator, resolve_device
     from .cost import assignment_bytes, average_bits, layer_shapes
     from .models import load_model
     from .quantize_model import needs_calibration, quantize_model, restore
 
     specs = [f"uniform {o}" for o in run.table.options if o.quantized] + list(args.plans)
-    todo = [s for s in specs if s not in run.variants]
-    if not todo:
+    # every plan is read and checked before the model is loaded; fp16 (None) is the unquantized row already
+    plans = {s: read_plan(s.removeprefix("uniform ")) for s in specs if s not in run.variants}
+    plans = {s: plan for s, plan in plans.items() if plan is not None}
+    if not plans:
         return
     protocol, cal = run.plan.evaluation, run.plan.calibration
     argv = ["--eval", protocol.get("corpus", "wikitext2"), "--seqlen", str(protocol.get("seqlen", 2048)),
@@ -263,8 +351,7 @@ def measure(run: Run, args) -> None:
     evaluation = evaluator(options, loaded, device, not args.quiet)
     loaded.model.to(device)
     evaluation.unquantized()
-    for spec in todo:
-        assignment, _ = resolve_plan(spec.removeprefix("uniform "), loaded, shapes)
+    for spec, (assignment, _) in resolve_plans(plans, loaded, shapes, several=False).items():
         calib = calibration(options, loaded) if needs_calibration(assignment) else None
         originals = quantize_model(loaded, assignment, calib, "reference", device, options.batch_size,
                                    not args.quiet)

@@ -14,12 +14,14 @@ from __future__ import annotations
 
 import argparse
 import statistics
+import sys
 import time
 
 import numpy as np
 
 from bitalloc.budget import parse_budget
 from bitalloc.cost import LayerShape, layer_bytes
+from bitalloc.errors import BitallocError, cli_entry
 from bitalloc.help_format import HelpFormatter
 from bitalloc.quant import parse
 from bitalloc.solve import SOLVERS, TABLE_SOLVERS, build_problem, pareto_front, solve_ilp
@@ -59,14 +61,30 @@ def timed(fn, repeats: int = 3):
     return result, statistics.median(times)
 
 
-def main() -> None:
+def budget_limits(spec: str, shapes) -> dict[float, int]:
+    """Average bits -> byte limit for each of --budgets, all checked before the first solver runs."""
+    limits = {}
+    for text in spec.split(","):
+        try:
+            bits = float(text)
+        except ValueError:
+            bits = float("nan")
+        if not 0 < bits <= 32:  # NaN too
+            raise BitallocError(f"--budgets: '{text.strip()}' is not average bits in (0, 32]")
+        limits[bits] = parse_budget(str(bits), shapes).limit
+    return limits
+
+
+@cli_entry
+def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=HelpFormatter)
     parser.add_argument("--tie", choices=("none", "fused"), default="fused",
                         help="fused: q/k/v and gate/up each take one option; none: every layer its own")
     parser.add_argument("--seed", type=int, default=0, help="seed of the synthetic table")
     parser.add_argument("--budgets", default="2.5,3,3.5,4,4.5,5,6", help="average bits per weight")
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
     shapes, ties, table, options = synthetic_table(args.seed)
+    limits = budget_limits(args.budgets, shapes)
     problem = build_problem(table, shapes, options, ties if args.tie == "fused" else None)
     print(f"table: {len(shapes)} layers x {len(options)} options, {len(problem.units)} units (tie: {args.tie})")
     solvers = {**{name: SOLVERS[name] for name in TABLE_SOLVERS},
@@ -74,8 +92,8 @@ def main() -> None:
     header = f"{'bits':>5} " + " ".join(f"{name:>18}" for name in solvers)
     print("loss / ILP loss and median seconds of 3 runs per solver\n" + header)
     worst_ilp = worst_milp = 0.0
-    for bits in [float(b) for b in args.budgets.split(",")]:
-        problem.limits = {"bytes": parse_budget(str(bits), shapes).limit}
+    for bits, limit in limits.items():
+        problem.limits = {"bytes": limit}
         results = {name: timed(lambda fn=fn: fn(problem)) for name, fn in solvers.items()}
         best = problem.total("objective", results["ilp"][0][0])
         worst_ilp = max(worst_ilp, results["ilp"][1])
@@ -93,7 +111,8 @@ def main() -> None:
         front, seconds = timed(lambda method=method: pareto_front(problem, method, 50), repeats=1)
         extra = f", {front['plans_on_front']} plans on the whole front" if "plans_on_front" in front else ""
         print(f"Pareto front, 50 budgets, {method}: {seconds:.2f} s, {len(front['points'])} distinct plans{extra}")
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

@@ -26,6 +26,8 @@ def main(argv=None) -> int:
     parser.add_argument("--questions", type=int, default=100, help="number of questions")
     parser.add_argument("--seed", type=int, default=0, help="seed for picking sentences and distractors")
     args = parser.parse_args(argv)
+    if args.questions < 1:  # inline: bitalloc.cli_args would import torch into this light script
+        raise BitallocError(f"--questions must be at least 1, got {args.questions}")
     try:
         text = Path(args.text).read_text(encoding="utf-8")
     except (OSError, UnicodeDecodeError) as err:
@@ -34,9 +36,11 @@ def main(argv=None) -> int:
     usable = [s for s in sentences if 8 <= len(s) <= 40 and re.fullmatch(r"[A-Za-z]{4,}[.!?]", s[-1])]
     if len(usable) < max(args.questions, 4):
         raise BitallocError(f"{args.text} has only {len(usable)} usable sentences for {args.questions} questions")
+    endings = sorted({s[-1][:-1] for s in usable})
+    if len(endings) < 4:  # each question needs three other endings as distractors
+        raise BitallocError(f"{args.text} has only {len(endings)} distinct last words; 4 are needed")
     rng = random.Random(args.seed)
     picked = rng.sample(usable, args.questions)
-    endings = sorted({s[-1][:-1] for s in usable})
     rows = []
     for sentence in picked:
         answer = sentence[-1][:-1]

@@ -12,7 +12,6 @@ restores the original layers.  Results are written after every variant to
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import sys
 import time
@@ -21,14 +20,16 @@ from pathlib import Path
 import torch
 
 from bitalloc import atomic
-from bitalloc.cli_args import add_data_args, add_model_args, calibration, calibration_record, check_positive
+from bitalloc.cli_args import (add_data_args, add_model_args, calibration, calibration_record, check_non_negative,
+                               check_positive)
 from bitalloc.data import eval_windows
-from bitalloc.errors import cli_entry
+from bitalloc.errors import BitallocError, cli_entry
 from bitalloc.evaluate import ReferenceCache, evaluate
 from bitalloc.help_format import HelpFormatter
 from bitalloc.models import linear_layers, load_model
 from bitalloc.quant import parse
 from bitalloc.quantize_model import needs_calibration, quantize_model, restore
+from bitalloc.safe_json import load_json
 
 log = logging.getLogger("quant_table")
 WEIGHT_METHODS = ("rtn", "gptq", "awq", "lwc", "hqq", "smoothquant")
@@ -84,17 +85,28 @@ def render(results: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
+def load_results(path: Path) -> dict:
+    """The results to resume from (checked before the model loads), or a fresh start."""
+    if not path.is_file():
+        return {"rows": {}}
+    results = load_json(path, "results")
+    if not isinstance(results, dict) or not isinstance(results.get("rows"), dict):
+        raise BitallocError(f"results {path} has no 'rows' object; it is not a quant_table results file")
+    return results
+
+
 @cli_entry
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     check_positive(args)
+    check_non_negative(args, "eval_windows", "limit_minutes")
     torch.manual_seed(0)
     progress = not args.quiet
     wanted = variants() if not args.only else [(o, o) for o in args.only.split(",")]
     for _, option in wanted:
         parse(option)
     path = Path(args.json)
-    results = json.loads(path.read_text()) if path.is_file() else {"rows": {}}
+    results = load_results(path)
     started = time.time()
     loaded = load_model(args.model)
     windows = eval_windows(loaded.tokenizer, args.eval, args.seqlen, args.eval_windows or None, args.data_dir)

@@ -8,14 +8,25 @@ model divided by that of the uniform plan of the same run.
 from __future__ import annotations
 
 import argparse
-import json
+import sys
 from pathlib import Path
 
+from bitalloc.errors import BitallocError, cli_entry
 from bitalloc.help_format import HelpFormatter
+from bitalloc.safe_json import load_json
 
 
 def rows(run: Path) -> list[str]:
-    data = json.loads((run / "results.json").read_text())
+    """The run's table lines; a results.json that is not search.sh's stops with one line naming it."""
+    path = run / "results.json"
+    try:
+        return _rows(load_json(path, "results"))
+    except (KeyError, TypeError, AttributeError) as err:
+        problem = f"missing key {err}" if isinstance(err, KeyError) else err
+        raise BitallocError(f"{path} is not a search.sh results file ({problem})") from None
+
+
+def _rows(data: dict) -> list[str]:
     variants = data["variants"]
     base = variants["unquantized"]["measured"]["ppl"]
     uniform = next((v["measured"]["ppl"] - base for k, v in variants.items() if k.startswith("uniform ")), None)
@@ -35,15 +46,17 @@ def rows(run: Path) -> list[str]:
     return lines
 
 
-def main() -> None:
+@cli_entry
+def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=HelpFormatter)
     parser.add_argument("runs", nargs="+", help="run directories written by search.sh")
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
+    lines = [line for run in args.runs for line in rows(Path(run))]  # every run read before any output
     print("| budget | plan | MB | avg bits | predicted loss | PPL | dPPL | KL mean | dPPL / dPPL(uniform) |")
     print("|---|---|---|---|---|---|---|---|---|")
-    for run in args.runs:
-        print("\n".join(rows(Path(run))))
+    print("\n".join(lines))
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

@@ -149,3 +149,135 @@ def test_every_option_of_every_command_line_is_explained(path):
     unexplained = [ast.unparse(c.args[0]) for c in calls
                    if c.func.attr == "add_argument" and not any(k.arg == "help" for k in c.keywords)]
     assert not unexplained, f"options without help: {unexplained}"
+
+
+def _no_model_work(monkeypatch, *modules):
+    """Bad numbers must stop the run before a model is loaded (or profiled), so nothing is lost."""
+    for module in modules:
+        monkeypatch.setattr(module, "load_model", lambda *a, **k: pytest.fail("loaded the model"))
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--solver", "optuna", "--held-windows", "0"], "--held-windows must be at least 1"),
+    (["--held-seqlen", "0"], "--held-seqlen must be at least 1"),
+    (["--time-limit", "-1"], "--time-limit must be above 0"),
+    (["--time-limit", "nan"], "--time-limit must be above 0, got nan"),
+    (["--front-points", "0"], "--front-points must be at least 1"),
+    (["--front-points", "-5"], "--front-points must be at least 1, got -5"),
+    (["--latency-batch", "0"], "--latency-batch must be at least 1"),
+    (["--span", "-1"], "--span must be 0 or more"),
+    (["--seed", "-1"], "--seed must be 0 or more"),
+    (["--eval-windows", "-1"], "--eval-windows must be 0 or more"),
+])
+def test_search_rejects_bad_numbers_before_any_work(argv, message, cli_env, tiny_dir, capsys, monkeypatch):
+    _no_model_work(monkeypatch, pipeline)
+    base = ["--model", str(tiny_dir), "--space", SPACE, "--out", "run", *QUICK]
+    _expect_bad_input(pipeline.main, base + argv, capsys, cli_env, message)
+
+
+PROFILE_NUMBERS = [
+    (["--metrics", "kl", "--kl-windows", "0"], "--kl-windows must be at least 1"),
+    (["--kl-windows", "-2"], "--kl-windows must be at least 1"),
+    (["--metrics", "kl", "--kl-stride", "0"], "--kl-stride must be at least 1"),
+    (["--metrics", "fisher", "--fisher-samples", "0"], "--fisher-samples must be at least 1"),
+    (["--metrics", "fisher", "--fisher-samples", "-1"], "--fisher-samples must be at least 1"),
+]
+
+
+@pytest.mark.parametrize("argv, message", PROFILE_NUMBERS)
+def test_profile_rejects_bad_numbers_before_any_work(argv, message, cli_env, tiny_dir, capsys, monkeypatch):
+    from bitalloc import models, profile
+
+    _no_model_work(monkeypatch, models)
+    base = ["--model", str(tiny_dir), "--space", SPACE, "--out", "prof", "--quiet"]
+    _expect_bad_input(profile.main, base + argv, capsys, cli_env, message)
+
+
+@pytest.mark.parametrize("argv, message", PROFILE_NUMBERS + [
+    (["--plans", "0"], "--plans must be at least 2"),
+    (["--plans", "-3"], "--plans must be at least 2"),
+    (["--bits", "5:3"], "needs 0 < LOW <= HIGH"),
+    (["--bits", "nan:nan"], "needs 0 < LOW <= HIGH"),
+    (["--bits", "4"], "--bits must be LOW:HIGH"),
+    (["--profile-batch-size", "0"], "--profile-batch-size must be at least 1"),
+    (["--plan-seed", "-1"], "--plan-seed must be 0 or more"),
+])
+def test_fidelity_rejects_bad_numbers_before_any_work(argv, message, cli_env, tiny_dir, capsys, monkeypatch):
+    from bitalloc import fidelity
+
+    _no_model_work(monkeypatch, fidelity)
+    base = ["--model", str(tiny_dir), "--space", SPACE, "--out", "fid", *QUICK]
+    _expect_bad_input(fidelity.main, base + argv, capsys, cli_env, message)
+
+
+def test_fidelity_refuses_an_unreachable_bits_range_before_profiling(cli_env, tiny_dir, capsys, monkeypatch):
+    from bitalloc import fidelity
+
+    monkeypatch.setattr(fidelity, "profile", lambda *a, **k: pytest.fail("profiled"))
+    argv = ["--model", str(tiny_dir), "--space", SPACE, "--out", "fid", "--bits", "20:30", *QUICK]
+    _expect_bad_input(fidelity.main, argv, capsys, cli_env, "cannot make plans between 20.0 and 30.0 bits")
+
+
+@pytest.mark.parametrize("case, message", [
+    ("negative limit", "--limit must be above 0"),
+    ("malformed json", "is not valid JSON"),
+    ("missing plan", "plan file not found"),
+    ("not a plan", "plan 'nonsense' is not fp16"),
+    ("unknown layer", "layer 'model.layers.7.mlp.up_proj'"),
+])
+def test_batch_stops_on_a_bad_plan_before_evaluating(case, message, cli_env, tiny_dir, capsys, monkeypatch):
+    from bitalloc import batch
+
+    monkeypatch.setattr(batch, "evaluator", lambda *a, **k: pytest.fail("evaluated"))
+    (cli_env / "results").mkdir()
+    (cli_env / "results" / "ppl_results.txt").write_text("rows from an earlier run\n")
+    plans, extra = ["fp16"], []
+    if case == "negative limit":
+        extra = ["--limit", "-1"]
+    elif case == "malformed json":
+        (cli_env / "bad_plan.json").write_text('{"format": "bitalloc-plan", "layers": {')
+        plans.append("bad_plan.json")
+    elif case == "missing plan":
+        plans.append("nothing.json")
+    elif case == "not a plan":
+        plans.append("nonsense")
+    else:
+        layers = {"model.layers.7.mlp.up_proj": "rtn:int4:g32:asym"}
+        plans.append(str(_plan_file(cli_env, tiny_dir, layers=layers)))
+    argv = ["--model", str(tiny_dir), "--results", "results", "--quiet", *extra, "--plans", *plans]
+    _expect_bad_input(batch.main, argv, capsys, cli_env, message)
+
+
+def test_batch_skips_a_plan_only_on_the_other_models_of_several(cli_env, tiny_dir):
+    from bitalloc import batch
+    from bitalloc.cost import layer_shapes
+    from bitalloc.errors import BitallocError
+    from bitalloc.models import load_model
+
+    loaded = load_model(str(tiny_dir))
+    shapes = layer_shapes(loaded.model)
+    plans = {"fp16": None, "other.json": batch.read_plan(str(_plan_file(cli_env, tiny_dir, fingerprint="other")))}
+    assert list(batch.resolve_plans(plans, loaded, shapes, several=True)) == ["fp16"]
+    with pytest.raises(BitallocError, match="plan other.json on .*made for model weights other"):
+        batch.resolve_plans(plans, loaded, shapes, several=False)
+
+
+def _script(name: str):
+    """A script's main, loaded from its file (scripts/ is no package)."""
+    import runpy
+    from pathlib import Path
+
+    return runpy.run_path(str(Path(__file__).resolve().parent.parent / "scripts" / name))["main"]
+
+
+@pytest.mark.parametrize("script, argv, message", [
+    ("solver_table.py", ["nope"], "results file not found: nope/results.json"),
+    ("make_cloze_task.py", ["text.txt", "--out", "task.jsonl", "--questions", "-1"], "--questions must be at least 1"),
+    ("make_cloze_task.py", ["text.txt", "--out", "task.jsonl", "--questions", "0"], "--questions must be at least 1"),
+    ("make_cloze_task.py", ["text.txt", "--out", "task.jsonl", "--questions", "4"], "only 1 distinct last words"),
+    ("bench_solvers.py", ["--budgets", "abc"], "--budgets: 'abc' is not average bits"),
+    ("bench_solvers.py", ["--budgets", "4,-1"], "--budgets: '-1' is not average bits"),
+])
+def test_scripts_reject_bad_input_with_one_line(script, argv, message, cli_env, capsys):
+    (cli_env / "text.txt").write_text("The old river runs past the stone bridge near the town. " * 6)
+    _expect_bad_input(_script(script), argv, capsys, cli_env, message)
