@@ -26,7 +26,7 @@ from .errors import BitallocError, cli_entry
 from .help_format import HelpFormatter
 from .metrics import METRICS, parse_metrics
 from .models import load_model
-from .paths import cache_root
+from .paths import PRESET_SPACES, cache_root
 from .profile import profile
 from .quant.option import Option
 from .quantize_model import quantize_model, restore
@@ -98,7 +98,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m bitalloc.fidelity", description=__doc__.split("\n\n")[0],
                                      formatter_class=HelpFormatter)
     parser.add_argument("--space", default="rtn-g64", help="option space (as search.sh --space)")
-    parser.add_argument("--space-dir", default="search/spaces", help="where preset option spaces live")
+    parser.add_argument("--space-dir", default=str(PRESET_SPACES), help="where preset option spaces live")
     parser.add_argument("--metrics", default=",".join(METRICS), help="metrics to profile and compare")
     parser.add_argument("--plans", type=int, default=20, help="random plans to measure")
     parser.add_argument("--bits", default="3:5", help="average-bits range LOW:HIGH of the random plans")

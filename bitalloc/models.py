@@ -42,7 +42,7 @@ _HUB_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*/[A-Za-z0-9][A-Za-z0-9_.-]*$")
 class LoadedModel:
     model: nn.Module
     tokenizer: object | None
-    spec: str  # what the user asked for; recorded in plans
+    spec: str  # what the user asked for (a local path made absolute, so a plan works from any folder); in plans
     fingerprint: str  # content hash: a plan or cache made for other weights is detected
 
     @property
@@ -139,12 +139,14 @@ def load_model(spec: str = DEFAULT_MODEL, dtype: torch.dtype = torch.float32) ->
         if not path.is_file():
             raise BitallocError(f"model file not found: {spec}")
         location, gguf = str(path.parent), path.name
+        spec = str(path.resolve())
     elif Path(spec).exists():
         path = Path(spec)
         if not (path / "config.json").is_file():
             raise BitallocError(f"model directory {spec} has no config.json (is it a Hugging Face model?)")
         require_safe_weights(path)
         location, gguf = str(path), None
+        spec = str(path.resolve())
     elif _HUB_ID.match(spec) and not spec.startswith((".", "/")):
         path, location, gguf = None, spec, None
     else:

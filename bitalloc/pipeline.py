@@ -29,7 +29,7 @@ from .data import calibration_ids
 from .errors import BitallocError, cli_entry
 from .help_format import HelpFormatter
 from .models import find_blocks, load_model, tie_groups
-from .paths import cache_root
+from .paths import PRESET_SPACES, cache_root
 from .metrics import DEFAULT_METRIC, METRICS
 from .plan import Plan
 from .preflight import check_fits
@@ -54,7 +54,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--space", default="rtn-g64",
                         help="option space: a preset name in --space-dir, a file (one option per line) "
                              "or a comma-separated list of options")
-    parser.add_argument("--space-dir", default="search/spaces", help="where preset option spaces live")
+    parser.add_argument("--space-dir", default=str(PRESET_SPACES), help="where preset option spaces live")
     parser.add_argument("--method", default=None,
                         help="replace the quantization method of every option in the space (e.g. gptq)")
     parser.add_argument("--solver", default="ilp", help=f"allocation solver ({', '.join(sorted(SOLVERS))})")

@@ -448,13 +448,14 @@ def _table(setup, loaded, calib_ids, units, kl_windows, kl_stride, fisher_sample
 
 def build_parser() -> argparse.ArgumentParser:
     from .cli_args import add_data_args, add_model_args
+    from .paths import PRESET_SPACES
 
     width = max(map(len, METRICS))
     metrics = "\n".join(f"  {name:<{width}}  {metric.help}" for name, metric in METRICS.items())
     parser = argparse.ArgumentParser(prog="python -m bitalloc.profile", description=__doc__.split("\n\n")[0],
                                      epilog=f"metrics (--metrics):\n{metrics}", formatter_class=HelpFormatter)
     parser.add_argument("--space", default="rtn-g64", help="option space: preset name, file or comma-separated list")
-    parser.add_argument("--space-dir", default="search/spaces", help="where preset option spaces live")
+    parser.add_argument("--space-dir", default=str(PRESET_SPACES), help="where preset option spaces live")
     parser.add_argument("--metrics", default=DEFAULT_METRIC,
                         help="comma-separated (listed below); the first is each row's error")
     parser.add_argument("--granularity", choices=GRANULARITIES, default="linear",
@@ -500,10 +501,9 @@ def main(argv=None) -> int:
     dtype = getattr(torch, args.dtype) if args.dtype else (torch.bfloat16 if device.type == "cuda" else torch.float32)
     metrics = parse_metrics(args.metrics)
     options = load_space(args.space, args.space_dir, None)
+    interaction = Plan.load(args.interaction) if args.interaction else None  # a malformed plan stops before loading
     loaded, weights = load_lazy(args.model, dtype) if args.lazy else (load_model(args.model, dtype), None)
-    plan = None
-    if args.interaction:
-        plan = Plan.load(args.interaction).assignment([s.name for s in layer_shapes(loaded.model)])
+    plan = None if interaction is None else interaction.check_against(layer_shapes(loaded.model), loaded.fingerprint)
     calib = calibration(args, loaded)
     progress = not args.quiet and (shard is None or shard.rank == 0)  # one set of bars, not one per rank
     settings = dict(cache_dir=cache_root(args.cache_dir) / "profile", batch_size=args.batch_size, device=device,

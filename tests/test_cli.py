@@ -281,3 +281,23 @@ def _script(name: str):
 def test_scripts_reject_bad_input_with_one_line(script, argv, message, cli_env, capsys):
     (cli_env / "text.txt").write_text("The old river runs past the stone bridge near the town. " * 6)
     _expect_bad_input(_script(script), argv, capsys, cli_env, message)
+
+
+def test_profile_interaction_plan_is_checked_against_the_model(cli_env, tiny_dir, capsys):
+    from bitalloc import profile
+
+    plan = _plan_file(cli_env, tiny_dir, layers={"model.layers.9.mlp.up_proj": "rtn:int4:g32:asym"})
+    argv = ["--model", str(tiny_dir), "--space", SPACE, "--interaction", str(plan), "--nsamples", "2",
+            "--calib-seqlen", "16", "--out", "prof", "--quiet"]
+    _expect_bad_input(profile.main, argv, capsys, cli_env, "which the model does not have")
+
+
+def test_search_finds_its_preset_spaces_and_plans_find_their_model_from_any_folder(search_run, tmp_path,
+                                                                                    monkeypatch):
+    from bitalloc.pipeline import load_space
+
+    monkeypatch.chdir(tmp_path)
+    assert [str(o) for o in load_space("rtn-g64", pipeline.build_parser().get_default("space_dir"), None)][0] \
+        == "rtn:int2:g64:asym"
+    run, _ = search_run
+    assert json.loads((run / "plan.json").read_text())["model"].startswith("/")
