@@ -27,7 +27,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_profile import RANDOM_CONFIGS, RandomBlocks, random_model  # noqa: E402
+from bench_profile import RANDOM_CONFIGS, RandomBlocks, add_profiling_args, random_model  # noqa: E402
 from bitalloc.help_format import HelpFormatter
 
 
@@ -91,11 +91,7 @@ def main() -> None:
     parser.add_argument("--override", nargs="*", default=[], metavar="FIELD=VALUE",
                         help="config fields changed from the --random shape")
     parser.add_argument("--device", default="auto", help="cuda, cpu or auto")
-    parser.add_argument("--nsamples", type=int, default=16, help="calibration sequences")
-    parser.add_argument("--calib-seqlen", type=int, default=512, help="tokens per calibration sequence")
-    parser.add_argument("--batch-size", type=int, default=4, help="calibration sequences per forward pass")
-    parser.add_argument("--space", default="rtn:int2:g64:asym,rtn:int3:g64:asym,rtn:int4:g64:asym,rtn:int8:g64:asym",
-                        help="options profiled, comma separated")
+    add_profiling_args(parser)
     parser.add_argument("--metrics", default="rel", help="comma-separated profile metrics")
     parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     args, argv = parser.parse_args(), [a for a in sys.argv[1:] if a != "--worker"]

@@ -109,6 +109,19 @@ def _sync(device):
         torch.cuda.synchronize()
 
 
+def add_profiling_args(parser, nsamples: int = 16, seqlen: int = 512, batch_size: int | None = 4,
+                       space: bool = True) -> None:
+    """What every profiling benchmark here takes: the calibration's shape and, with `space`, the options."""
+    parser.add_argument("--nsamples", type=int, default=nsamples, help="calibration sequences")
+    parser.add_argument("--calib-seqlen", type=int, default=seqlen, help="tokens per calibration sequence")
+    if batch_size is not None:
+        parser.add_argument("--batch-size", type=int, default=batch_size,
+                            help="calibration sequences per forward pass")
+    if space:
+        parser.add_argument("--space", default=",".join(f"rtn:int{bits}:g64:asym" for bits in (2, 3, 4, 8)),
+                            help="options profiled, comma separated")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=HelpFormatter)
     parser.add_argument("--model", default="smollm2-135m", help="model spec (see bitalloc.models)")
@@ -118,11 +131,7 @@ def main() -> None:
     parser.add_argument("--device", default="auto", help="cuda, cpu or auto")
     parser.add_argument("--dtype", default=None, help="float32 (CPU default) or bfloat16/float16 (CUDA default bf16)")
     parser.add_argument("--data-dir", default=None, help="local data directory (default: $BITALLOC_DATA, else the hub)")
-    parser.add_argument("--nsamples", type=int, default=16, help="calibration sequences")
-    parser.add_argument("--calib-seqlen", type=int, default=512, help="tokens per calibration sequence")
-    parser.add_argument("--batch-size", type=int, default=4, help="calibration sequences per forward pass")
-    parser.add_argument("--space", default="rtn:int2:g64:asym,rtn:int3:g64:asym,rtn:int4:g64:asym,rtn:int8:g64:asym",
-                        help="options profiled, comma separated")
+    add_profiling_args(parser)
     parser.add_argument("--metrics", default="fisher;rel", help="metric groups, each profiled fresh and timed")
     parser.add_argument("--baseline-blocks", default="0,15", help="blocks on which the full recompute is timed")
     parser.add_argument("--lean-memory", action="store_true", help="profile(lean_memory=True): see bitalloc.profile")

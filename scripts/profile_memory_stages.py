@@ -23,7 +23,7 @@ from bitalloc.help_format import HelpFormatter
 from bitalloc.quant import parse
 
 sys.path.insert(0, str(Path(__file__).parent))
-from bench_profile import RANDOM_CONFIGS, RandomBlocks, random_model  # noqa: E402
+from bench_profile import RANDOM_CONFIGS, RandomBlocks, add_profiling_args, random_model  # noqa: E402
 
 GB = 1e9
 STAGES = ("Candidates", "collect_calibration", "record", "measure_block")
@@ -49,9 +49,7 @@ def main() -> None:
                         help="shape of the random-weight model profiled")
     parser.add_argument("--layers", type=int, default=2,
                         help="blocks kept (peak memory per block does not depend on it)")
-    parser.add_argument("--nsamples", type=int, default=128, help="calibration sequences")
-    parser.add_argument("--calib-seqlen", type=int, default=2048, help="tokens per calibration sequence")
-    parser.add_argument("--batch-size", type=int, default=4, help="calibration sequences per forward pass")
+    add_profiling_args(parser, nsamples=128, seqlen=2048, space=False)
     parser.add_argument("--lean-memory", action="store_true", help="profile(lean_memory=True): see bitalloc.profile")
     args = parser.parse_args()
     if not torch.cuda.is_available():

@@ -33,7 +33,7 @@ from bitalloc.profile import measure_block, profile
 from bitalloc.quant import parse
 
 sys.path.insert(0, str(Path(__file__).parent))
-from bench_profile import RandomBlocks, random_model  # noqa: E402
+from bench_profile import RandomBlocks, add_profiling_args, random_model  # noqa: E402
 
 OPTIONS = [parse(f"rtn:int{b}:g64:asym") for b in (2, 3, 4, 8)]
 
@@ -92,8 +92,7 @@ def main() -> None:
     parser.add_argument("--layers", type=int, default=3, help="blocks of the random model timed")
     parser.add_argument("--settings", default="4:lean:triton,4:lean:torch,4:full:triton,2:full:triton,8:lean:triton",
                         help="BATCH:lean|full:triton|torch settings (see above), comma separated")
-    parser.add_argument("--nsamples", type=int, default=128, help="calibration sequences")
-    parser.add_argument("--calib-seqlen", type=int, default=2048, help="tokens per calibration sequence")
+    add_profiling_args(parser, nsamples=128, seqlen=2048, batch_size=None, space=False)
     parser.add_argument("--trace", action="store_true", help="also print the kernel table of one lean block")
     args = parser.parse_args()
     if not torch.cuda.is_available():
