@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 import logging
-import math
 from pathlib import Path
 
 import torch
@@ -17,20 +16,17 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 from . import atomic
+from .safe_json import is_finite_number
 
 log = logging.getLogger(__name__)
 CACHE_FORMAT = 2
-
-
-def _is_finite_number(value) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
 
 
 def _valid_row(row) -> bool:
     """A row as `profile._merge` writes it; anything else would crash the profiler that reads it back."""
     return (isinstance(row, dict) and isinstance(row.get("layer"), str) and isinstance(row.get("option"), str)
             and isinstance(row.get("version", ""), str) and isinstance(row.get("settings", {}), dict)
-            and isinstance(row.get("values"), dict) and all(map(_is_finite_number, row["values"].values())))
+            and isinstance(row.get("values"), dict) and all(map(is_finite_number, row["values"].values())))
 
 
 def _block_problem(data) -> str | None:

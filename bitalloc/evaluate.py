@@ -23,6 +23,7 @@ from . import atomic
 from .errors import BitallocError
 from .guards import check_activations
 from .reference import ReferenceCache, compare
+from .safe_json import is_finite_number
 
 log = logging.getLogger(__name__)
 
@@ -87,19 +88,15 @@ def evaluate(model, windows: torch.Tensor, reference: ReferenceCache | None = No
     return result
 
 
-def _is_finite_number(value) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
-
-
 def _is_reference_result(result) -> bool:
     """`result` has what `evaluate` writes for a reference run and its readers use (PPL, KL, top-1, per window)."""
     numbers = ("ppl", "nll", "top1", "tokens", "windows")
-    if not isinstance(result, dict) or not all(_is_finite_number(result.get(k)) for k in numbers):
+    if not isinstance(result, dict) or not all(is_finite_number(result.get(k)) for k in numbers):
         return False
     kl, per_window = result.get("kl"), result.get("per_window")
-    return (isinstance(kl, dict) and all(_is_finite_number(kl.get(k)) for k in ("mean", "median", "p99"))
+    return (isinstance(kl, dict) and all(is_finite_number(kl.get(k)) for k in ("mean", "median", "p99"))
             and isinstance(per_window, dict) and isinstance(per_window.get("ppl"), list)
-            and all(map(_is_finite_number, per_window["ppl"])))
+            and all(map(is_finite_number, per_window["ppl"])))
 
 
 class Evaluator:

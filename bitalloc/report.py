@@ -18,7 +18,6 @@ import argparse
 import datetime
 import json
 import logging
-import math
 import sys
 from pathlib import Path
 
@@ -72,7 +71,7 @@ def _fits(value, kind: str) -> bool:
         return isinstance(value, str)
     if value is None:
         return kind == NUMBER_OR_NULL
-    number = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+    number = safe_json.is_finite_number(value)
     return number and (kind != POSITIVE or value > 0)
 
 

@@ -20,6 +20,11 @@ _BOMS = ((b"\xef\xbb\xbf", "a UTF-8 byte-order mark"), (b"\xff\xfe\x00\x00", "a 
          (b"\xfe\xff", "a UTF-16 byte-order mark"))
 
 
+def is_finite_number(value) -> bool:
+    """A JSON number a reader can compute with (true/false are numbers to Python, not here)."""
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
 class _Rejected(ValueError):
     """Raised from inside the decoder's hooks; carries the finished message."""
 
