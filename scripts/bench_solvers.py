@@ -62,16 +62,13 @@ def timed(fn, repeats: int = 3):
 
 
 def budget_limits(spec: str, shapes) -> dict[float, int]:
-    """Average bits -> byte limit for each of --budgets, all checked before the first solver runs."""
+    """Average bits -> byte limit for each of --budgets, all read (by parse_budget) before the first solver runs."""
     limits = {}
     for text in spec.split(","):
         try:
-            bits = float(text)
-        except ValueError:
-            bits = float("nan")
-        if not 0 < bits <= 32:  # NaN too
-            raise BitallocError(f"--budgets: '{text.strip()}' is not average bits in (0, 32]")
-        limits[bits] = parse_budget(str(bits), shapes).limit
+            limits[float(text)] = parse_budget(text, shapes).limit
+        except (ValueError, BitallocError):  # not a number, or not average bits parse_budget takes
+            raise BitallocError(f"--budgets: '{text.strip()}' is not average bits in (0, 32]") from None
     return limits
 
 
