@@ -4,7 +4,8 @@ Each model is loaded once; its unquantized reference is computed once; each
 plan is applied (the same quantizers and packed layers as `bitalloc.apply`),
 measured, and undone before the next.  A plan is `fp16` (the unquantized
 model), an option applied to every layer (`rtn:int4:g64:asym`), or a plan.json
-file (with several --models, skipped with one line on models it was not made for).
+file (with several --models, skipped with one line on models it was not made for; one made for
+none of them stops the run).
 Every plan is read and checked before any model is loaded, and against each
 model before anything is evaluated on it.
 """
@@ -23,7 +24,7 @@ from .cost import assignment_bytes, average_bits, layer_shapes
 from .errors import BitallocError, cli_entry
 from .harness import run_tasks
 from .help_format import HelpFormatter
-from .models import load_model
+from .models import fingerprint_path, load_model, locate
 from .plan import Plan
 from .quant import check_option, parse
 from .quant.option import Option
@@ -66,11 +67,24 @@ def read_plan(spec: str) -> Plan | Option | None:
     return option
 
 
-def made_for(plan: Plan, loaded) -> bool:
+def made_for(plan: Plan, spec: str, fingerprint: str) -> bool:
     """The weights a plan records, or without a fingerprint the model it names."""
     if plan.fingerprint:
-        return plan.fingerprint == loaded.fingerprint
-    return plan.model == loaded.spec
+        return plan.fingerprint == fingerprint
+    return plan.model == spec
+
+
+def check_each_plan_fits_a_model(plans: dict, models: list[str]) -> None:
+    """With several models, a plan made for none of them stops the run before any model is loaded.
+    Local weights are fingerprinted from their files; a hub model is known only once loaded, so then
+    each plan is checked model by model instead."""
+    sources = [locate(spec) for spec in models]
+    if any(source.path is None for source in sources):
+        return
+    known = [(source.spec, fingerprint_path(source.path)) for source in sources]
+    for spec, plan in plans.items():
+        if isinstance(plan, Plan) and not any(made_for(plan, *model) for model in known):
+            raise BitallocError(f"plan {spec} was made for {plan.model}, which is none of --models")
 
 
 def resolve_plans(plans: dict, loaded, shapes, several: bool) -> dict[str, tuple[dict | None, Plan | None]]:
@@ -79,7 +93,7 @@ def resolve_plans(plans: dict, loaded, shapes, several: bool) -> dict[str, tuple
     resolved = {}
     for spec, plan in plans.items():
         if isinstance(plan, Plan):
-            if several and not made_for(plan, loaded):
+            if several and not made_for(plan, loaded.spec, loaded.fingerprint):
                 log.warning("skipping plan %s on %s: it was made for %s", spec, loaded.spec, plan.model)
                 continue
             try:
@@ -146,6 +160,8 @@ def main(argv=None) -> int:
         raise BitallocError("--no-ppl leaves nothing to do: name lm-eval --tasks or a --task-file")
     plans = {spec: read_plan(spec) for spec in args.plans}
     models = args.models or [args.model]
+    if len(models) > 1:
+        check_each_plan_fits_a_model(plans, models)
     out = Path(args.results)
     date = datetime.date.today().isoformat()
     seqlen = args.seqlen

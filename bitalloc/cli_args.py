@@ -9,6 +9,7 @@ from .data import DEFAULT_CALIB, ENV_DATA, CorpusUnavailable, calibration_ids, e
 from .errors import BitallocError
 from .evaluate import Evaluation, Evaluator, default_seqlen
 from .paths import cache_root
+from .safe_json import is_finite_number
 
 
 def add_model_args(parser: argparse.ArgumentParser, default_model: str | None = "smollm2-135m") -> None:
@@ -80,7 +81,7 @@ def check_above_zero(args, *names: str) -> None:
 def _check(args, names, ok, wanted: str) -> None:
     for name in names:
         value = getattr(args, name, None)  # None: not this command's, unset, or decided later (seqlen)
-        if value is not None and not (abs(value) < float("inf") and ok(value)):  # NaN fails too
+        if value is not None and not (is_finite_number(value) and ok(value)):
             raise BitallocError(f"--{name.replace('_', '-')} must be {wanted}, got {value}")
 
 

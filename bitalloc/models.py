@@ -128,29 +128,42 @@ def _from_pretrained(location: str, gguf_file: str | None, dtype):
     return model.eval(), tokenizer
 
 
-def load_model(spec: str = DEFAULT_MODEL, dtype: torch.dtype = torch.float32) -> LoadedModel:
-    """Load a model spec (see module doc) on the CPU, in eval mode."""
+@dataclass(frozen=True)
+class ModelSource:
+    """Where a spec's weights are: `path` is None for a hub id (known only once downloaded)."""
+
+    spec: str  # as plans record it: local paths absolute
+    path: Path | None
+    location: str  # what from_pretrained is given
+    gguf: str | None
+
+
+def locate(spec: str = DEFAULT_MODEL) -> ModelSource:
+    """Resolve a model spec (see module doc) without loading anything; a spec that names nothing stops here."""
     spec = str(spec)
     if spec in EMBEDDED:
         path = embedded_path(spec)
-        location, gguf = str(path.parent), path.name
-    elif spec.endswith(".gguf"):
+        return ModelSource(spec, path, str(path.parent), path.name)
+    if spec.endswith(".gguf"):
         path = Path(spec)
         if not path.is_file():
             raise BitallocError(f"model file not found: {spec}")
-        location, gguf = str(path.parent), path.name
-        spec = str(path.resolve())
-    elif Path(spec).exists():
+        return ModelSource(str(path.resolve()), path, str(path.parent), path.name)
+    if Path(spec).exists():
         path = Path(spec)
         if not (path / "config.json").is_file():
             raise BitallocError(f"model directory {spec} has no config.json (is it a Hugging Face model?)")
         require_safe_weights(path)
-        location, gguf = str(path), None
-        spec = str(path.resolve())
-    elif _HUB_ID.match(spec) and not spec.startswith((".", "/")):
-        path, location, gguf = None, spec, None
-    else:
-        raise BitallocError(f"model not found: '{spec}' is not a file, a directory, a hub id or one of {sorted(EMBEDDED)}")
+        return ModelSource(str(path.resolve()), path, str(path), None)
+    if _HUB_ID.match(spec) and not spec.startswith((".", "/")):
+        return ModelSource(spec, None, spec, None)
+    raise BitallocError(f"model not found: '{spec}' is not a file, a directory, a hub id or one of {sorted(EMBEDDED)}")
+
+
+def load_model(spec: str = DEFAULT_MODEL, dtype: torch.dtype = torch.float32) -> LoadedModel:
+    """Load a model spec (see module doc) on the CPU, in eval mode."""
+    source = locate(spec)
+    spec, path, location, gguf = source.spec, source.path, source.location, source.gguf
     log.info("loading model %s", spec)
     try:
         model, tokenizer = _from_pretrained(location, gguf, dtype)

@@ -207,7 +207,7 @@ def _holds(value, expected: str) -> bool:
         return isinstance(value, str)
     if expected == _FLAG:
         return isinstance(value, bool)
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
+    if not safe_json.is_finite_number(value):  # also an integer too long for a float
         return False
     if expected == _NUMBER:
         return True

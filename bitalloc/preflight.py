@@ -28,16 +28,6 @@ LOAD_DTYPE_BYTES = 4  # load_model reads weights as float32
 WORKING_COPIES = 2
 
 
-def model_path(spec: str) -> Path | None:
-    """The local file or directory a model spec names (None for a hub id)."""
-    from .models import EMBEDDED, embedded_path
-
-    if spec in EMBEDDED:
-        return embedded_path(spec)
-    path = Path(spec)
-    return path if path.exists() else None
-
-
 def require_safe_weights(path: Path) -> None:
     """Refuse a model directory whose weights exist only as pickles."""
     if not path.is_dir():
@@ -70,7 +60,9 @@ def _safetensors_elements(path: Path) -> int:
 
 def weight_bytes(spec: str) -> int | None:
     """Bytes of the model's weights once loaded (float32), read from file headers; None if unknown here."""
-    path = model_path(spec)
+    from .models import locate  # models imports this module
+
+    path = locate(spec).path
     if path is None:
         return None
     try:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import math
+import sys
 from pathlib import Path
 
 from .errors import BitallocError
@@ -21,8 +22,11 @@ _BOMS = ((b"\xef\xbb\xbf", "a UTF-8 byte-order mark"), (b"\xff\xfe\x00\x00", "a 
 
 
 def is_finite_number(value) -> bool:
-    """A JSON number a reader can compute with (true/false are numbers to Python, not here)."""
-    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+    """A JSON number a reader can compute with (true/false are numbers to Python, not here).
+
+    An integer beyond a float's range (JSON allows thousands of digits) is refused here, where
+    `math.isfinite` would raise OverflowError; NaN and infinities fail the comparison."""
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and abs(value) <= sys.float_info.max
 
 
 class _Rejected(ValueError):

@@ -167,6 +167,7 @@ def _no_model_work(monkeypatch, *modules):
     (["--latency-batch", "0"], "--latency-batch must be at least 1"),
     (["--span", "-1"], "--span must be 0 or more"),
     (["--seed", "-1"], "--seed must be 0 or more"),
+    (["--seed", "9" * 400], "--seed must be 0 or more"),  # beyond a float: refused, not an OverflowError later
     (["--eval-windows", "-1"], "--eval-windows must be 0 or more"),
 ])
 def test_search_rejects_bad_numbers_before_any_work(argv, message, cli_env, tiny_dir, capsys, monkeypatch):
@@ -260,6 +261,23 @@ def test_batch_skips_a_plan_only_on_the_other_models_of_several(cli_env, tiny_di
     assert list(batch.resolve_plans(plans, loaded, shapes, several=True)) == ["fp16"]
     with pytest.raises(BitallocError, match="plan other.json on .*made for model weights other"):
         batch.resolve_plans(plans, loaded, shapes, several=False)
+
+
+def test_batch_stops_before_loading_when_a_plan_fits_none_of_several_models(cli_env, tiny_dir, capsys, monkeypatch):
+    import shutil
+
+    from bitalloc import batch
+    from bitalloc.models import fingerprint_path
+
+    monkeypatch.setattr(batch, "load_model", lambda *a, **k: pytest.fail("loaded a model"))
+    twin = cli_env / "twin"
+    shutil.copytree(tiny_dir, twin)  # the same weights under another name: a fingerprinted plan fits both
+    models = ["--models", str(tiny_dir), str(twin)]
+    fits = _plan_file(cli_env, tiny_dir, fingerprint=fingerprint_path(tiny_dir))  # what loading records
+    batch.check_each_plan_fits_a_model({"fits.json": batch.read_plan(str(fits))}, models[1:])
+    stray = _plan_file(cli_env, tiny_dir, fingerprint="other")
+    argv = [*models, "--results", "results", "--quiet", "--plans", "fp16", str(stray)]
+    _expect_bad_input(batch.main, argv, capsys, cli_env, "was made for")
 
 
 def _script(name: str):

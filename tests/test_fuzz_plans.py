@@ -54,6 +54,7 @@ EXPECTED = {
     "layers_list.json": "'layers' must map layer names to option strings, got a list",
     "lone_surrogate_layer.json": "holds control or invisible characters",
     "long_layer_name.json": "is longer than 1000 characters",
+    "long_int_loss.json": "'predicted.loss' must be a number",
     "method_unknown.json": "unknown quantization method 'gptx'",
     "missing_layers.json": "missing key 'layers'",
     "model_empty.json": "'model' must be a non-empty string",

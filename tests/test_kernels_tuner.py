@@ -129,7 +129,11 @@ def test_timed_choices_are_kept_for_the_next_process_and_a_corrupt_cache_stops_w
 
     cache.write_text("{not json")
     new_process(lambda key, choices, run, reference: "fast")
-    with pytest.raises(BitallocError, match="tuner cache .*gpu.json is unreadable"):
+    with pytest.raises(BitallocError, match="tuner cache .*gpu.json is not valid JSON.*; delete it"):
+        tuner.choose(key, ["reference", "fast"], outputs.get, reference="reference")
+    cache.write_text('{"a": "1", "a": "2"}')  # strict reading: a duplicate key is refused, not kept silently
+    new_process(lambda key, choices, run, reference: "fast")
+    with pytest.raises(BitallocError, match="key 'a' appears twice"):
         tuner.choose(key, ["reference", "fast"], outputs.get, reference="reference")
     cache.write_text(json.dumps({tuner._written(key): "fast, ("}))
     new_process(lambda key, choices, run, reference: "fast")

@@ -15,9 +15,8 @@ from pathlib import Path
 from .. import atomic
 from ..errors import cli_entry
 from ..help_format import HelpFormatter
-from ..models import EMBEDDED, load_model
+from ..models import load_model, locate
 from ..plan import Plan
-from ..preflight import model_path
 from . import EXPORTERS, export_input, get_exporter
 
 
@@ -38,8 +37,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def default_gguf(spec: str) -> Path | None:
-    path = model_path(spec) if spec in EMBEDDED or spec.endswith(".gguf") else None
-    return path if path is not None and path.is_file() else None
+    source = locate(spec)
+    return source.path if source.gguf else None
 
 
 @cli_entry

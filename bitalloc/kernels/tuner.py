@@ -34,7 +34,6 @@ from __future__ import annotations
 import ast
 import functools
 import hashlib
-import json
 import logging
 import os
 import re
@@ -45,6 +44,7 @@ from typing import Callable, Hashable, Sequence
 from .. import atomic
 from ..errors import BitallocError, first_line
 from ..paths import cache_root
+from ..safe_json import load_json
 from .timing import cold_timer
 
 log = logging.getLogger(__name__)
@@ -113,12 +113,12 @@ def _toolchain_hash() -> str:
 
 
 def _stored(path: Path) -> dict:
-    try:
-        stored = json.loads(path.read_text())
-    except FileNotFoundError:
+    if not path.exists():
         return {}
-    except (OSError, ValueError) as err:
-        raise BitallocError(f"tuner cache {path} is unreadable ({err}); delete it or set {CACHE_ENV}=off") from None
+    try:
+        stored = load_json(path, "tuner cache")
+    except BitallocError as err:
+        raise BitallocError(f"{err}; delete it or set {CACHE_ENV}=off") from None
     if not isinstance(stored, dict) or not all(isinstance(v, str) for v in stored.values()):
         raise BitallocError(f"tuner cache {path} is not a tuner file; delete it or set {CACHE_ENV}=off")
     return stored
