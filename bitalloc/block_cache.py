@@ -23,7 +23,7 @@ CACHE_FORMAT = 2
 
 
 def _valid_row(row) -> bool:
-    """A row as `profile._merge` writes it; anything else would crash the profiler that reads it back."""
+    """A row as `profile_rows.merge` writes it; anything else would crash the profiler that reads it back."""
     return (isinstance(row, dict) and isinstance(row.get("layer"), str) and isinstance(row.get("option"), str)
             and isinstance(row.get("version", ""), str) and isinstance(row.get("settings", {}), dict)
             and isinstance(row.get("values"), dict) and all(map(is_finite_number, row["values"].values())))

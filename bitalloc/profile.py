@@ -25,7 +25,7 @@ interaction plan; each value also records its quantizer version and metric
 settings, and a mismatch is reported and measured again, never reused.  Resume
 frontiers (the hidden states entering the next block, the gradient leaving the
 last finished one) let a killed run continue where it stopped; --force
-recomputes everything.
+recomputes everything.  Which values hold and how new ones merge in: `profile_rows`.
 
 `blocks=range(a, b)` measures only those blocks and returns their rows: the
 passes still run the unquantized forward through the blocks before `a` (and,
@@ -37,8 +37,6 @@ share one cache directory.
 from __future__ import annotations
 
 import argparse
-import hashlib
-import json
 import logging
 import sys
 import time
@@ -47,20 +45,19 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from .block_cache import BlockCache
 from .blocks import (BlockBatch, advance, capture_inputs, collect_calibration, move_outside_blocks, returns_tuple,
                      run_block, to_host)
 from .candidates import Candidates
 from .cost import layer_bytes, layer_shapes
-from .data import ids_hash
 from .errors import BitallocError, cli_entry
-from .guards import check_activations, check_value, check_weights
+from .guards import check_activations, check_weights
 from .help_format import HelpFormatter
 from .linear_pass import forward_sweep, label_gradients, measure_block_linears, weight_values
 from .logit_kl import LogitKL
 from .metrics import DEFAULT_METRIC, METRICS, BlockErrors, combine, parse_metrics
-from .models import LoadedModel, block_linears, find_blocks, tie_groups
+from .models import LoadedModel, block_linears, tie_groups
 from .partial import BlockTrace, Shortcuts, record, replaying
+from .profile_rows import ProfileSetup, merge, pending
 from .quant import Option, get_quantizer
 from .quant.registry import needs_calibration
 from .table import SensitivityTable
@@ -70,19 +67,6 @@ log = logging.getLogger(__name__)
 GRANULARITIES = ("linear", "group", "block")
 
 
-def _version(option: Option) -> str:
-    return get_quantizer(option.method).version if option.quantized else "fp16"
-
-
-def _settings(metric: str, kl_windows: int, fisher_samples: int, seed: int, kl_stride: int = 1) -> str:
-    """What a metric's value depends on besides model, data and option (stored with the value)."""
-    if metric == "kl":
-        return f"windows={kl_windows},stride={kl_stride}"
-    if METRICS[metric].gradients:
-        return f"samples={fisher_samples},seed={seed}"
-    return ""
-
-
 def _units(block, granularity: str, batch: BlockBatch) -> list[tuple[str, ...]]:
     names = list(block_linears(block))
     if granularity == "linear":
@@ -90,12 +74,6 @@ def _units(block, granularity: str, batch: BlockBatch) -> list[tuple[str, ...]]:
     if granularity == "block":
         return [tuple(names)]
     return [tuple(g) for g in tie_groups(block, lambda: run_block(block, batch.head(1)))]
-
-
-def _share(values: dict[str, float], unit: tuple[str, ...], sizes: dict[str, int]) -> dict[str, dict[str, float]]:
-    """A unit's values split among its layers in proportion to their sizes."""
-    total = sum(sizes[n] for n in unit)
-    return {n: {m: v * sizes[n] / total for m, v in values.items()} for n in unit}
 
 
 @torch.no_grad()
@@ -139,99 +117,6 @@ def measure_block(block, index: int, batches: list[BlockBatch], wanted: list[tup
     return values, outputs
 
 
-class _Setup:
-    """Everything one profile call decided: names, units, cache, settings."""
-
-    def __init__(self, loaded, calib_ids, options, metrics, granularity, plan, kl_windows, kl_stride,
-                 fisher_samples, seed, cache_dir, batch_size, measured, lean_memory):
-        self.model = loaded.model
-        self.prefix, self.blocks = find_blocks(self.model)
-        self.measured = _block_range(measured, len(self.blocks))
-        self.options, self.metrics, self.granularity, self.plan = options, metrics, granularity, plan
-        self.settings = {m: _settings(m, kl_windows, fisher_samples, seed, kl_stride) for m in METRICS}
-        self.dtype = str(next(self.model.parameters()).dtype).removeprefix("torch.")
-        self.calib_key = ids_hash(calib_ids)
-        self.shapes = {s.name: s for s in layer_shapes(self.model)}
-        key = f"{loaded.fingerprint}-{self.calib_key}-{self.dtype}"
-        if granularity != "linear":
-            key += f"-{granularity}"
-        if plan:
-            plan_text = json.dumps({k: str(v) for k, v in sorted(plan.items())}).encode()
-            self.plan_hash = hashlib.sha256(plan_text).hexdigest()[:12]
-            key += f"-interaction{self.plan_hash}"
-        else:
-            self.plan_hash = None
-        whole = self.measured == range(len(self.blocks))
-        self.cache = BlockCache(cache_dir, key, "" if whole else f"-{self.measured.start}-{self.measured.stop - 1}")
-        self.batch_size, self.lean_memory = batch_size, lean_memory
-
-    def full(self, index: int, name: str) -> str:
-        return f"{self.prefix}.{index}.{name}"
-
-
-def _block_range(blocks: range | None, count: int) -> range:
-    if blocks is None:
-        return range(count)
-    if not isinstance(blocks, range) or blocks.step != 1 or not 0 <= blocks.start < blocks.stop <= count:
-        raise BitallocError(f"blocks must be a non-empty contiguous range within 0..{count - 1}, got {blocks}")
-    return blocks
-
-
-def _pending(setup: _Setup, index: int, units, cached: list[dict], force: bool):
-    """(valid cached values by (layer, option), (unit, option) pairs missing a block / linear metric).
-
-    Valid values are {"values": {metric: v}, "settings": {metric: s}}; a requested metric whose
-    stored settings or quantizer version differ is dropped (and reported), never reused.
-    """
-    layers = {setup.full(index, n) for unit in units for n in unit}
-    valid: dict[tuple[str, str], dict] = {}
-    stale = 0
-    for row in [] if force else cached:
-        option = next((o for o in setup.options if str(o) == row["option"]), None)
-        if option is None or row["layer"] not in layers:
-            continue
-        values, settings = dict(row["values"]), dict(row.get("settings", {}))
-        for metric in list(values):
-            wrong_version = row.get("version") != _version(option)
-            if wrong_version or settings.get(metric) != setup.settings[metric]:
-                stale += metric in setup.metrics
-                values.pop(metric)
-                settings.pop(metric, None)
-        valid[(row["layer"], row["option"])] = {"values": values, "settings": settings}
-    if stale:
-        log.warning("block %d: %d cached values were made by another quantizer version or metric setting; "
-                    "measuring them again", index, stale)
-    missing = {"block": [], "linear": []}
-    for unit in units:
-        for option in setup.options:
-            have = [valid.get((setup.full(index, n), str(option)), {}).get("values", {}) for n in unit]
-            for kind in missing:
-                if any(METRICS[m].kind == kind and any(m not in h for h in have) for m in setup.metrics):
-                    missing[kind].append((unit, option))
-    return valid, missing
-
-
-def _merge(setup: _Setup, index: int, valid: dict, new_values: dict, units_of: dict) -> list[dict]:
-    """Cached rows updated with newly measured unit values (shared among the unit's layers)."""
-    for (unit, option), values in new_values.items():
-        sizes = {n: setup.shapes[setup.full(index, n)].numel for n in unit}
-        for metric, value in values.items():
-            check_value(value, f"{metric} of {'+'.join(setup.full(index, n) for n in unit)} at {option}")
-        for name, shared in _share(values, unit, sizes).items():
-            entry = valid.setdefault((setup.full(index, name), str(option)), {"values": {}, "settings": {}})
-            entry["values"].update(shared)
-            entry["settings"].update({m: setup.settings[m] for m in shared})
-    rows = []
-    for (layer, option), entry in sorted(valid.items()):
-        opt = next(o for o in setup.options if str(o) == option)
-        row = {"layer": layer, "option": option, "version": _version(opt), **entry}
-        unit = units_of.get(layer.removeprefix(f"{setup.prefix}.{index}."))
-        if unit is not None and len(unit) > 1:
-            row["unit"] = [setup.full(index, n) for n in unit]
-        rows.append(row)
-    return rows
-
-
 def _block_pass(setup, blocks_needed, units, valid, weights, calib_ids, device, progress, kl_windows, kl_stride):
     """Measure the block-kind metrics of every block in `blocks_needed` (a dict index -> wanted pairs)."""
     model, blocks, cache = setup.model, setup.blocks, setup.cache
@@ -272,7 +157,7 @@ def _block_pass(setup, blocks_needed, units, valid, weights, calib_ids, device, 
                           f"{setup.prefix}.{index}")
         if wanted:
             units_of = {n: u for u in units[index] for n in u}
-            cache.save_rows(index, _merge(setup, index, valid[index], values, units_of))
+            cache.save_rows(index, merge(setup, index, valid[index], values, units_of))
         if setup.plan:
             outputs = _quantized_outputs(setup, index, block, batches, device)
         batches = advance(batches, outputs)
@@ -358,7 +243,7 @@ def _linear_pass(setup, blocks_needed, units, valid, weights, calib_ids, device,
                     for metric in ("wfisher", "hawq"):
                         values[(unit, option)][metric] = sum(per_weight[(n, option)][metric] for n in unit)
             units_of = {n: u for u in units[index] for n in u}
-            cache.save_rows(index, _merge(setup, index, valid[index], values, units_of))
+            cache.save_rows(index, merge(setup, index, valid[index], values, units_of))
         if gradients and index > bottom:
             cache.save_tensors("gradient_frontier", index - 1, [g for sample in upstream for g in sample])
         boundaries[index] = None  # free host memory as the sweep descends
@@ -386,7 +271,7 @@ def profile(loaded: LoadedModel, calib_ids: torch.Tensor, options: list[Option],
     device = torch.device(device)
     weights = weights or InMemory()
     check_weights(loaded.model)
-    setup = _Setup(loaded, calib_ids, options, metrics, granularity, plan, kl_windows, kl_stride, fisher_samples,
+    setup = ProfileSetup(loaded, calib_ids, options, metrics, granularity, plan, kl_windows, kl_stride, fisher_samples,
                    seed, cache_dir, batch_size, blocks, lean_memory)
     if plan:
         missing = [n for n in setup.shapes if n not in plan]
@@ -403,7 +288,7 @@ def profile(loaded: LoadedModel, calib_ids: torch.Tensor, options: list[Option],
         else:
             block_units = _units(block, granularity, first_batch)
         units[index] = block_units
-        valid[index], missing = _pending(setup, index, block_units, setup.cache.load_rows(index), force)
+        valid[index], missing = pending(setup, index, block_units, setup.cache.load_rows(index), force)
         for kind, pairs in missing.items():
             if pairs:
                 needed[kind][index] = pairs

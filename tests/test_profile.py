@@ -2,6 +2,7 @@ import pytest
 import torch
 
 from bitalloc import linear_pass, profile as profile_module
+from bitalloc.block_cache import BlockCache
 from bitalloc.models import from_module
 from bitalloc.profile import profile
 from bitalloc.quant import parse
@@ -157,7 +158,7 @@ def test_a_kill_between_a_blocks_rows_and_its_frontier_resumes_from_the_older_fr
     loaded = from_module(tiny_llama(layers=4, seed=5))
     ids = torch.randint(0, 300, (4, 32), generator=torch.Generator().manual_seed(0))
     reference = profile(loaded, ids, OPTIONS, cache_dir=None, batch_size=2, progress=False, metrics=[metric])
-    real_save = profile_module.BlockCache.save_tensors
+    real_save = BlockCache.save_tensors
     saves = []
 
     def killed_at_second_frontier(self, name, index, tensors):
@@ -166,10 +167,10 @@ def test_a_kill_between_a_blocks_rows_and_its_frontier_resumes_from_the_older_fr
             raise KeyboardInterrupt("killed after the rows, before the frontier")
         return real_save(self, name, index, tensors)
 
-    monkeypatch.setattr(profile_module.BlockCache, "save_tensors", killed_at_second_frontier)
+    monkeypatch.setattr(BlockCache, "save_tensors", killed_at_second_frontier)
     with pytest.raises(KeyboardInterrupt):
         profile(loaded, ids, OPTIONS, cache_dir=tmp_path, batch_size=2, progress=False, metrics=[metric])
-    monkeypatch.setattr(profile_module.BlockCache, "save_tensors", real_save)
+    monkeypatch.setattr(BlockCache, "save_tensors", real_save)
     messages = []
     monkeypatch.setattr(profile_module.log, "info", lambda text, *args: messages.append(text % args))
     resumed = profile(loaded, ids, OPTIONS, cache_dir=tmp_path, batch_size=2, progress=False, metrics=[metric])
