@@ -59,6 +59,14 @@ def test_cpu_matches_reference(option):
         assert relative_error(layer(x), reference(x)) < TOLERANCE["cpu"]
 
 
+def test_cpu_takes_out_outlier_columns_whose_zero_points_are_not_integers():
+    reference, layer = make_layer("hqq:int4:g32:asym", "cpu", outliers=2)  # HQQ zero points are real numbers
+    assert layer.kernel == "cpu" and not torch.equal(layer.zeros, layer.zeros.round())
+    for batch in BATCHES:
+        x = inputs(batch)
+        assert relative_error(layer(x), reference(x)) < TOLERANCE["cpu"]
+
+
 @pytest.mark.parametrize("backend", ["int8", "mixed-outlier"])
 @pytest.mark.parametrize("option", ["rtn:int8:pc:sym:a8", "rtn:int8:pc:asym:a8", "rtn:int4:pc:sym:a8",
                                     "rtn:int4:pc:asym:a4", "rtn:int2:pc:asym:a8"])
@@ -74,7 +82,8 @@ def test_integer_activation_backends_match_reference(backend, option):
 def test_layers_a_backend_cannot_compute_run_on_reference_and_say_so():
     cases = [("cpu", "rtn:nf4:g64", 0), ("cpu", "rtn:int8:g64:sym", 0), ("int8", "rtn:int8:g64:sym:a8", 0),
              ("int8", "rtn:int8:pc:sym:a8", 2), ("mixed-outlier", "rtn:int4:g64:asym", 0),
-             ("triton", "rtn:fp4:g32", 0)]
+             ("triton", "rtn:fp4:g32", 0), ("int8", "rtn:int8:pc:sym:afp8", 0),
+             ("mixed-outlier", "rtn:int8:pc:sym:afp8", 2)]  # float8 activations: the integer kernels would round
     for backend, option, outliers in cases:
         reference, layer = make_layer(option, backend, outliers=outliers)
         assert layer.kernel.startswith(f"reference ({backend}: "), (backend, option, layer.kernel)
@@ -89,6 +98,8 @@ def test_auto_picks_the_kernel_for_the_device():
     cpu, cuda = torch.device("cpu"), torch.device("cuda")
     assert [auto_backend(layer, cpu) for layer in (w4, w8a8, mixq)] == ["cpu"] * 3
     assert [auto_backend(layer, cuda) for layer in (w4, w8a8, mixq)] == ["triton", "int8", "mixed-outlier"]
+    _, w8afp8 = make_layer("rtn:int8:pc:sym:afp8", "reference")
+    assert auto_backend(w8afp8, cuda) == "reference"
     w4.set_backend("auto")
     assert w4.backend == "cpu" and w4.kernel == "cpu"
 

@@ -54,6 +54,8 @@ def auto_backend(layer, device: torch.device) -> str:
     if device.type != "cuda":
         return "cpu"
     if opt.act_bits < 16:
+        if opt.act_fmt != "int":
+            return "reference"  # float8 activations: no packed kernel here computes them exactly
         return "mixed-outlier" if getattr(layer, "outlier_idx", None) is not None else "int8"
     return "triton"
 

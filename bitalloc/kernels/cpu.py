@@ -49,16 +49,19 @@ def _padded(in_features: int, group_size: int) -> tuple[int, int]:
     return group_size, num_groups(in_features, group_size) * group_size
 
 
-def zero_outlier_codes(layer, codes: torch.Tensor, offset: torch.Tensor):
-    """Outlier columns keep their weight in float16 apart: set their codes to the zero point of their
-    group (so the packed product skips them) and return (columns, float16 weight) or None."""
+def zero_outlier_codes(layer, codes: torch.Tensor, offset: torch.Tensor, scales: torch.Tensor):
+    """Outlier columns keep their weight in float16 apart: set their codes to the code nearest their
+    group's zero point, so the packed product all but skips them, and return (columns, the float16 weight
+    less what the product still computes there) or None.  That remainder is not zero where zero points are
+    not integers (HQQ): (round(z) - z) s, times the outlier channel, the largest input."""
     if layer.outlier_idx is None:
         return None
     idx = layer.outlier_idx.long()
     group = layer.option.group_size
     group_of = idx // group if group else torch.zeros_like(idx)
     codes[:, idx] = offset[:, group_of].round().to(codes.dtype)
-    return idx, layer.outlier_weight
+    left = (codes[:, idx].float() - offset[:, group_of]) * scales[:, group_of]
+    return idx, layer.outlier_weight.float() - left
 
 
 @register_backend("cpu")
@@ -81,7 +84,7 @@ class CpuBackend(Fallback):
         opt = qw.option
         offset = qw.zeros if qw.zeros is not None else torch.full_like(qw.scales, 2 ** (opt.bits - 1))
         codes = qw.codes.clone()
-        outliers = zero_outlier_codes(layer, codes, offset)
+        outliers = zero_outlier_codes(layer, codes, offset, qw.scales)
         if outliers is not None:
             outliers = (outliers[0], outliers[1].to(COMPUTE_DTYPE))
         if opt.bits <= 4:

@@ -149,6 +149,8 @@ def integer_unsupported(layer) -> str | None:
         return "unquantized layer"
     if opt.act_bits >= 16:
         return "weight-only layer (no activation quantization)"
+    if opt.act_fmt != "int":
+        return f"{opt.act_fmt} activations (these kernels quantize activations to integers)"
     if opt.fmt != "int" or opt.group_size != 0:
         return "needs per-channel integer weights"
     if layer.qweight.is_cuda and (layer.in_features % 8 or layer.out_features % 8):
