@@ -87,7 +87,10 @@ def _uniform(spec: str, shapes: list[LayerShape], latency: LatencyLookup | None)
     kind = kind.strip().lower() or "bytes"
     cost = cost_function(kind, latency)
     option = parse(text)
-    return Budget(kind, sum(cost(s, option) for s in shapes), spec, option, latency if kind == "latency" else None)
+    limit = sum(cost(s, option) for s in shapes)
+    if isinstance(limit, float):  # measured milliseconds: a solver adding the layers in another order (tie
+        limit *= 1 + 1e-12        # groups first) must not find the option's own plan a rounding error over
+    return Budget(kind, limit, spec, option, latency if kind == "latency" else None)
 
 
 def _finite(limit: float, spec: str) -> float:

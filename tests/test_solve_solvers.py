@@ -152,3 +152,33 @@ def test_ilp_reports_gap_time_and_limit():
     problem.limits = {"watts": 3.0}
     with pytest.raises(BitallocError, match="budget kind 'watts'"):
         solve_ilp(problem)
+
+
+def test_a_latency_budget_set_by_an_option_admits_that_options_plan_in_any_summing_order():
+    """Milliseconds are floats: the budget adds layers in model order, the problem tie groups first."""
+    from bitalloc.budget import combined_cost_fns, combined_limits
+    from bitalloc.cost import LatencyTable
+
+    shapes = [LayerShape(f"model.layers.0.{n}", out, 8, False) for n, out in (("a", 30), ("b", 20), ("c", 10))]
+    options = [parse("rtn:int2:g8:asym"), parse("rtn:int4:g8:asym")]
+    ms = {0: {30: 0.3, 20: 0.2, 10: 0.1}, 1: {30: 0.6, 20: 0.4, 10: 0.2}}
+    rows = [{"backend": "cpu", "batch": 1, "out_features": out, "in_features": 8, "option": str(options[i]),
+             "latency_ms": ms[i][out]} for i in ms for out in ms[i]]
+    budget = parse_budget(f"{options[0]}@latency", shapes, LatencyTable.from_records(rows, "table").lookup())
+    table = SensitivityTable({}, [{"layer": s.name, "option": str(o), "error": 2.0 - i, "bytes": 0, "numel": 1}
+                                  for s in shapes for i, o in enumerate(options)])
+    problem = build_problem(table, shapes, options, [["model.layers.0.b", "model.layers.0.c"]],
+                            combined_cost_fns([budget]))
+    problem.limits = combined_limits([budget])
+    assert problem.total("latency", [0, 0]) > 0.6  # 0.6000000000000001: one rounding over the plain sum
+    for name in ("uniform", "greedy", "ilp", "pareto"):
+        assert list(SOLVERS[name](problem)[0]) == [0, 0], name
+
+
+def test_the_exact_front_says_when_no_plan_fits_the_limit():
+    problem = build_problem(SensitivityTable({}, [{"layer": f"l{u}", "option": str(o), "error": 2.0 - i, "bytes": 10 * (i + 1),
+                                                   "numel": 1} for u in range(3) for i, o in enumerate(OPTIONS[:2])]),
+                            [LayerShape(f"l{u}", 8, 8, False) for u in range(3)], OPTIONS[:2],
+                            cost_fns={"bytes": lambda s, o: 10 * o.bits})
+    with pytest.raises(BitallocError, match="below the smallest possible plan"):
+        ExactFront(problem, limit=25.0)

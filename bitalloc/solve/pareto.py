@@ -65,11 +65,11 @@ class ExactFront:
                 keep &= size + after[u] <= limit
             if max_plans is not None and keep.sum() > max_plans:
                 raise FrontTooLarge(f"more than {max_plans} partial plans")
+            if not keep.any():  # no partial plan can still end within the limit
+                raise BitallocError(f"budget {problem.size_kind} <= {limit:.6g} is below the smallest possible plan")
             sizes, values = size[keep], value[keep]
             self.parents.append((order[keep] // len(options)).astype(np.int32))
             self.picks.append(options[order[keep] % len(options)].astype(np.int16))
-        if not len(sizes):
-            raise BitallocError(f"budget {problem.size_kind} <= {limit:.6g} is below the smallest possible plan")
         self.sizes, self.values = sizes, values
 
     def __len__(self) -> int:
