@@ -63,7 +63,7 @@ def test_budget_grammar(tmp_path):
         budget = parse_budget(text, shapes, lookup)
         assert (budget.kind, budget.limit) == ("latency", pytest.approx(ms))
     uniform = parse_budget(f"{int4}@latency", shapes, lookup)
-    assert uniform.limit == sum(lookup(s, int4) for s in shapes) and uniform.uniform == int4
+    assert uniform.limit == pytest.approx(sum(lookup(s, int4) for s in shapes), rel=1e-11) and uniform.uniform == int4
     assert uniform.to_json()["latency"] == {"table": str(tmp_path / "t.csv"), "backend": "cpu", "batch": 1}
     with pytest.raises(BitallocError, match="needs a latency table"):
         parse_budget("3ms", shapes)
