@@ -97,6 +97,8 @@ def test_awq_and_lwc_never_lose_to_the_rtn_they_start_from(layer):
     assert objective("lwc:int3:g32:asym") <= objective("rtn:int3:g32:asym:clip=1") * 1.0001
     assert objective("lwc:int3:g32:asym") < objective("rtn:int3:g32:asym")
     assert objective("lwc:nf4:g32") < objective("rtn:nf4:g32")
+    for bits in (3, 8):  # at 8 bits nothing beats the unclipped grid, which the sigmoid alone never reaches
+        assert objective(f"lwc:int{bits}:g32:asym") <= objective(f"rtn:int{bits}:g32:asym:clip=2") * 1.0001
 
 
 def test_hqq_lowers_the_weight_error_without_calibration():

@@ -16,7 +16,8 @@ a layer's LWC option alone, as it does every other option.  Because the loss
 covers the whole calibration set at once, one epoch is one full-batch step; the
 factors start from the best ratio of a grid search (rtn clip=1 on the same
 objective's diagonal) instead of OmniQuant's sigmoid(4), and the best factors
-seen are kept, so LWC never ends worse than where it started.
+seen are kept, the search's own ratios among them (the sigmoid never reaches 1,
+no clipping, exactly), so LWC never ends worse than where it started.
 
 Parameters: epochs (default 20, 40 at 2 bits, as OmniQuant), lr (default 0.05:
 larger than OmniQuant's 0.01 because an epoch here is one step, not one per sample).
@@ -66,17 +67,22 @@ def fake_quantize(wg: torch.Tensor, option: Option, scales: torch.Tensor, zeros:
 def train_clipping(w: torch.Tensor, option: Option, hessian: torch.Tensor, epochs: int, lr: float):
     """Learn per-group clip factors; returns (upper, lower) factors in (0, 1]."""
     wg = formats.to_groups(w, option.group_size)
+    norm = float(hessian.diagonal().mean()) * w.numel()
+
+    def loss_at(factors):
+        dequantized = fake_quantize(wg, option, *clip_ranges(wg, option, *factors))
+        return output_error(formats.from_groups(dequantized, w.shape[1]) - w, hessian).sum() / norm
+
     _, _, ratio = clip_search(w, option, hessian.diagonal().clamp_min(1e-8))
+    # the search's own ratios are the first candidate: the sigmoid never reaches 1 (no clipping) exactly
+    best, best_loss = (ratio, ratio), float(loss_at((ratio, ratio)))
     logit = torch.logit(ratio.clamp(0.01, 0.995))
     upper, lower = logit.clone().requires_grad_(True), logit.clone().requires_grad_(True)
     optimizer = torch.optim.Adam([upper, lower], lr=lr)
-    norm = float(hessian.diagonal().mean()) * w.numel()
-    best, best_loss = (torch.sigmoid(upper).detach(), torch.sigmoid(lower).detach()), float("inf")
     for epoch in range(epochs + 1):
         with torch.enable_grad():
             factors = torch.sigmoid(upper), torch.sigmoid(lower)
-            dequantized = fake_quantize(wg, option, *clip_ranges(wg, option, *factors))
-            loss = output_error(formats.from_groups(dequantized, w.shape[1]) - w, hessian).sum() / norm
+            loss = loss_at(factors)
             value = float(loss.detach())
             if value < best_loss:
                 best_loss, best = value, (factors[0].detach().clone(), factors[1].detach().clone())
@@ -88,7 +94,7 @@ def train_clipping(w: torch.Tensor, option: Option, hessian: torch.Tensor, epoch
     return best
 
 
-@register_quantizer("lwc", version="2", needs_calibration=True, params={"epochs": at_least(0), "lr": positive()})
+@register_quantizer("lwc", version="3", needs_calibration=True, params={"epochs": at_least(0), "lr": positive()})
 def quantize_lwc(w: torch.Tensor, option: Option, calib: LayerCalib) -> QuantizedWeight:
     epochs = option.param("epochs", 40 if option.bits <= 2 else 20, int)
     upper, lower = train_clipping(w, option, calib.hessian(), epochs, option.param("lr", 0.05, float))
