@@ -173,14 +173,22 @@ class ReferenceCache:
 
 
 def compare(reference: dict[str, torch.Tensor], logprobs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-token KL(P_ref || P) and top-1 agreement of one window; logprobs float32 [T, V]."""
+    """Per-token KL(P_ref || P) and top-1 agreement of one window; logprobs float32 [T, V].
+
+    The stored float16 log-probs are renormalised first: rounded, they no longer sum to one, and that
+    first-order error would give the unquantized model itself a KL of ~3e-5 against its own reference."""
     if "logprobs" in reference:
-        ref = reference["logprobs"].to(logprobs.device).float()
+        stored = reference["logprobs"]
+        ref = stored.to(logprobs.device).float()
+        if stored.dtype != torch.float32:  # the reference run itself compares unrounded log-probs: KL 0 exactly
+            ref = ref - ref.logsumexp(-1, keepdim=True)
         kl = (ref.exp() * (ref - logprobs)).sum(-1)
         return kl.clamp_min(0), ref.argmax(-1) == logprobs.argmax(-1)
     values = reference["values"].to(logprobs.device).float()
     indices = reference["indices"].to(logprobs.device).long()
     rest = reference["rest"].to(logprobs.device).float()
+    total = torch.logaddexp(values.logsumexp(-1), rest)
+    values, rest = values - total[..., None], rest - total
     picked = logprobs.gather(-1, indices)
     kl = (values.exp() * (values - picked)).sum(-1)
     rest_q = torch.log1p(-picked.exp().sum(-1).clamp(max=1 - 1e-7))

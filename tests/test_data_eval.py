@@ -66,6 +66,8 @@ def test_kl_is_zero_for_the_reference_and_positive_for_a_perturbed_model(corpus_
     base = evaluate(model, w, cache, is_reference=True, batch_size=2, progress=False)
     assert cache.complete()
     assert base["kl"]["mean"] == 0 and base["top1"] == 1
+    again = evaluate(model, w, ReferenceCache(tmp_path, "fp", w, 2), batch_size=2, progress=False)
+    assert again["kl"]["mean"] < 1e-6  # against its own float16-stored reference (renormalised: was ~3e-5)
     with torch.no_grad():
         model.model.layers[0].mlp.down_proj.weight.mul_(3)
     worse = evaluate(model, w, ReferenceCache(tmp_path, "fp", w, 2), batch_size=2, progress=False)
