@@ -16,7 +16,8 @@ class QuantizedWeight:
     `act_scale` (AWQ/SmoothQuant) is a per-input-channel factor s: the codes
     approximate W * s and the layer computes them against x / s.  `outlier_idx`
     (MixQ-style) lists input columns kept in float16: `outlier_weight` holds
-    (W * s)[:, outlier_idx], those columns of the codes are ignored, and those
+    (W * s)[:, outlier_idx] (for GPTQ, those columns as its error feedback left
+    them), those columns of the codes are ignored, and those
     input channels skip activation quantization.  The effective weight the layer
     applies is what `dequantize` returns.
     """

@@ -128,8 +128,9 @@ def outlier_channels(calib: LayerCalib, act_scale: torch.Tensor | None, count: i
 
 
 def _keep_outliers(qw: QuantizedWeight, weight: torch.Tensor, calib: LayerCalib, count: int) -> QuantizedWeight:
-    if count >= weight.shape[1]:
-        raise BitallocError(f"outliers={count} must be fewer than the layer's {weight.shape[1]} input channels")
+    """The float16 outlier columns, for methods that do not choose and fit them themselves (gptq does)."""
+    if qw.outlier_idx is not None:
+        return qw
     idx = outlier_channels(calib, qw.act_scale, count)
     scaled = weight if qw.act_scale is None else weight * qw.act_scale
     qw.outlier_idx = idx
@@ -149,9 +150,12 @@ def quantize(weight: torch.Tensor, option: Option, calib: LayerCalib | None = No
         what = f"method '{option.method}'" if method_needs_calibration(option) else "outlier selection (outliers=N)"
         raise BitallocError(f"{what} needs calibration inputs for layer {layer}")
     weight = weight.detach().float()
+    outliers = option.param("outliers", 0, int)
+    if outliers >= weight.shape[1]:
+        raise BitallocError(f"layer {layer}: outliers={outliers} must be fewer than the layer's {weight.shape[1]} "
+                            f"input channels")
     try:
         qw = quantizer.fn(weight, option, calib)
-        outliers = option.param("outliers", 0, int)
         if outliers:
             qw = _keep_outliers(qw, weight, calib, outliers)
     except BitallocError as err:
