@@ -1,6 +1,6 @@
 """Budgets as users write them, resolved against the model's layers.
 
-    4.5, 4.5bits              average bits per quantizable weight, scales and zeros included   (kind bytes)
+    4.5, 4.5bits              average bits per quantizable weight, scales and zeros included, biases not (kind bytes)
     60MB, 57MiB, 123456B      bytes of the quantized linears (B, kB, MB, GB, TB; KiB, MiB, GiB, TiB)
     12GBOPs, 3.5e9BOPs        bit operations of the decoder linears per token, the sum of
                               bits_w x bits_a x MACs (prefixes k, M, G, T, decimal)     (kind bops)
@@ -18,7 +18,7 @@ from __future__ import annotations
 import math
 import re
 from dataclasses import dataclass
-from .cost import LatencyLookup, LatencyTable, LayerShape, layer_bops, layer_bytes
+from .cost import LatencyLookup, LatencyTable, LayerShape, bias_bytes, layer_bops, layer_bytes
 from .errors import BitallocError
 from .quant.option import Option, parse
 from .solve.problem import CostFn
@@ -108,7 +108,7 @@ def parse_budget(text: str, shapes: list[LayerShape], latency: LatencyLookup | N
         bits = float(match.group(1))
         if not 0 < bits <= 32:
             raise BitallocError(f"budget '{spec}': average bits must be in (0, 32]")
-        return Budget("bytes", math.floor(_finite(bits * numel / 8, spec)), spec)
+        return Budget("bytes", math.floor(_finite(bits * numel / 8, spec)) + bias_bytes(shapes), spec)
     match = re.fullmatch(_NUMBER + r"\s*([kmgt]i?b|b)", spec, flags=re.I)
     if match:
         return Budget("bytes", math.floor(_finite(float(match.group(1)) * _BYTE_UNITS[match.group(2).lower()], spec)),

@@ -81,17 +81,27 @@ def layer_bytes(shape: LayerShape, option: Option) -> int:
     return layout.nbytes(layer_storage(shape, option))
 
 
+def bias_bytes(shapes: list[LayerShape]) -> int:
+    """The layers' float16 biases: stored alike under every option, so they are bytes but not bits per weight
+    (an fp16 layer is 16.0 bits with or without one)."""
+    return sum(2 * s.out_features for s in shapes if s.bias)
+
+
 def bits_per_weight(shape: LayerShape, option: Option) -> float:
-    return 8 * layer_bytes(shape, option) / shape.numel
+    return 8 * (layer_bytes(shape, option) - bias_bytes([shape])) / shape.numel
 
 
 def assignment_bytes(shapes: list[LayerShape], assignment: dict[str, Option]) -> int:
     return sum(layer_bytes(s, assignment[s.name]) for s in shapes)
 
 
+def bits_of_bytes(size: float, shapes: list[LayerShape]) -> float:
+    """Bits per quantizable weight of linears taking `size` bytes: scales and zeros included, biases not."""
+    return 8 * (size - bias_bytes(shapes)) / sum(s.numel for s in shapes)
+
+
 def average_bits(shapes: list[LayerShape], assignment: dict[str, Option]) -> float:
-    """Bits per quantizable weight, scale and zero overhead included."""
-    return 8 * assignment_bytes(shapes, assignment) / sum(s.numel for s in shapes)
+    return bits_of_bytes(assignment_bytes(shapes, assignment), shapes)
 
 
 @dataclass(frozen=True)
@@ -263,8 +273,8 @@ class LatencyTable:
 
 
 __all__ = [
-    "LayerShape", "layer_shapes", "layer_storage", "layer_bytes", "bits_per_weight", "assignment_bytes",
-    "average_bits", "ModelBytes", "model_bytes", "parameter_count", "kv_cache_bytes", "weight_bits", "layer_bops",
+    "LayerShape", "layer_shapes", "layer_storage", "layer_bytes", "bias_bytes", "bits_per_weight", "bits_of_bytes",
+    "assignment_bytes", "average_bits", "ModelBytes", "model_bytes", "parameter_count", "kv_cache_bytes", "weight_bits", "layer_bops",
     "assignment_bops", "LATENCY_COLUMNS", "LatencyLookup", "LatencyTable", "MacCount", "Workload", "count_macs",
     "block_macs", "analytic_macs",
 ]

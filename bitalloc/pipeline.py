@@ -24,7 +24,7 @@ from .blocks import capture_inputs, run_block
 from .budget import add_budget_args, budgets_from_args, combined_cost_fns, combined_json, combined_limits
 from .cli_args import (add_data_args, add_model_args, calibration, calibration_record, check_above_zero,
                        check_non_negative, check_positive, evaluator, resolve_device)
-from .cost import bits_per_weight, layer_shapes
+from .cost import bits_of_bytes, bits_per_weight, layer_shapes
 from .data import calibration_ids
 from .errors import BitallocError, cli_entry
 from .help_format import HelpFormatter
@@ -223,7 +223,6 @@ def main(argv=None) -> int:
     loaded = load_model(args.model)
     shapes = layer_shapes(loaded.model)
     by_name = {s.name: s for s in shapes}
-    numel = sum(s.numel for s in shapes)
     budgets = budgets_from_args(args, shapes)
     for budget in budgets:
         budget.check_reachable(shapes, options)
@@ -260,7 +259,8 @@ def main(argv=None) -> int:
         calibration=calibration_record(args), evaluation=evaluation.protocol,
         predicted={"bytes": int(totals["bytes"]) if "bytes" in totals else None, "loss": totals["loss"],
                    "objective": totals["objective"], "weighting": args.weighting,
-                   "avg_bits": 8 * problem.total("bytes", choice) / numel if "bytes" in problem.costs else None,
+                   "avg_bits": bits_of_bytes(problem.total("bytes", choice), shapes) if "bytes" in problem.costs
+                   else None,
                    **{k: v for k, v in totals.items() if k not in ("bytes", "loss", "objective")}},
     )
     plan.save(run_dir / "plan.json")
@@ -281,7 +281,7 @@ def main(argv=None) -> int:
         measured = seen[key]
         size = problem.costs["bytes"][np.arange(len(picked)), picked].sum() if "bytes" in problem.costs else None
         entry = {"bytes": int(size) if size is not None else None, "predicted_loss": problem.total("loss", picked),
-                 "avg_bits": 8 * size / numel if size is not None else None, "measured": measured,
+                 "avg_bits": bits_of_bytes(size, shapes) if size is not None else None, "measured": measured,
                  "solver": variants[name][0], **{k: problem.total(k, picked) for k in limits if k != "bytes"},
                  "layers": {layer: str(option) for layer, option in problem.assignment(picked).items()}}
         results[name] = entry

@@ -24,7 +24,7 @@ import torch
 
 import bitalloc
 from bitalloc import atomic
-from bitalloc.cost import assignment_bytes, layer_shapes, other_bytes
+from bitalloc.cost import assignment_bytes, average_bits, layer_shapes, other_bytes
 from bitalloc.data import eval_windows
 from bitalloc.errors import cli_entry
 from bitalloc.evaluate import evaluate
@@ -97,7 +97,7 @@ def main(argv=None):
     result["predicted_bytes"] = {"linears": assignment_bytes(shapes, assignment), "other": rest}
     result["bytes_match"] = meta["bytes"]["linears"] == result["predicted_bytes"]["linears"] and \
         meta["bytes"]["other"] == rest
-    result["avg_bits"] = 8 * result["predicted_bytes"]["linears"] / sum(s.numel for s in shapes)
+    result["avg_bits"] = average_bits(shapes, assignment)
     atomic.write_json(args.out, result)
     print(json.dumps(result, indent=2))
     ok = result["ppl_difference"] <= 0.05 and result["reloaded_logits_identical"] and result["bytes_match"]

@@ -183,3 +183,16 @@ def test_search_takes_a_latency_budget_from_a_table(cli_env, tiny_dir, capsys):
     assert variants["uniform rtn:int4:g32:asym"]["latency"] == pytest.approx(limit)
     code, _, err = run_cli(pipeline.main, argv[:4] + ["--budget", "0.000001ms"] + argv[6:], capsys)
     assert code == 2 and "below the smallest plan" in err
+
+
+def test_biases_are_bytes_but_not_bits_per_weight():
+    """A bias is stored in float16 under every option: fp16 everywhere is 16.0 bits and fits a 16-bit budget."""
+    from bitalloc.cost import average_bits, bits_per_weight
+
+    shapes = [LayerShape(f"model.layers.{i}.x", 64, 100, i == 0) for i in range(3)]
+    fp16 = {s.name: parse("fp16") for s in shapes}
+    assert average_bits(shapes, fp16) == 16.0 and bits_per_weight(shapes[0], parse("fp16")) == 16.0
+    assert parse_budget("16", shapes).limit == assignment_bytes(shapes, fp16)
+    int4 = parse("rtn:int4:g64:asym")
+    assert parse_budget(str(average_bits(shapes, {s.name: int4 for s in shapes})), shapes).limit == \
+        assignment_bytes(shapes, {s.name: int4 for s in shapes})
