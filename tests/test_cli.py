@@ -288,6 +288,16 @@ def _script(name: str):
     return runpy.run_path(str(Path(__file__).resolve().parent.parent / "scripts" / name))["main"]
 
 
+def test_bench_gptq_times_stages_quantize_model_still_calls():
+    import runpy
+    from pathlib import Path
+
+    from bitalloc import quantize_model
+
+    timed = runpy.run_path(str(Path(__file__).resolve().parent.parent / "scripts" / "bench_gptq.py"))["TIMED"]
+    assert all(callable(getattr(quantize_model, name, None)) for name in timed)
+
+
 @pytest.mark.parametrize("script, argv, message", [
     ("solver_table.py", ["nope"], "results file not found: nope/results.json"),
     ("make_cloze_task.py", ["text.txt", "--out", "task.jsonl", "--questions", "-1"], "--questions must be at least 1"),
