@@ -15,6 +15,7 @@ import sys
 import torch
 
 from bitalloc import atomic
+from bitalloc.errors import BitallocError, cli_entry
 from bitalloc.help_format import HelpFormatter
 from bitalloc.kernels import int8 as int8_backend
 from bitalloc.kernels.timing import time_cuda
@@ -23,10 +24,13 @@ SHAPES = [(8192, 8192), (28672, 8192), (8192, 28672), (4096, 4096)]
 BATCHES = (256, 512, 1024)
 
 
+@cli_entry
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0], formatter_class=HelpFormatter)
     parser.add_argument("--out", default="results/int8_layouts.txt", help="where the table is written")
     args = parser.parse_args(argv)
+    if not torch.cuda.is_available():
+        raise BitallocError("int8_layouts.py needs a CUDA GPU")
     dev = "cuda"
     lines = [f"{torch.cuda.get_device_name()}, torch {torch.__version__}; microseconds (speed-up vs fp16)",
              f"{'N x K':>12} {'M':>5} {'fp16':>8} {'int_mm B^T':>15} {'int_mm B row':>15} {'fp8 scaled':>15} "

@@ -43,7 +43,8 @@ class ExactFront:
                  limit: float | None = None, max_plans: int | None = None):
         if set(problem.limits) - {problem.size_kind}:
             raise BitallocError(
-                f"the exact front trades one cost ({problem.size_kind}); with several budgets use the ILP front"
+                f"the Pareto DP trades one cost ({problem.size_kind}) and this run has several budgets "
+                f"({', '.join(problem.limits)}): leave out the pareto solver (--solver/--compare), or give one budget"
             )
         self.problem = problem
         cost, objective = problem.costs[problem.size_kind], problem.objective
