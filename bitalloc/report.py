@@ -293,12 +293,14 @@ def report_lines(run: Run, out: Path) -> list[str]:
               "This run directory holds no Pareto front JSON; the plans it evaluated are shown alone.",
               "", "![size vs loss](pareto_front.png)", ""]
 
-    bits = {n: {l: run.layer_bits(o, l) for l, o in a.items()} for n in run.variants
+    bits = {n: {l: run.layer_bits(a[l], l) for l in run.layers} for n in run.variants  # model order, not names
             if (a := run.assignment(n)) is not None}
     if bits:
         plots.save(plots.bits_figure(bits), out / "bits_per_layer.png")
         lines += ["## Bits per layer", "", "![bits per layer](bits_per_layer.png)", ""]
-        mixed = next((n for n in bits if n.startswith("mixed")), None)
+        chosen = {l: run.plan.layers.get(l, run.plan.default) for l in run.layers}  # the plan.json this run wrote
+        mixed = next((n for n in bits if run.assignment(n) == chosen),
+                     next((n for n in bits if n.startswith("mixed")), None))
         if mixed:
             counts: dict[str, int] = {}
             for option in run.assignment(mixed).values():
