@@ -111,9 +111,14 @@ def main(argv=None) -> int:
     loaded = load_model(args.model)
     windows = eval_windows(loaded.tokenizer, args.eval, args.seqlen, args.eval_windows or None, args.data_dir)
     calib_ids = calibration(args, loaded)
-    results["protocol"] = {"model": args.model, "corpus": args.eval, "seqlen": args.seqlen,
-                           "windows": int(windows.shape[0]), "calibration": calibration_record(args),
-                           "threads": torch.get_num_threads()}
+    protocol = {"model": args.model, "corpus": args.eval, "seqlen": args.seqlen, "windows": int(windows.shape[0]),
+                "calibration": calibration_record(args)}
+    earlier = {k: v for k, v in results.get("protocol", protocol).items() if k in protocol}
+    changed = [k for k in protocol if earlier.get(k) != protocol[k]]
+    if results["rows"] and changed:  # its rows would sit beside new ones measured another way
+        raise BitallocError(f"results {path} were measured with other settings ({', '.join(changed)}: "
+                            f"{', '.join(str(earlier.get(k)) for k in changed)}); give another --json or delete it")
+    results["protocol"] = {**protocol, "threads": torch.get_num_threads()}
     reference = ReferenceCache(None, loaded.fingerprint, windows, args.batch_size)
     t0 = time.time()
     base = evaluate(loaded.model, windows, reference, True, args.batch_size, progress=progress, desc="fp16")

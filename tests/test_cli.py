@@ -329,3 +329,13 @@ def test_search_finds_its_preset_spaces_and_plans_find_their_model_from_any_fold
         == "rtn:int2:g64:asym"
     run, _ = search_run
     assert json.loads((run / "plan.json").read_text())["model"].startswith("/")
+
+
+def test_quant_table_refuses_to_resume_rows_measured_another_way(cli_env, tiny_dir, capsys):
+    earlier = {"protocol": {"model": str(tiny_dir), "corpus": "wikitext2", "seqlen": 16, "windows": 2,
+                            "calibration": {"source": "wiki", "nsamples": 2, "seqlen": 16, "seed": 0}},
+               "rows": {"rtn:int4:g32:asym": {"label": "rtn", "ppl": 9.0}}}
+    (cli_env / "table.json").write_text(json.dumps(earlier))
+    argv = ["--model", str(tiny_dir), "--json", "table.json", "--markdown", "table.md", "--only", "rtn:int4:g32:asym",
+            "--seqlen", "16", "--eval-windows", "3", "--nsamples", "2", "--calib-seqlen", "16", "--quiet"]
+    _expect_bad_input(_script("quant_table.py"), argv, capsys, cli_env, "measured with other settings (windows: 2)")
