@@ -219,6 +219,10 @@ def main(argv=None) -> int:
     options = load_space(args.space, args.space_dir, args.method)
     get_solver(args.solver)
     others = compared_solvers(args)
+    kinds = {budget.kind for budget in budgets_from_args(args, [])}  # the grammar and tables, before any loading
+    if len(kinds) > 1 and "pareto" in [args.solver, *others]:
+        raise BitallocError(f"the pareto solver takes one budget, and this run has {len(kinds)} kinds "
+                            f"({', '.join(sorted(kinds))}): leave it out of --solver/--compare, or give one budget")
     check_fits(args.model, device)
     loaded = load_model(args.model)
     shapes = layer_shapes(loaded.model)

@@ -169,6 +169,9 @@ def _no_model_work(monkeypatch, *modules):
     (["--seed", "-1"], "--seed must be 0 or more"),
     (["--seed", "9" * 400], "--seed must be 0 or more"),  # beyond a float: refused, not an OverflowError later
     (["--eval-windows", "-1"], "--eval-windows must be 0 or more"),
+    (["--budget", "3.5xyz"], "cannot read budget '3.5xyz'"),
+    (["--budget", "0.9ms"], "a latency budget needs a latency table"),
+    (["--budget", "3.5", "--budget", "5GBOPs", "--compare", "pareto"], "the pareto solver takes one budget"),
 ])
 def test_search_rejects_bad_numbers_before_any_work(argv, message, cli_env, tiny_dir, capsys, monkeypatch):
     _no_model_work(monkeypatch, pipeline)
