@@ -29,7 +29,7 @@ from .models import load_model
 from .plan import Plan
 from .preflight import check_fits
 from .quantize_model import needs_calibration, quantize_model, stored_bytes
-from .summary import render, result_row
+from .summary import header, render, result_row
 
 log = logging.getLogger(__name__)
 
@@ -94,10 +94,10 @@ def main(argv=None) -> int:
     bits = average_bits(shapes, assignment)
     rows = []
     if base:
-        rows.append(result_row("unquantized", None, None, None, base, base["ppl"]))
+        rows.append(result_row("unquantized", None, 16.0, 0.0, base, base["ppl"]))  # as search shows it
     rows.append(result_row(f"plan {args.plan}", real_bytes, bits, plan.predicted.get("loss"), measured,
                            base["ppl"] if base else None))
-    print(render(rows))
+    print(render(rows, header(measured)))
     print(f"stored bytes of the quantized linears: {real_bytes} (plan predicted {plan.predicted.get('bytes', '-')})")
     memory = memory_report(loaded.model, device)
     print("model tensors: {model_bytes} bytes; peak process memory {peak_rss_bytes} bytes".format(**memory)

@@ -40,7 +40,7 @@ from .quantize_model import quantize_model, restore
 from .solve import SOLVERS, TABLE_SOLVERS, WEIGHTINGS, build_problem, get_solver, pareto_front
 from .solve.optuna_search import SAMPLERS, search_space, warm_starts
 from .solve.pareto import FRONTS
-from .summary import render, result_row
+from .summary import header, render, result_row
 
 log = logging.getLogger(__name__)
 
@@ -299,7 +299,7 @@ def main(argv=None) -> int:
                          for name, (_, c) in variants.items()}
     front["budget"] = limits.get(problem.size_kind)
     atomic.write_json(run_dir / "pareto.json", front)
-    text = render(rows)
+    text = render(rows, header(base))
     elapsed = time.time() - started
     atomic.write_json(run_dir / "results.json", {
         "model": loaded.spec, "fingerprint": loaded.fingerprint, "budget": plan.budget,

@@ -12,11 +12,23 @@ def _fmt(value, spec: str) -> str:
     return format(value, spec)
 
 
+def other_corpora(measured: dict | None) -> list[str]:
+    """The corpora after the first, where several were evaluated: each gets a PPL column of its own
+    (PPL, KL and top-1 are the first corpus's)."""
+    corpora = list((measured or {}).get("corpora", {}).items())
+    return [name for name, result in corpora[1:] if "ppl" in result]
+
+
+def header(measured: dict | None) -> tuple[str, ...]:
+    return (*COLUMNS, *(f"PPL {name}" for name in other_corpora(measured)))
+
+
 def result_row(name: str, bytes_: int | None, avg_bits: float | None, predicted: float | None,
                measured: dict | None, base_ppl: float | None) -> list[str]:
     measured = measured or {}
     ppl = measured.get("ppl")
     kl = measured.get("kl", {})
+    others = [_fmt(measured["corpora"][corpus]["ppl"], ".3f") for corpus in other_corpora(measured)]
     return [
         name,
         _fmt(bytes_ / 1e6 if bytes_ is not None else None, ".3f"),
@@ -27,6 +39,7 @@ def result_row(name: str, bytes_: int | None, avg_bits: float | None, predicted:
         _fmt(kl.get("mean"), ".4f"),
         _fmt(kl.get("p99"), ".3f"),
         _fmt(measured.get("top1"), ".4f"),
+        *others,
     ]
 
 

@@ -106,3 +106,14 @@ def test_report_shows_predicted_vs_measured_and_the_figures(search_run, capsys):
 def test_report_of_a_missing_run_is_one_line(workdir, capsys):
     code, _, err = run_cli(report.main, ["nowhere"], capsys)
     assert code == 2 and err.strip() == "error: run directory not found: nowhere"
+
+
+def test_the_printed_table_has_a_ppl_column_per_corpus():
+    from bitalloc.summary import header, render, result_row
+
+    one = {"ppl": 30.0, "kl": {"mean": 0.1, "p99": 1.0}, "top1": 0.9}
+    measured = {**one, "corpora": {"wikitext2": one, "ptb": {**one, "ppl": 50.0},
+                                   "c4": {"available": False, "reason": "no file"}}}
+    text = render([result_row("plan", 1_000_000, 4.5, 0.1, measured, 28.0)], header(measured))
+    assert text.splitlines()[0].split()[-2:] == ["PPL", "ptb"] and text.splitlines()[2].endswith("50.000")
+    assert header(one) == header(None)  # one corpus: the usual columns
