@@ -97,6 +97,9 @@ def main(argv=None) -> int:
         rows.append(result_row("unquantized", None, 16.0, 0.0, base, base["ppl"]))  # as search shows it
     rows.append(result_row(f"plan {args.plan}", real_bytes, bits, plan.predicted.get("loss"), measured,
                            base["ppl"] if base else None))
+    if evaluation:
+        protocol = evaluation.protocol
+        print(f"{loaded.spec}: {protocol['corpus']} PPL on {protocol['windows']} windows of {protocol['seqlen']} tokens")
     print(render(rows, header(measured)))
     print(f"stored bytes of the quantized linears: {real_bytes} (plan predicted {plan.predicted.get('bytes', '-')})")
     memory = memory_report(loaded.model, device)

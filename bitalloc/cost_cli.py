@@ -121,6 +121,8 @@ def main(argv=None) -> int:
     shapes = layer_shapes(model)
     assignment = plan.check_against(shapes, loaded.fingerprint) if plan else None
     params = [sum(p.numel() for p in block.parameters()) for block in find_blocks(model)[1]]
+    print("counting MACs: fvcore traces the model's forward (about a minute for SmolLM2 on 2 CPU cores)",
+          file=sys.stderr, flush=True)
     count = count_macs(model, workload)
     report = {"model": loaded.spec, "workload": {"batch": args.batch, "seqlen": args.seqlen, "decode": args.decode,
                                                  "tokens": workload.tokens},

@@ -185,6 +185,7 @@ def main(argv=None) -> int:
     text = render(results)
     atomic.write_text(out / "fidelity.txt", text + "\n")
     print(text)
+    print(f"\nwritten: {out / 'fidelity.json'}, {out / 'fidelity.txt'}")
     return 0
 
 

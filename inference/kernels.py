@@ -44,7 +44,8 @@ def parse_args(argv):
     parser.add_argument("--model", default=None,
                         help="time this model's decoder-linear shapes instead (a model spec, as search.sh --model "
                              "takes it): <out>_latency.csv then serves its latency budgets")
-    parser.add_argument("--layers", default=None, help="only these layer names (comma separated)")
+    parser.add_argument("--layers", default=None, help="only these layer groups of the shape sets, comma separated, "
+                             "as the table names them (e.g. q/k/v/o_proj,gate/up_proj)")
     parser.add_argument("--batches", default=",".join(map(str, BATCHES)), help="rows of activations, comma separated")
     parser.add_argument("--backends", default=None,
                         help='JSON {"backend": [options]} (default: every GPU or CPU backend and bit width)')
