@@ -29,7 +29,7 @@ from .models import load_model
 from .plan import Plan
 from .preflight import check_fits
 from .quantize_model import needs_calibration, quantize_model, stored_bytes
-from .summary import header, render, result_row
+from .summary import header, protocol_text, render, result_row
 
 log = logging.getLogger(__name__)
 
@@ -98,8 +98,7 @@ def main(argv=None) -> int:
     rows.append(result_row(f"plan {args.plan}", real_bytes, bits, plan.predicted.get("loss"), measured,
                            base["ppl"] if base else None))
     if evaluation:
-        protocol = evaluation.protocol
-        print(f"{loaded.spec}: {protocol['corpus']} PPL on {protocol['windows']} windows of {protocol['seqlen']} tokens")
+        print(f"{loaded.spec}: {protocol_text(evaluation.protocol)}")
     print(render(rows, header(measured)))
     print(f"stored bytes of the quantized linears: {real_bytes} (plan predicted {plan.predicted.get('bytes', '-')})")
     memory = memory_report(loaded.model, device)

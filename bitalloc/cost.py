@@ -274,7 +274,7 @@ class LatencyTable:
 
 __all__ = [
     "LayerShape", "layer_shapes", "layer_storage", "layer_bytes", "bias_bytes", "bits_per_weight", "bits_of_bytes",
-    "assignment_bytes", "average_bits", "ModelBytes", "model_bytes", "parameter_count", "kv_cache_bytes", "weight_bits", "layer_bops",
-    "assignment_bops", "LATENCY_COLUMNS", "LatencyLookup", "LatencyTable", "MacCount", "Workload", "count_macs",
+    "assignment_bytes", "average_bits", "ModelBytes", "model_bytes", "parameter_count", "kv_cache_bytes", "weight_bits",
+    "layer_bops", "assignment_bops", "LATENCY_COLUMNS", "LatencyLookup", "LatencyTable", "MacCount", "Workload", "count_macs",
     "block_macs", "analytic_macs",
 ]

@@ -40,7 +40,7 @@ from .quantize_model import quantize_model, restore
 from .solve import SOLVERS, TABLE_SOLVERS, WEIGHTINGS, build_problem, get_solver, pareto_front
 from .solve.optuna_search import SAMPLERS, search_space, warm_starts
 from .solve.pareto import FRONTS
-from .summary import header, render, result_row
+from .summary import header, protocol_text, render, result_row
 
 log = logging.getLogger(__name__)
 
@@ -313,8 +313,7 @@ def main(argv=None) -> int:
                  {f"ppl/{k}": v["measured"]["ppl"] for k, v in results.items()}, front,
                  reports.get("optuna", {}).get("measured_trials"))
     print(f"\n{loaded.spec}: budget {'+'.join(args.budget)} = " + "; ".join(b.describe() for b in budgets) + "; "
-          f"{evaluation.protocol['corpus']} PPL on {evaluation.protocol['windows']} windows of "
-          f"{evaluation.protocol['seqlen']} tokens\n")
+          f"{protocol_text(evaluation.protocol)}\n")
     print(text)
     print(f"\nrun directory: {run_dir}  (plan.json, pareto.json, report.md, sensitivity.json/.csv, results.json, "
           f"figures; tensorboard --logdir {run_dir})  [{elapsed / 60:.1f} min]")

@@ -19,6 +19,10 @@ def other_corpora(measured: dict | None) -> list[str]:
     return [name for name, result in corpora[1:] if "ppl" in result]
 
 
+def protocol_text(protocol: dict) -> str:
+    return f"{protocol['corpus']} PPL on {protocol['windows']} windows of {protocol['seqlen']} tokens"
+
+
 def header(measured: dict | None) -> tuple[str, ...]:
     return (*COLUMNS, *(f"PPL {name}" for name in other_corpora(measured)))
 

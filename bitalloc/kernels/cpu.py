@@ -22,11 +22,12 @@ tolerance against `reference`.  Asymmetric rows whose zero point sits far from
 the middle of the code range lose more: the rounding of a group's scale and
 additive term (int4) or of the product before its zero-point correction (int8)
 then errs alike over the whole group (1.6-1.9 % relative error on rows with one
-30x column, against 0.3 % for a bfloat16 matmul of the same weight).  `_dyn_quant_matmul_4bit` does not fit: it
-quantizes activations to 8 bits (a W4A8 product, not the stored A16 layer: 0.8 %
-relative error against it) and on x86 it is a slow fallback (24 ms for a
-4096x4096 product at batch 1, against 2.8 ms in float32).  Everything else (codebook formats, activation
-quantization, grouped 5-8 bit) runs through `reference`.
+30x column, against 0.3 % for a bfloat16 matmul of the same weight).
+`_dyn_quant_matmul_4bit` does not fit: it quantizes activations to 8 bits (a
+W4A8 product, not the stored A16 layer: 0.8 % relative error against it) and on
+x86 it is a slow fallback (24 ms for a 4096x4096 product at batch 1, against
+2.8 ms in float32).  Everything else (codebook formats, activation quantization,
+grouped 5-8 bit) runs through `reference`.
 """
 from __future__ import annotations
 
