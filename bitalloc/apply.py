@@ -26,10 +26,10 @@ from .help_format import HelpFormatter
 from .kernels.backends import AUTO, BACKENDS, check_backend_name
 from .kernels.quant_linear import QuantLinear
 from .models import load_model
-from .plan import Plan
+from .plan import Plan, budget_kinds
 from .preflight import check_fits
 from .quantize_model import needs_calibration, quantize_model, stored_bytes
-from .summary import header, protocol_text, render, result_row
+from .summary import extra_kinds, header, protocol_text, render, result_row
 
 log = logging.getLogger(__name__)
 
@@ -93,13 +93,15 @@ def main(argv=None) -> int:
     real_bytes = stored_bytes(loaded.model)
     bits = average_bits(shapes, assignment)
     rows = []
-    if base:
-        rows.append(result_row("unquantized", None, 16.0, 0.0, base, base["ppl"]))  # as search shows it
+    weighting = plan.predicted.get("weighting", "sum")
+    extras = extra_kinds(budget_kinds(plan.budget), weighting)
+    if base:  # as search shows it
+        rows.append(result_row("unquantized", None, 16.0, 0.0, base, base["ppl"], extras, {"objective": 0.0}))
     rows.append(result_row(f"plan {args.plan}", real_bytes, bits, plan.predicted.get("loss"), measured,
-                           base["ppl"] if base else None))
+                           base["ppl"] if base else None, extras, plan.predicted))
     if evaluation:
         print(f"{loaded.spec}: {protocol_text(evaluation.protocol)}")
-    print(render(rows, header(measured)))
+    print(render(rows, header(measured, extras, weighting)))
     print(f"stored bytes of the quantized linears: {real_bytes} (plan predicted {plan.predicted.get('bytes', '-')})")
     memory = memory_report(loaded.model, device)
     print("model tensors: {model_bytes} bytes; peak process memory {peak_rss_bytes} bytes".format(**memory)

@@ -38,9 +38,9 @@ from .quant import check_option, parse
 from .quant.option import Option
 from .quantize_model import quantize_model, restore
 from .solve import SOLVERS, TABLE_SOLVERS, WEIGHTINGS, build_problem, get_solver, pareto_front
-from .solve.optuna_search import SAMPLERS, search_space, warm_starts
+from .solve.optuna_search import SAMPLERS, open_storage, search_space, storage_url, warm_starts
 from .solve.pareto import FRONTS
-from .summary import header, protocol_text, render, result_row
+from .summary import extra_kinds, header, protocol_text, render, result_row
 
 log = logging.getLogger(__name__)
 
@@ -166,6 +166,7 @@ def run_optuna(args, loaded, problem, device, progress: bool, run_dir: Path):
         return get_solver("optuna")(
             problem, bank_measure(problem, bank, held), starts, args.sampler, args.n_trials, args.timeout,
             args.storage or str(run_dir / "optuna.db"), args.study, args.seed, refit=not args.no_refit,
+            progress=progress,
         )
     finally:
         bank.restore()
@@ -223,6 +224,8 @@ def main(argv=None) -> int:
     if len(kinds) > 1 and "pareto" in [args.solver, *others]:
         raise BitallocError(f"the pareto solver takes one budget, and this run has {len(kinds)} kinds "
                             f"({', '.join(sorted(kinds))}): leave it out of --solver/--compare, or give one budget")
+    if args.solver == "optuna" and args.storage:  # a server that is down is found now, not after profiling
+        open_storage(storage_url(args.storage)).engine.dispose()
     check_fits(args.model, device)
     loaded = load_model(args.model)
     shapes = layer_shapes(loaded.model)
@@ -273,7 +276,8 @@ def main(argv=None) -> int:
     loaded.model.to(device)
     base = evaluation.unquantized()
     results = {"unquantized": {"measured": base}}
-    rows = [result_row("unquantized", None, 16.0, 0.0, base, base["ppl"])]
+    extras = extra_kinds(limits, args.weighting)
+    rows = [result_row("unquantized", None, 16.0, 0.0, base, base["ppl"], extras, {"objective": 0.0})]
     seen: dict[tuple, dict] = {}  # the same plan from two solvers is evaluated once
     for name, (_, picked) in variants.items():
         key = tuple(int(o) for o in picked)
@@ -287,10 +291,11 @@ def main(argv=None) -> int:
         entry = {"bytes": int(size) if size is not None else None, "predicted_loss": problem.total("loss", picked),
                  "avg_bits": bits_of_bytes(size, shapes) if size is not None else None, "measured": measured,
                  "solver": variants[name][0], **{k: problem.total(k, picked) for k in limits if k != "bytes"},
+                 **({"objective": problem.total("objective", picked)} if "objective" in extras else {}),
                  "layers": {layer: str(option) for layer, option in problem.assignment(picked).items()}}
         results[name] = entry
         rows.append(result_row(name, entry["bytes"], entry["avg_bits"], entry["predicted_loss"], measured,
-                               base["ppl"]))
+                               base["ppl"], extras, entry))
 
     main_name = variant_name(args.solver, problem, choice)
     plan.measured = results[main_name]["measured"]
@@ -299,7 +304,7 @@ def main(argv=None) -> int:
                          for name, (_, c) in variants.items()}
     front["budget"] = limits.get(problem.size_kind)
     atomic.write_json(run_dir / "pareto.json", front)
-    text = render(rows, header(base))
+    text = render(rows, header(base, extras, args.weighting))
     elapsed = time.time() - started
     atomic.write_json(run_dir / "results.json", {
         "model": loaded.spec, "fingerprint": loaded.fingerprint, "budget": plan.budget,

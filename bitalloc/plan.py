@@ -40,7 +40,8 @@ MAX_NAME = 1000  # characters in a model spec, fingerprint or layer name
 _INT, _POSITIVE, _NUMBER, _TEXT, _FLAG = "an integer", "a positive integer", "a number", "a string", "true or false"
 FIELDS = {
     "budget": {"kind": _TEXT, "limit": _NUMBER, "spec": _TEXT},
-    "predicted": {"bytes": _INT, "avg_bits": _NUMBER, "loss": _NUMBER},
+    "predicted": {"bytes": _INT, "avg_bits": _NUMBER, "loss": _NUMBER, "objective": _NUMBER, "bops": _NUMBER,
+                  "latency": _NUMBER, "weighting": _TEXT},
     "calibration": {"source": _TEXT, "nsamples": _POSITIVE, "seqlen": _POSITIVE, "seed": _INT},
     "evaluation": {"corpus": _TEXT, "split": _TEXT, "seqlen": _POSITIVE, "windows": _POSITIVE, "subset": _FLAG},
 }
@@ -149,6 +150,13 @@ class Plan:
         return assignment
 
 
+def budget_kinds(budget: dict | None) -> list[str]:
+    """The cost kinds a plan's budget limited: one, or several for combined budgets."""
+    budget = budget or {}
+    limits = budget.get("limits")
+    return list(limits) if isinstance(limits, dict) else [budget["kind"]] if "kind" in budget else []
+
+
 def _bytes_limit(budget: dict) -> float | None:
     """The bytes a plan promised to stay within: a bytes budget, or the bytes part of combined ones."""
     limits = budget.get("limits")
@@ -235,4 +243,4 @@ def uniform_plan(model: str, fingerprint: str | None, option: Option) -> Plan:
     return Plan(model=model, layers={}, fingerprint=fingerprint, default=str(option))
 
 
-__all__ = ["Plan", "uniform_plan", "FORMAT", "VERSION"]
+__all__ = ["Plan", "uniform_plan", "budget_kinds", "FORMAT", "VERSION"]

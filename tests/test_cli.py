@@ -342,3 +342,20 @@ def test_quant_table_refuses_to_resume_rows_measured_another_way(cli_env, tiny_d
     argv = ["--model", str(tiny_dir), "--json", "table.json", "--markdown", "table.md", "--only", "rtn:int4:g32:asym",
             "--seqlen", "16", "--eval-windows", "3", "--nsamples", "2", "--calib-seqlen", "16", "--quiet"]
     _expect_bad_input(_script("quant_table.py"), argv, capsys, cli_env, "measured with other settings (windows: 2)")
+
+
+def test_search_and_apply_show_a_bops_budget_and_the_weighted_objective(cli_env, tiny_dir, capsys):
+    argv = ["--model", str(tiny_dir), "--space", SPACE, "--budget", "rtn:int3:g32:asym@bops", "--weighting", "params",
+            "--out", "run", *QUICK]
+    code, out, err = run_cli(pipeline.main, argv, capsys)
+    assert code == 0, err
+    table_head = next(line for line in out.splitlines() if line.startswith("variant"))
+    assert "GBOPs" in table_head and "objective (params)" in table_head
+    code, out, err = run_cli(apply.main, ["--plan", "run/plan.json", "--quiet"], capsys)
+    assert code == 0, err
+    assert "GBOPs" in next(line for line in out.splitlines() if line.startswith("variant"))
+
+
+def test_an_unreachable_optuna_storage_stops_search_before_loading(cli_env, capsys):
+    argv = ["--model", "no-such-model", "--solver", "optuna", "--storage", "sqlite:////no/such/dir/study.db", *QUICK]
+    _expect_bad_input(pipeline.main, argv, capsys, cli_env, "cannot open Optuna storage sqlite:////no/such/dir/study.db")

@@ -117,3 +117,16 @@ def test_the_printed_table_has_a_ppl_column_per_corpus():
     text = render([result_row("plan", 1_000_000, 4.5, 0.1, measured, 28.0)], header(measured))
     assert text.splitlines()[0].split()[-2:] == ["PPL", "ptb"] and text.splitlines()[2].endswith("50.000")
     assert header(one) == header(None)  # one corpus: the usual columns
+
+
+def test_the_printed_table_shows_non_size_budgets_and_a_weighted_objective():
+    from bitalloc.summary import extra_kinds, header, render, result_row
+
+    extras = extra_kinds({"bytes": 1e6, "bops": 2e9}, "params")
+    assert extras == ["bops", "objective"]
+    assert extra_kinds({"bytes": 1e6}) == []  # the usual columns
+    totals = {"bops": 1.5e9, "objective": 0.25}
+    text = render([result_row("plan", 1_000_000, 4.5, 0.1, None, None, extras, totals)],
+                  header(None, extras, "params"))
+    head, _, row = text.splitlines()
+    assert head.split()[6:9] == ["GBOPs", "objective", "(params)"] and row.split()[4:6] == ["1.500", "0.25"]

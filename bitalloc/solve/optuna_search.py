@@ -34,6 +34,7 @@ import warnings
 from typing import Callable
 
 import numpy as np
+from tqdm.auto import tqdm
 
 from ..errors import BitallocError, first_line
 from .problem import Problem
@@ -170,7 +171,8 @@ def _sampler(name: str, seed: int, starts: int):
 def solve_optuna(problem: Problem, measure: Measure | None = None, starts: list[np.ndarray] | None = None,
                  sampler: str = "tpe", n_trials: int | None = 50, timeout: float | None = None,
                  storage: str | None = None, study_name: str | None = None, seed: int | None = None,
-                 prune: bool = True, repair: bool = True, refit: bool = True) -> tuple[np.ndarray, dict]:
+                 prune: bool = True, repair: bool = True, refit: bool = True,
+                 progress: bool = False) -> tuple[np.ndarray, dict]:
     """The best feasible plan by measured loss after this worker's trials (and any other worker's)."""
     import optuna
 
@@ -258,11 +260,21 @@ def solve_optuna(problem: Problem, measure: Measure | None = None, starts: list[
     known: dict[tuple, float] = {}
     start_time = time.perf_counter()
     done_before = sum(t.state.is_finished() for t in study.get_trials(deepcopy=False))
+    bar = tqdm(total=n_trials, desc="optuna trials", unit="trial", disable=not progress)
+
+    def show(study, trial) -> None:
+        bar.update()
+        values = [v for v in _finished(study).values() if math.isfinite(v)]
+        if values:
+            bar.set_postfix_str(f"best KL {min(values):.4g}", refresh=False)
+
     try:
         study.optimize(objective, n_trials=n_trials, timeout=timeout, gc_after_trial=False,
-                       callbacks=[propose] if refit else None)
+                       callbacks=[show, *([propose] if refit else [])])
     except ValueError as err:  # a distribution that clashes with an existing study of that name
         raise BitallocError(f"Optuna study '{study_name}' was made for another search space: {err}") from None
+    finally:
+        bar.close()
     seconds = time.perf_counter() - start_time
     return _best(problem, study, {
         "solver": "optuna", "sampler": sampler, "study": study_name, "storage": shown_url(url),
