@@ -1,8 +1,11 @@
 """Make a local multiple-choice task (JSONL for bitalloc's lm-eval adapter) from any text: pick the last word.
 
 Each question is a sentence without its last word; the choices are that word and
-three last words of other sentences, shuffled with a seed.  It lets lm-eval run
-on a real model with no hub (e.g. from calibration text, never a test split):
+three last words of other sentences, shuffled with a seed.  A line ends a sentence
+too (PTB has one per line, unpunctuated), heading lines ("= Title =") are skipped,
+and punctuation written apart from the last word (WikiText's "theme .") is joined
+to it.  It lets lm-eval run on a real model with no hub (e.g. from calibration
+text, never a test split):
 
     python scripts/make_cloze_task.py /work/shared/data/calib/wiki.txt --out results/wiki_cloze.jsonl
 """
@@ -16,6 +19,13 @@ from pathlib import Path
 from bitalloc import atomic
 from bitalloc.errors import BitallocError, cli_entry
 from bitalloc.help_format import HelpFormatter
+
+
+def last_word_punctuated(words: list[str]) -> list[str]:
+    """Joins a sentence's final punctuation to its last word: WikiText and PTB write it apart ("theme .")."""
+    if len(words) > 1 and words[-1] in (".", "!", "?"):
+        return [*words[:-2], words[-2] + words[-1]]
+    return words
 
 
 @cli_entry
@@ -32,18 +42,19 @@ def main(argv=None) -> int:
         text = Path(args.text).read_text(encoding="utf-8")
     except (OSError, UnicodeDecodeError) as err:
         raise BitallocError(f"cannot read {args.text}: {err}") from None
-    sentences = [s.split() for s in re.split(r"(?<=[.!?])\s+", text)]
-    usable = [s for s in sentences if 8 <= len(s) <= 40 and re.fullmatch(r"[A-Za-z]{4,}[.!?]", s[-1])]
+    sentences = [last_word_punctuated(s.split()) for line in text.splitlines() if not line.strip().startswith("=")
+                 for s in re.split(r"(?<=[.!?])\s+", line)]
+    usable = [s for s in sentences if 8 <= len(s) <= 40 and re.fullmatch(r"[A-Za-z]{4,}[.!?]?", s[-1])]
     if len(usable) < max(args.questions, 4):
         raise BitallocError(f"{args.text} has only {len(usable)} usable sentences for {args.questions} questions")
-    endings = sorted({s[-1][:-1] for s in usable})
+    endings = sorted({s[-1].rstrip(".!?") for s in usable})
     if len(endings) < 4:  # each question needs three other endings as distractors
         raise BitallocError(f"{args.text} has only {len(endings)} distinct last words; 4 are needed")
     rng = random.Random(args.seed)
     picked = rng.sample(usable, args.questions)
     rows = []
     for sentence in picked:
-        answer = sentence[-1][:-1]
+        answer = sentence[-1].rstrip(".!?")
         choices = [answer] + rng.sample([w for w in endings if w != answer], 3)
         rng.shuffle(choices)
         rows.append({"query": " ".join(sentence[:-1]), "choices": choices, "gold": choices.index(answer)})

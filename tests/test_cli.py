@@ -314,6 +314,20 @@ def test_scripts_reject_bad_input_with_one_line(script, argv, message, cli_env, 
     _expect_bad_input(_script(script), argv, capsys, cli_env, message)
 
 
+def test_cloze_task_reads_wikitext_and_ptb_layouts(cli_env, capsys):
+    words = ["bridge", "river", "meadow", "garden", "castle"]
+    wikitext = "\n = Heading = \n\n" + " ".join(f"The old road runs past the quiet stone {w} ." for w in words)
+    ptb = "\n".join(f"the old road runs past the quiet stone {w}" for w in words)
+    for name, text in (("wiki.txt", wikitext), ("ptb.txt", ptb)):
+        (cli_env / name).write_text(text)
+        code, _, err = run_cli(_script("make_cloze_task.py"), [name, "--out", "task.jsonl", "--questions", "5"],
+                               capsys)
+        assert code == 0, err
+        rows = [json.loads(line) for line in (cli_env / "task.jsonl").read_text().splitlines()]
+        assert sorted(r["choices"][r["gold"]] for r in rows) == sorted(words)
+        assert all(not r["query"].endswith(("=", ".")) for r in rows)
+
+
 def test_profile_interaction_plan_is_checked_against_the_model(cli_env, tiny_dir, capsys):
     from bitalloc import profile
 
