@@ -79,6 +79,15 @@ def check_against_gguf(entries: list[tuple[str, str]], shapes: dict[str, tuple[i
                             "the plan is for another model")
 
 
+def wider_notes(wider: list[tuple[str, int, int, str]]) -> list[str]:
+    """One line per kind of widening (row width, planned bits, GGML type), with its count and an example."""
+    kinds: dict[tuple[int, int, str], list[str]] = {}
+    for tensor, columns, bits, chosen in wider:
+        kinds.setdefault((columns, bits, chosen), []).append(tensor)
+    return [f"wider than planned: {len(tensors)} tensors of {columns} columns, {bits} bits -> {chosen} "
+            f"(e.g. {tensors[0]})" for (columns, bits, chosen), tensors in kinds.items()]
+
+
 @register_exporter("llamacpp")
 def export_llamacpp(data: ExportInput, allow_wider: bool = False) -> tuple[str, list[str]]:
     """--tensor-type-file text, and notes (including every tensor stored wider than planned)."""
@@ -91,15 +100,17 @@ def export_llamacpp(data: ExportInput, allow_wider: bool = False) -> tuple[str, 
         columns = data.shapes[layer].in_features
         chosen, width = ggml_type(bits, columns)
         if width > bits:
-            wider.append(f"{tensor} ({columns} columns): {bits} -> {chosen}")
+            wider.append((tensor, columns, bits, chosen))
         entries.append((tensor, chosen))
     if wider and not allow_wider:
-        raise BitallocError(f"{len(wider)} tensors need more bits in llama.cpp than the plan gives, e.g. {wider[0]} "
+        tensor, columns, bits, chosen = wider[0]
+        raise BitallocError(f"{len(wider)} tensors need more bits in llama.cpp than the plan gives, e.g. {tensor} "
+                            f"({columns} columns): {bits} bits -> {chosen} "
                             f"(K-quants need rows of a multiple of 256); pass --allow-wider to accept that")
     notes = [f"{len(entries)} tensor types; unlisted tensors (embeddings, output) follow llama-quantize's type argument"]
     if data.gguf is not None:
         check_against_gguf(entries, shapes, data.gguf)
         notes.append(f"all {len(entries)} tensor names and shapes checked against {data.gguf}")
-    notes += [f"wider than planned: {w}" for w in wider]
+    notes += wider_notes(wider)
     text = "".join(f"^{re.escape(tensor)}$={chosen}\n" for tensor, chosen in entries)
     return text, notes
