@@ -13,3 +13,10 @@ class HelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefau
         if "default" in text.lower() or any(action.default is nothing for nothing in (None, False, argparse.SUPPRESS)):
             return text
         return super()._get_help_string(action)
+
+
+def from_docstring(doc: str) -> dict:
+    """ArgumentParser's description (the docstring's first paragraph) and epilog (the rest), so that
+    --help shows each once."""
+    first, _, rest = doc.strip().partition("\n\n")
+    return {"description": first, "epilog": rest.lstrip("\n").rstrip() or None}

@@ -36,7 +36,7 @@ from triton.compiler.errors import CompilationError
 from triton.experimental.gluon._runtime import GluonASTSource
 
 from bitalloc import atomic
-from bitalloc.help_format import HelpFormatter
+from bitalloc.help_format import HelpFormatter, from_docstring
 from bitalloc.kernels import triton_kernels as tk
 from bitalloc.kernels import triton_mma as tm
 from bitalloc.kernels import triton_pairs as tp
@@ -112,8 +112,7 @@ def loop_body(sass: str) -> list[str]:
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0],
-                                     formatter_class=HelpFormatter, epilog=__doc__)
+    parser = argparse.ArgumentParser(formatter_class=HelpFormatter, **from_docstring(__doc__))
     parser.add_argument("--bits", default="4,2,3,8", help="code widths to compile, comma separated")
     parser.add_argument("--configs", default="64/128/16/4,128/128/16/4,256/128/16/4",
                         help="launch configurations (see above), comma separated")
