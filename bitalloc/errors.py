@@ -3,9 +3,12 @@ from __future__ import annotations
 
 import functools
 import logging
+import os
 import sys
 
 EXIT_BAD_INPUT = 2
+# seconds between progress-bar redraws when stderr is a file or pipe (a log), not a terminal
+LOG_PROGRESS_INTERVAL = "30"
 
 
 class BitallocError(Exception):
@@ -30,11 +33,14 @@ def first_line(err: BaseException, limit: int = 300) -> str:
 
 
 def cli_entry(main):
-    """Wrap a CLI main(argv) so bad input ends with one line and exit code 2."""
+    """Wrap a CLI main(argv) so bad input ends with one line and exit code 2, and progress bars
+    written to a log redraw only every LOG_PROGRESS_INTERVAL seconds."""
 
     @functools.wraps(main)
     def wrapper(argv=None):
         logging.basicConfig(level=logging.INFO, format="%(message)s")
+        if not sys.stderr.isatty():  # tqdm reads TQDM_* overrides; a log gets a line per interval, not per step
+            os.environ.setdefault("TQDM_MININTERVAL", LOG_PROGRESS_INTERVAL)
         try:
             return main(argv)
         except BitallocError as err:
