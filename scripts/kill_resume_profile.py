@@ -22,6 +22,7 @@ import time
 from pathlib import Path
 
 from bitalloc import atomic
+from bitalloc.errors import BitallocError, cli_entry
 from bitalloc.help_format import HelpFormatter
 
 
@@ -61,19 +62,29 @@ def run(argv: list[str], cache: Path, out: Path, kill_when=None, sig=None) -> di
             "log": [line for line in output.splitlines() if "resumes" in line or "error" in line]}
 
 
-def main() -> None:
+@cli_entry
+def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=HelpFormatter)
     parser.add_argument("--data-dir", default=None, help="local data directory (default: $BITALLOC_DATA, else the hub)")
     parser.add_argument("--model", default="smollm2-135m", help="model spec (see bitalloc.models)")
     parser.add_argument("--space", default="rtn-g64", help="option space (a smaller one makes the demo quicker)")
+    parser.add_argument("--nsamples", type=int, default=None,
+                        help="calibration windows per profile (default: the profiler's; fewer is quicker)")
+    parser.add_argument("--calib-seqlen", type=int, default=None, help="tokens per window (default: the profiler's)")
     parser.add_argument("--json", default=None, help="also write the report here")
-    args = parser.parse_args()
-    common = ["--model", args.model, "--space", args.space] + (["--data-dir", args.data_dir] if args.data_dir else [])
+    args = parser.parse_args(argv)
+    common = ["--model", args.model, "--space", args.space]
+    for flag, value in (("--data-dir", args.data_dir), ("--nsamples", args.nsamples),
+                        ("--calib-seqlen", args.calib_seqlen)):
+        common += [flag, str(value)] if value is not None else []
     root = Path(tempfile.mkdtemp(prefix="kill-resume-"))
     report = {}
     for name, sig, metric in (("SIGTERM", signal.SIGTERM, "rel"), ("SIGKILL", signal.SIGKILL, "fisher")):
         profile_args = [*common, "--metrics", metric]
         plain = run(profile_args, root / f"{name}-plain", root / f"{name}-plain-out")
+        if plain["returncode"] != 0:
+            raise BitallocError(f"the uninterrupted profile failed (exit {plain['returncode']}): "
+                                f"{(plain['log'] or ['see ' + str(root / f'{name}-plain-out.log')])[-1]}")
         expected = json.loads((root / f"{name}-plain-out/sensitivity.json").read_text())["rows"]
         blocks = len(block_files(root / f"{name}-plain"))
         cache = root / name
@@ -92,8 +103,9 @@ def main() -> None:
     print(json.dumps(report, indent=1))
     if args.json:
         atomic.write_json(args.json, report)
+    return 0
 
 
 if __name__ == "__main__":
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    main()
+    sys.exit(main())
