@@ -28,6 +28,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_profile import RANDOM_CONFIGS, RandomBlocks, add_profiling_args, random_model  # noqa: E402
+from bitalloc.errors import BitallocError, cli_entry
 from bitalloc.help_format import HelpFormatter
 
 
@@ -36,6 +37,31 @@ def _value(text: str):
         return int(text)
     except ValueError:
         return float(text)
+
+
+def parse_overrides(items: list[str]) -> dict:
+    """FIELD=VALUE pairs as config fields with numbers, refused before any process is launched."""
+    overrides = {}
+    for item in items:
+        field, sep, value = item.partition("=")
+        try:
+            overrides[field] = _value(value) if sep and field else None
+        except ValueError:
+            raise BitallocError(f"--override {item}: the value is not a number") from None
+        if overrides[field] is None:
+            raise BitallocError(f"--override {item}: expected FIELD=VALUE")
+    return overrides
+
+
+def check_ranks(args) -> None:
+    """Before the one-rank run (minutes): a sharded run needs 2+ ranks, and on CUDA a GPU per rank."""
+    from bitalloc.cli_args import resolve_device
+
+    if args.gpus < 2:
+        raise BitallocError(f"--gpus must be at least 2 (the run compared with one rank), got {args.gpus}")
+    if resolve_device(args.device).type == "cuda" and torch.cuda.device_count() < args.gpus:
+        raise BitallocError(f"--gpus {args.gpus}: this machine has {torch.cuda.device_count()} GPU(s); "
+                            "give fewer ranks or --device cpu")
 
 
 def worker(args) -> None:
@@ -50,7 +76,7 @@ def worker(args) -> None:
     device = resolve_device(args.device)
     device = rank_device(shard, device) if shard else device
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
-    overrides = {k: _value(v) for k, v in (item.split("=", 1) for item in args.override)}
+    overrides = parse_overrides(args.override)
     loaded = random_model(args.random, dtype, overrides)
     vocab = loaded.model.config.vocab_size
     ids = torch.randint(0, vocab, (args.nsamples, args.calib_seqlen), generator=torch.Generator().manual_seed(0))
@@ -83,7 +109,8 @@ def launch(ranks: int, argv: list[str], threads: int) -> dict:
     return json.loads([line for line in done.stdout.splitlines() if line.startswith("{")][-1])
 
 
-def main() -> None:
+@cli_entry
+def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=HelpFormatter)
     parser.add_argument("--gpus", type=int, default=2, help="ranks of the sharded run (one GPU each on CUDA)")
     parser.add_argument("--random", choices=sorted(RANDOM_CONFIGS), default="llama-2-13b",
@@ -94,10 +121,13 @@ def main() -> None:
     add_profiling_args(parser)
     parser.add_argument("--metrics", default="rel", help="comma-separated profile metrics")
     parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
-    args, argv = parser.parse_args(), [a for a in sys.argv[1:] if a != "--worker"]
+    argv = sys.argv[1:] if argv is None else argv
+    args, argv = parser.parse_args(argv), [a for a in argv if a != "--worker"]
     if args.worker:
         worker(args)
-        return
+        return 0
+    parse_overrides(args.override)
+    check_ranks(args)
     threads = max(1, (os.cpu_count() or 1) // args.gpus)
     single, sharded = launch(1, argv, threads), launch(args.gpus, argv, threads)
     assert single["rows"] == sharded["rows"], (single, sharded)
@@ -105,7 +135,8 @@ def main() -> None:
                       "tokens": args.nsamples * args.calib_seqlen, "metrics": args.metrics,
                       "seconds_1": single["seconds"], f"seconds_{args.gpus}": sharded["seconds"],
                       "speedup": round(single["seconds"] / sharded["seconds"], 2)}, indent=1))
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())
