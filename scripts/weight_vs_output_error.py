@@ -19,7 +19,7 @@ import torch
 from bitalloc.cli_args import add_data_args, add_model_args
 from bitalloc.data import calibration_ids
 from bitalloc.errors import BitallocError, cli_entry
-from bitalloc.help_format import HelpFormatter
+from bitalloc.help_format import HelpFormatter, from_docstring
 from bitalloc.hooks import run_hooked
 from bitalloc.models import linear_layers, load_model, weight_matrix
 from bitalloc.quant import parse, quantize
@@ -59,8 +59,7 @@ def relative_errors(loaded, inputs, option) -> dict[str, float]:
 
 @cli_entry
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0],
-                                     formatter_class=HelpFormatter)
+    parser = argparse.ArgumentParser(formatter_class=HelpFormatter, **from_docstring(__doc__))
     parser.add_argument("--options", default="rtn:int3:g64:asym,hqq:int3:g64:asym",
                         help="comma-separated calibration-free options")
     add_model_args(parser)
@@ -74,6 +73,8 @@ def main(argv=None) -> int:
     loaded = load_model(args.model)
     ids = calibration_ids(loaded.tokenizer, args.calib, args.nsamples, args.calib_seqlen, args.seed, args.data_dir)
     inputs = layer_inputs(loaded, ids)
+    print(f"relative L2 error ||error|| / ||reference|| over all {len(inputs)} linears of {loaded.spec}; "
+          f"outputs on {args.nsamples} x {args.calib_seqlen} {args.calib} calibration tokens")
     print(f"{'option':<24} " + "  ".join(f"{k:>12}" for k in ("weights", "largest 1 %", "outputs")))
     for option in options:
         errors = relative_errors(loaded, inputs, option)
