@@ -241,12 +241,17 @@ def summary(rows: list[dict]) -> str:
     """A fixed-width table of every row (the text results file)."""
     head = f"{'model':<12} {'layer':<13} {'shape':>11} {'backend':<14} {'option':<22} {'batch':>5} " \
            f"{'us':>9} {'GB/s':>8} {'roof%':>6} {'speedup':>7}"
-    lines = [head, "-" * len(head)]
+    lines, fallbacks = [head, "-" * len(head)], {}
     for r in rows:
         roof = f"{r['roofline_pct']:6.1f}" if r["roofline_pct"] is not None else "     -"
+        backend = r["backend"]
+        if str(r.get("kernel", "")).startswith("reference ("):  # the backend handed this layer to `reference`
+            backend = f"{backend}->ref"
+            fallbacks[(backend, r["option"])] = r["kernel"]
         lines.append(f"{r['model']:<12} {r['layer']:<13} {r['out_features']:>5}x{r['in_features']:<5} "
-                     f"{r['backend']:<14} {r['option']:<22} {r['batch']:>5} {r['seconds'] * 1e6:9.1f} "
+                     f"{backend:<14} {r['option']:<22} {r['batch']:>5} {r['seconds'] * 1e6:9.1f} "
                      f"{r['gbps']:8.1f} {roof} {r['speedup']:7.2f}")
+    lines += [f"{backend} {option}: computed by {kernel}" for (backend, option), kernel in fallbacks.items()]
     return "\n".join(lines) + "\n"
 
 

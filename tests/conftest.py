@@ -155,4 +155,16 @@ def all_files(root: Path) -> set[Path]:
     return {p for p in Path(root).rglob("*") if p.is_file()}
 
 
+def load_script(relative: str):
+    """A script of the repo (scripts/, inference/: no packages) as a module of its own name-spaced name, so
+    that an installed package of the same name (`kernels`, which transformers requires) never shadows it."""
+    import importlib.util
+
+    path = Path(__file__).resolve().parents[1] / relative
+    spec = importlib.util.spec_from_file_location(f"repo_script_{path.stem}", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")

@@ -4,7 +4,7 @@ import json
 import pytest
 
 from bitalloc import apply, pipeline
-from conftest import all_files, run_cli
+from conftest import all_files, load_script, run_cli
 
 SPACE = "rtn:int2:g32:asym,rtn:int3:g32:asym,rtn:int4:g32:asym,rtn:int8:g32:asym"
 QUICK = ["--nsamples", "4", "--calib-seqlen", "32", "--seqlen", "32", "--eval-windows", "6", "--quiet"]
@@ -284,20 +284,13 @@ def test_batch_stops_before_loading_when_a_plan_fits_none_of_several_models(cli_
 
 
 def _script(name: str):
-    """A script's main, loaded from its file (scripts/ is no package)."""
-    import runpy
-    from pathlib import Path
-
-    return runpy.run_path(str(Path(__file__).resolve().parent.parent / "scripts" / name))["main"]
+    return load_script(f"scripts/{name}").main
 
 
 def test_bench_gptq_times_stages_quantize_model_still_calls():
-    import runpy
-    from pathlib import Path
-
     from bitalloc import quantize_model
 
-    timed = runpy.run_path(str(Path(__file__).resolve().parent.parent / "scripts" / "bench_gptq.py"))["TIMED"]
+    timed = load_script("scripts/bench_gptq.py").TIMED
     assert all(callable(getattr(quantize_model, name, None)) for name in timed)
 
 

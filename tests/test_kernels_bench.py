@@ -2,14 +2,15 @@
 import csv
 
 from bitalloc.benchmarks import kernel_rows, plot_speedups, summary, write_csv, write_latency_table
+from conftest import load_script
 
 LATENCY_COLUMNS = ["backend", "batch", "out_features", "in_features", "option", "latency_ms"]
 
 
 def test_kernel_rows_feed_the_latency_table(tmp_path):
-    backends = {"cpu": ["rtn:int4:g64:asym"], "reference": ["rtn:int3:g64:sym"]}
+    backends = {"cpu": ["rtn:int4:g64:asym", "rtn:nf4:g64"], "reference": ["rtn:int3:g64:sym"]}
     rows = kernel_rows("cpu", backends, {"tiny": {"proj": (64, 256)}}, batches=(1, 3), progress=False)
-    assert [(r["backend"], r["batch"]) for r in rows] == [(b, n) for b in ("dense", "cpu", "reference")
+    assert [(r["backend"], r["batch"]) for r in rows] == [(b, n) for b in ("dense", "cpu", "cpu", "reference")
                                                           for n in (1, 3)]
     assert all(r["seconds"] > 0 and r["weight_bytes"] > 0 for r in rows)
     assert rows[2]["weight_bytes"] == 64 * (8 * 4 * 4 + 4 * 2 * 2)  # 8 chunks x 4 words, 4 scales + 4 zeros
@@ -23,7 +24,9 @@ def test_kernel_rows_feed_the_latency_table(tmp_path):
     write_csv(rows, tmp_path / "rows.csv")
     plot_speedups(rows, tmp_path / "speedups.png", "tiny")
     assert (tmp_path / "speedups.png").stat().st_size > 0
-    assert "rtn:int3:g64:sym" in summary(rows)
+    text = summary(rows)
+    assert "rtn:int3:g64:sym" in text
+    assert "cpu->ref" in text and "cpu->ref rtn:nf4:g64: computed by reference (cpu: " in text  # nf4: no CPU kernel
 
 
 def test_compiled_decoding_gives_the_eager_tokens():
@@ -79,18 +82,14 @@ def test_profile_line_counts_gpu_operations_and_the_time_between_them():
                     "1.000 ms (25 %) between operations\n")
 
 
-def test_a_models_own_shapes_give_a_latency_table_that_serves_its_latency_budget(tiny_dir, tmp_path, monkeypatch):
+def test_a_models_own_shapes_give_a_latency_table_that_serves_its_latency_budget(tiny_dir, tmp_path):
     """inference/kernels.py --model: every decoder-linear shape of that model timed, so a latency budget
     over its layers can be counted from the table."""
-    import sys
-    from pathlib import Path
-
     from bitalloc.budget import parse_budget
     from bitalloc.cost import LatencyTable, layer_shapes
     from bitalloc.models import load_model
 
-    monkeypatch.syspath_prepend(str(Path(__file__).parents[1] / "inference"))
-    import kernels
+    kernels = load_script("inference/kernels.py")
 
     out = tmp_path / "k"
     assert kernels.main(["--device", "cpu", "--model", str(tiny_dir), "--batches", "1",
@@ -99,4 +98,3 @@ def test_a_models_own_shapes_give_a_latency_table_that_serves_its_latency_budget
     latency = LatencyTable.load(tmp_path / "k_latency.csv")
     budget = parse_budget("rtn:int4:g32:asym@latency", shapes, latency.lookup())
     assert budget.kind == "latency" and budget.limit > 0
-    del sys.modules["kernels"]

@@ -1,5 +1,4 @@
 """Batch evaluation -> results files -> one summary table; the Markdown report of a search run."""
-import importlib.util
 import json
 from pathlib import Path
 
@@ -7,18 +6,14 @@ import pytest
 
 from bitalloc import batch, data, pipeline, report
 from bitalloc.results import LM_EVAL_FILE, PPL_FIELDS, PPL_FILE, read_rows
-from conftest import all_files, run_cli
+from conftest import all_files, load_script, run_cli
 
 SPACE = "rtn:int2:g32:asym,rtn:int4:g32:asym,rtn:int8:g32:asym"
 QUICK = ["--seqlen", "32", "--eval-windows", "4", "--quiet"]
 
 
 def script(name):
-    path = Path(__file__).resolve().parents[1] / "scripts" / f"{name}.py"
-    spec = importlib.util.spec_from_file_location(f"script_{name}", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_script(f"scripts/{name}.py")
 
 
 @pytest.fixture(scope="module")
