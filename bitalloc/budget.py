@@ -145,11 +145,17 @@ def add_budget_args(parser) -> None:
                         help="token rows per layer call whose rows of the latency table count")
 
 
-def budgets_from_args(args, shapes: list[LayerShape]) -> list[Budget]:
-    """Every --budget given (the default when none); the tightest of one kind is the one that binds."""
-    latency = None
-    if args.latency_table:
-        latency = LatencyTable.load(args.latency_table).lookup(args.latency_backend, args.latency_batch)
+def latency_from_args(args) -> LatencyLookup | None:
+    """The --latency-table rows that count (backend, batch), or None without a table."""
+    if not args.latency_table:
+        return None
+    return LatencyTable.load(args.latency_table).lookup(args.latency_backend, args.latency_batch)
+
+
+def budgets_from_args(args, shapes: list[LayerShape], latency: LatencyLookup | None = None) -> list[Budget]:
+    """Every --budget given (the default when none); the tightest of one kind is the one that binds.
+    `latency` is latency_from_args(args), read here when not given."""
+    latency = latency or latency_from_args(args)
     return [parse_budget(spec, shapes, latency) for spec in args.budget or ["rtn:int4:g64:asym"]]
 
 

@@ -21,7 +21,8 @@ import numpy as np
 
 from . import atomic, tb
 from .blocks import capture_inputs, run_block
-from .budget import add_budget_args, budgets_from_args, combined_cost_fns, combined_json, combined_limits
+from .budget import (add_budget_args, budgets_from_args, combined_cost_fns, combined_json, combined_limits,
+                     latency_from_args)
 from .cli_args import (add_data_args, add_model_args, calibration, calibration_record, check_above_zero,
                        check_non_negative, check_positive, evaluator, resolve_device)
 from .cost import bits_of_bytes, bits_per_weight, layer_shapes
@@ -220,7 +221,8 @@ def main(argv=None) -> int:
     options = load_space(args.space, args.space_dir, args.method)
     get_solver(args.solver)
     others = compared_solvers(args)
-    kinds = {budget.kind for budget in budgets_from_args(args, [])}  # the grammar and tables, before any loading
+    latency = latency_from_args(args)
+    kinds = {budget.kind for budget in budgets_from_args(args, [], latency)}  # the grammar, before any loading
     if len(kinds) > 1 and "pareto" in [args.solver, *others]:
         raise BitallocError(f"the pareto solver takes one budget, and this run has {len(kinds)} kinds "
                             f"({', '.join(sorted(kinds))}): leave it out of --solver/--compare, or give one budget")
@@ -230,7 +232,7 @@ def main(argv=None) -> int:
     loaded = load_model(args.model)
     shapes = layer_shapes(loaded.model)
     by_name = {s.name: s for s in shapes}
-    budgets = budgets_from_args(args, shapes)
+    budgets = budgets_from_args(args, shapes, latency)
     for budget in budgets:
         budget.check_reachable(shapes, options)
     limits = combined_limits(budgets)
