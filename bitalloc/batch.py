@@ -131,7 +131,7 @@ def evaluate_model(args, model_spec: str, plans: dict, several: bool, date: str)
                 log.info("%s %s: PPL %.3f", model_spec, spec, measured["ppl"])
             if tasks or args.task_file:
                 harness = run_tasks(loaded, tasks, args.task_file, args.num_fewshot, _limit(args.limit),
-                                    args.batch_size, device, args.seed)
+                                    args.batch_size, device, args.seed, progress=not args.quiet)
                 lm += res.lm_eval_rows(model_spec, spec, bits, harness, args.num_fewshot, _limit(args.limit), date)
         finally:
             restore(loaded.model, originals)

@@ -3,12 +3,9 @@ from __future__ import annotations
 
 import functools
 import logging
-import os
 import sys
 
 EXIT_BAD_INPUT = 2
-# seconds between progress-bar redraws when stderr is a file or pipe (a log), not a terminal
-LOG_PROGRESS_INTERVAL = "30"
 
 
 class BitallocError(Exception):
@@ -34,13 +31,14 @@ def first_line(err: BaseException, limit: int = 300) -> str:
 
 def cli_entry(main):
     """Wrap a CLI main(argv) so bad input ends with one line and exit code 2, and progress bars
-    written to a log redraw only every LOG_PROGRESS_INTERVAL seconds."""
+    written to a log redraw only now and then (progress.pace_for_logs)."""
 
     @functools.wraps(main)
     def wrapper(argv=None):
         logging.basicConfig(level=logging.INFO, format="%(message)s")
-        if not sys.stderr.isatty():  # tqdm reads TQDM_* overrides; a log gets a line per interval, not per step
-            os.environ.setdefault("TQDM_MININTERVAL", LOG_PROGRESS_INTERVAL)
+        from .progress import pace_for_logs
+
+        pace_for_logs()
         try:
             return main(argv)
         except BitallocError as err:

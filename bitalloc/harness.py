@@ -22,6 +22,7 @@ from pathlib import Path
 
 from .data import hub_reachable
 from .errors import BitallocError
+from .progress import libraries_quiet
 
 log = logging.getLogger(__name__)
 
@@ -147,8 +148,10 @@ def _metrics(entry: dict) -> dict[str, dict]:
 
 
 def run_tasks(loaded, tasks: list[str], task_files: list[str] = (), num_fewshot: int | None = None,
-              limit: int | float | None = None, batch_size: int = 4, device="cpu", seed: int = 0) -> dict:
-    """Run lm-eval tasks on `loaded.model` as it is now (quantized or not).
+              limit: int | float | None = None, batch_size: int = 4, device="cpu", seed: int = 0,
+              progress: bool = True) -> dict:
+    """Run lm-eval tasks on `loaded.model` as it is now (quantized or not); `progress` False silences
+    the bars of lm-eval and datasets too.
 
     Returns {"tasks": {name: {"metrics": {...}, "samples": n, "num_fewshot": k}},
              "unavailable": {name: reason}}.
@@ -166,7 +169,7 @@ def run_tasks(loaded, tasks: list[str], task_files: list[str] = (), num_fewshot:
         if name not in manager.all_tasks:
             raise BitallocError(f"unknown lm-eval task '{name}' (see `lm-eval ls tasks`, or give a local task file)")
     reachable, unavailable = [], {}
-    with _offline_unless_reachable():
+    with _offline_unless_reachable(), libraries_quiet(not progress):
         for spec in specs:
             try:
                 get_task_dict([spec], manager)

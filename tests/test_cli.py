@@ -366,3 +366,18 @@ def test_search_and_apply_show_a_bops_budget_and_the_weighted_objective(cli_env,
 def test_an_unreachable_optuna_storage_stops_search_before_loading(cli_env, capsys):
     argv = ["--model", "no-such-model", "--solver", "optuna", "--storage", "sqlite:////no/such/dir/study.db", *QUICK]
     _expect_bad_input(pipeline.main, argv, capsys, cli_env, "cannot open Optuna storage sqlite:////no/such/dir/study.db")
+
+
+def test_bars_in_logs_are_paced_and_quiet_silences_the_libraries_bars():
+    import io
+
+    from tqdm.auto import tqdm
+
+    from bitalloc import progress
+
+    with progress.libraries_quiet(True):
+        assert tqdm(range(3), disable=False, file=io.StringIO()).disable  # lm-eval passes disable itself
+    assert not tqdm(range(3), disable=False, file=io.StringIO()).disable
+    progress.pace_for_logs()  # under pytest stderr is captured: not a terminal
+    assert tqdm(range(3), file=io.StringIO()).mininterval == progress.LOG_INTERVAL
+    assert tqdm(range(3), file=io.StringIO(), mininterval=0.5).mininterval == 0.5
