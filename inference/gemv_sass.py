@@ -14,8 +14,10 @@ instructions per code with every issue slot busy (an H200 SM must consume ~35
 codes per clock and issues 128 thread instructions); Nsight Compute measured
 57 % of issue slots busy on the H200 (2026-12-02,
 `results/ncu_gemv_int4_8192_h200.txt`, 5.2 per code then).  Configurations
-are BLOCK_N/BLOCK_K/SPLIT_K/num_warps as in `triton_backend.GEMV_CONFIGS`, or
-BLOCK_N/VEC/SPLIT_K/num_warps as in `triton_backend.PAIR_CONFIGS`.  The pairs
+are BLOCK_N/BLOCK_K/SPLIT_K/num_warps as in `triton_backend.GEMV_CONFIGS`,
+BLOCK_N/VEC/SPLIT_K/num_warps as in `triton_backend.PAIR_CONFIGS`, or
+VEC/SPLIT_K/num_warps[/X_LOAD[/PDL[/DEQUANTIZE]]] as in `triton_backend.MMA_CONFIGS`;
+without --configs, the kernel's first three there.  The pairs
 loop also holds the float16-to-float32 step it takes every 8 // (16 / bits)
 steps, so its count is an upper bound.
 """
@@ -37,6 +39,7 @@ from triton.experimental.gluon._runtime import GluonASTSource
 
 from bitalloc import atomic
 from bitalloc.help_format import HelpFormatter, from_docstring
+from bitalloc.kernels import triton_backend as tb
 from bitalloc.kernels import triton_kernels as tk
 from bitalloc.kernels import triton_mma as tm
 from bitalloc.kernels import triton_pairs as tp
@@ -55,6 +58,7 @@ SIGNATURES = {  # kernel -> (pointer and size arguments, constexpr names)
 }
 KERNELS = {"units": (tk.gemv_units, ASTSource), "pairs": (tp.gemv_pairs, GluonASTSource),
            "mma": (tm.gemv_mma, GluonASTSource)}
+DEFAULT_COUNT = 3  # configurations compiled per bit width when --configs is not given
 ADDRESS = re.compile(r"/\*([0-9a-f]{4,})\*/\s+(.*?)\s*;")
 
 
@@ -100,6 +104,12 @@ def codes_per_thread(kernel: str, bits: int, config: tuple[int, ...]) -> float:
     return config[0] * config[1] * unit
 
 
+def default_configs(kernel: str) -> list[str]:
+    """The first launch configurations the backend's tuner tries for `kernel`, written as --configs takes them."""
+    offered = {"units": tb.GEMV_CONFIGS, "pairs": tb.PAIR_CONFIGS, "mma": tb.MMA_CONFIGS}[kernel]
+    return ["/".join(map(str, config)) for config in offered[:DEFAULT_COUNT]]
+
+
 def loop_body(sass: str) -> list[str]:
     """The instructions between a backward branch's target and the branch (the K loop)."""
     code = [(int(m.group(1), 16), m.group(2)) for m in map(ADDRESS.search, sass.splitlines()) if m]
@@ -114,15 +124,17 @@ def loop_body(sass: str) -> list[str]:
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(formatter_class=HelpFormatter, **from_docstring(__doc__))
     parser.add_argument("--bits", default="4,2,3,8", help="code widths to compile, comma separated")
-    parser.add_argument("--configs", default="64/128/16/4,128/128/16/4,256/128/16/4",
-                        help="launch configurations (see above), comma separated")
+    parser.add_argument("--configs", default=None,
+                        help="launch configurations (see above), comma separated (default: the backend's first "
+                             f"{DEFAULT_COUNT} for the kernel)")
     parser.add_argument("--kernel", choices=sorted(SIGNATURES), default="units",
                         help="gemv_units (float32 arithmetic), gemv_pairs (float16 pairs) or gemv_mma (tensor cores)")
     parser.add_argument("--dump", default=None, help="also write the last SASS compiled here")
     args = parser.parse_args(argv)
+    configs = args.configs.split(",") if args.configs else default_configs(args.kernel)
     last = None  # the SASS --dump writes
     for bits in (int(b) for b in args.bits.split(",")):
-        for text in args.configs.split(","):
+        for text in configs:
             config = tuple(int(v) for v in text.split("/"))
             try:
                 sass = sass_of(bits, config, kernel=args.kernel)

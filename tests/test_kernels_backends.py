@@ -15,6 +15,7 @@ from bitalloc.kernels.backends import auto_backend
 from bitalloc.kernels.layout import gate_rows
 from bitalloc.kernels.quant_linear import QuantLinear
 from bitalloc.quant import parse, quantize
+from conftest import load_script
 
 IN_FEATURES = 200  # with g64 the last group is ragged (8 columns); rows pad to 224 codes
 OUT_FEATURES = 48
@@ -268,12 +269,7 @@ def test_read_floor_kernels_read_every_word_once_in_the_interpreter(tmp_path):
 
 
 def _gemv_sass():
-    sys.path.insert(0, str(Path(__file__).parents[1] / "inference"))
-    try:
-        import gemv_sass
-    finally:
-        sys.path.pop(0)
-    return gemv_sass
+    return load_script("inference/gemv_sass.py")
 
 
 @needs_triton
@@ -323,6 +319,14 @@ def test_tensor_core_gemv_spends_one_mma_per_eight_codes_of_a_lane():
         assert len(body) < len(dequantizing), (bits, len(body), len(dequantizing))
         assert count("HADD2") <= 4  # only the rows' scales and zeros to float32, once per step
         assert bits != 4 or len(body) / codes < 2.4  # the float16-pair GEMV on CUDA cores: 3.6
+
+
+@needs_triton
+def test_gemv_sass_default_configurations_are_the_kernels_own():
+    gemv_sass = _gemv_sass()
+    for kernel in ("units", "pairs", "mma"):
+        first = tuple(int(v) for v in gemv_sass.default_configs(kernel)[0].split("/"))
+        assert gemv_sass.loop_body(gemv_sass.sass_of(4, first, kernel=kernel)), kernel
 
 
 @needs_triton
