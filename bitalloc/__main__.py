@@ -29,7 +29,13 @@ def main(argv=None) -> int:
     if argv[0] not in COMMANDS:
         print(f"error: unknown command '{argv[0]}' (commands: {', '.join(COMMANDS)}; bitalloc --help)", file=sys.stderr)
         return 2
-    return importlib.import_module(COMMANDS[argv[0]]).main(argv[1:])
+    from . import help_format
+
+    help_format.invoked_as = f"bitalloc {argv[0]}"
+    try:
+        return importlib.import_module(COMMANDS[argv[0]]).main(argv[1:])
+    finally:
+        help_format.invoked_as = None
 
 
 if __name__ == "__main__":

@@ -22,7 +22,7 @@ from . import atomic
 from .cli_args import (add_data_args, add_model_args, calibration, check_positive, evaluator, resolve_device)
 from .cost import average_bits, layer_shapes
 from .errors import cli_entry
-from .help_format import HelpFormatter
+from .help_format import HelpFormatter, program
 from .kernels.backends import AUTO, BACKENDS, check_backend_name
 from .kernels.quant_linear import QuantLinear
 from .models import load_model
@@ -36,7 +36,7 @@ log = logging.getLogger(__name__)
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        prog="python -m bitalloc.apply", description=__doc__.splitlines()[0],
+        prog=program("python -m bitalloc.apply"), description=__doc__.splitlines()[0],
         formatter_class=HelpFormatter,
     )
     parser.add_argument("--plan", required=True, help="plan.json written by search")

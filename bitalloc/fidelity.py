@@ -23,7 +23,7 @@ from .cli_args import (add_data_args, add_model_args, calibration, check_non_neg
                        resolve_device)
 from .cost import LayerShape, bits_per_weight, layer_shapes
 from .errors import BitallocError, cli_entry
-from .help_format import HelpFormatter
+from .help_format import HelpFormatter, program
 from .metrics import METRICS, parse_metrics
 from .models import load_model
 from .paths import PRESET_SPACES, cache_root
@@ -95,7 +95,7 @@ def predicted_loss(table, assignment: dict[str, Option], metric: str) -> float:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="python -m bitalloc.fidelity", description=__doc__.split("\n\n")[0],
+    parser = argparse.ArgumentParser(prog=program("python -m bitalloc.fidelity"), description=__doc__.split("\n\n")[0],
                                      formatter_class=HelpFormatter)
     parser.add_argument("--space", default="rtn-g64", help="option space (as search.sh --space)")
     parser.add_argument("--space-dir", default=str(PRESET_SPACES), help="where preset option spaces live")

@@ -5,6 +5,15 @@ from __future__ import annotations
 import argparse
 
 
+# set by `bitalloc COMMAND` (bitalloc/__main__.py): usage and error lines then name the command as typed
+invoked_as: str | None = None
+
+
+def program(documented: str) -> str:
+    """A parser's prog: the command as the user typed it, else the way the README documents it."""
+    return invoked_as or documented
+
+
 class HelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
     """Appends an option's default only where its help does not already say it and there is one."""
 

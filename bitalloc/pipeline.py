@@ -28,7 +28,7 @@ from .cli_args import (add_data_args, add_model_args, calibration, calibration_r
 from .cost import bits_of_bytes, bits_per_weight, layer_shapes
 from .data import calibration_ids
 from .errors import BitallocError, cli_entry
-from .help_format import HelpFormatter
+from .help_format import HelpFormatter, program
 from .models import find_blocks, load_model, tie_groups
 from .paths import PRESET_SPACES, cache_root
 from .metrics import DEFAULT_METRIC, METRICS
@@ -48,7 +48,7 @@ log = logging.getLogger(__name__)
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        prog="bash search.sh", description=__doc__.split("\n\n")[0],
+        prog=program("bash search.sh"), description=__doc__.split("\n\n")[0],
         formatter_class=HelpFormatter,
     )
     add_budget_args(parser)

@@ -381,3 +381,17 @@ def test_bars_in_logs_are_paced_and_quiet_silences_the_libraries_bars():
     progress.pace_for_logs()  # under pytest stderr is captured: not a terminal
     assert tqdm(range(3), file=io.StringIO()).mininterval == progress.LOG_INTERVAL
     assert tqdm(range(3), file=io.StringIO(), mininterval=0.5).mininterval == 0.5
+
+
+def test_the_bitalloc_command_names_itself_in_usage_and_errors(capsys):
+    from bitalloc.__main__ import main as bitalloc_main
+
+    with pytest.raises(SystemExit):
+        bitalloc_main(["report", "--help"])
+    assert capsys.readouterr().out.startswith("usage: bitalloc report ")
+    with pytest.raises(SystemExit):
+        bitalloc_main(["apply"])
+    assert "bitalloc apply: error: the following arguments are required: --plan" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        apply.main(["--help"])
+    assert capsys.readouterr().out.startswith("usage: python -m bitalloc.apply ")

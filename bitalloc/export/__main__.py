@@ -14,14 +14,14 @@ from pathlib import Path
 
 from .. import atomic
 from ..errors import cli_entry
-from ..help_format import HelpFormatter
+from ..help_format import HelpFormatter, program
 from ..models import load_model, locate
 from ..plan import Plan
 from . import EXPORTERS, export_input, get_exporter
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="python -m bitalloc.export", description=__doc__.split("\n\n")[0],
+    parser = argparse.ArgumentParser(prog=program("python -m bitalloc.export"), description=__doc__.split("\n\n")[0],
                                      formatter_class=HelpFormatter,
                                      epilog=__doc__.split("\n\n", 1)[1])
     parser.add_argument("out", help="file to write")
