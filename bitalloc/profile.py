@@ -95,6 +95,8 @@ def measure_block(block, index: int, batches: list[BlockBatch], wanted: list[tup
     energy, outputs = 0.0, []
     device = candidates.device
     for b, held in enumerate(batches):
+        if progress_bar is not None:
+            progress_bar.set_postfix_str(f"block {index} batch {b + 1}/{len(batches)}")
         batch = BlockBatch(held.hidden.to(device, non_blocking=True), held.kwargs)
         reference, recording = record(block, lambda: run_block(block, batch), list(shortcuts.values()))
         token_energy = reference.float().pow(2).sum(-1).double()
@@ -106,8 +108,6 @@ def measure_block(block, index: int, batches: list[BlockBatch], wanted: list[tup
             errors[(unit, option)].add(out, reference, inverse)
             if kl is not None and b == 0:
                 kl_outputs[(unit, option)] = out[:kl_windows]
-            if progress_bar is not None:
-                progress_bar.set_postfix_str(f"block {index} batch {b + 1}/{len(batches)}")
         outputs.append(to_host(reference))
         del recording, reference
     values = {key: acc.values(energy) for key, acc in errors.items()}

@@ -11,16 +11,17 @@ import sys
 LOG_INTERVAL = 30.0  # seconds between redraws of a bar written to a file or pipe
 
 
-def _wrap_init(adjust) -> tuple[type, object]:
+def _wrap(method: str, adjust) -> tuple[type, object]:
+    """Make tqdm's `method` adjust its keyword arguments first; returns what to restore."""
     from tqdm import std
 
-    original = std.tqdm.__init__
+    original = getattr(std.tqdm, method)
 
-    def init(self, *args, **kwargs):
+    def wrapped(self, *args, **kwargs):
         adjust(kwargs)
-        original(self, *args, **kwargs)
+        return original(self, *args, **kwargs)
 
-    std.tqdm.__init__ = init
+    setattr(std.tqdm, method, wrapped)
     return std.tqdm, original
 
 
@@ -30,7 +31,9 @@ def pace_for_logs() -> None:
     global _paced
     if sys.stderr.isatty() or _paced:
         return
-    _wrap_init(lambda kwargs: kwargs.setdefault("mininterval", LOG_INTERVAL))
+    _wrap("__init__", lambda kwargs: kwargs.setdefault("mininterval", LOG_INTERVAL))
+    for method in ("set_postfix", "set_postfix_str", "set_description", "set_description_str"):
+        _wrap(method, lambda kwargs: kwargs.setdefault("refresh", False))  # shown at the next paced redraw
     _paced = True
 
 
@@ -44,7 +47,7 @@ def libraries_quiet(quiet: bool):
     if not quiet:
         yield
         return
-    cls, original = _wrap_init(lambda kwargs: kwargs.update(disable=True))
+    cls, original = _wrap("__init__", lambda kwargs: kwargs.update(disable=True))
     try:
         yield
     finally:

@@ -381,6 +381,11 @@ def test_bars_in_logs_are_paced_and_quiet_silences_the_libraries_bars():
     progress.pace_for_logs()  # under pytest stderr is captured: not a terminal
     assert tqdm(range(3), file=io.StringIO()).mininterval == progress.LOG_INTERVAL
     assert tqdm(range(3), file=io.StringIO(), mininterval=0.5).mininterval == 0.5
+    log = io.StringIO()
+    bar = tqdm(total=3, file=log)
+    drawn = log.getvalue()
+    bar.set_postfix_str("block 1")
+    assert log.getvalue() == drawn  # a postfix waits for the next paced redraw
 
 
 def test_the_bitalloc_command_names_itself_in_usage_and_errors(capsys):
