@@ -5,7 +5,7 @@ import argparse
 
 import torch
 
-from .data import DEFAULT_CALIB, ENV_DATA, CorpusUnavailable, calibration_ids, eval_split, eval_windows
+from .data import DEFAULT_CALIB, ENV_DATA, CorpusUnavailable, calibration_ids, data_dir, eval_split, eval_windows
 from .errors import BitallocError
 from .evaluate import Evaluation, Evaluator, default_seqlen
 from .paths import cache_root
@@ -29,7 +29,9 @@ def add_data_args(parser: argparse.ArgumentParser, seqlen: int | None = 512, win
     leaves unset is taken from the plan, as its help says.  `seqlen` None: the model's context."""
     plan = " (default: the plan's, else %(default)s)" if from_plan else ""
     group = parser.add_argument_group("data")
-    group.add_argument("--data-dir", default=None, help=f"local corpora (layout of shared/data); default ${ENV_DATA}")
+    group.add_argument("--data-dir", default=None, help=f"local corpora (layout of shared/data); default ${ENV_DATA}"
+                       + (", else the plan's own (the directory its search read) where it still exists" if from_plan
+                          else ""))
     group.add_argument("--calib", default=DEFAULT_CALIB,
                        help="calibration text: wiki, ptb (train), wikitext2 (validation), c4 (train shard), "
                             f"pileval or a .txt/.jsonl path{plan}")
@@ -90,7 +92,11 @@ def calibration(args, loaded) -> torch.Tensor:
 
 
 def calibration_record(args) -> dict:
-    return {"source": args.calib, "nsamples": args.nsamples, "seqlen": args.calib_seqlen, "seed": args.seed}
+    """The plan's calibration record; `data_dir` (the local corpora, absent for the hub) lets apply find
+    the same text on the machine that searched without --data-dir."""
+    local = data_dir(args.data_dir)
+    return {"source": args.calib, "nsamples": args.nsamples, "seqlen": args.calib_seqlen, "seed": args.seed,
+            **({"data_dir": str(local.resolve())} if local else {})}
 
 
 def corpora(spec: str) -> list[str]:

@@ -42,7 +42,8 @@ FIELDS = {
     "budget": {"kind": _TEXT, "limit": _NUMBER, "spec": _TEXT},
     "predicted": {"bytes": _INT, "avg_bits": _NUMBER, "loss": _NUMBER, "objective": _NUMBER, "bops": _NUMBER,
                   "latency": _NUMBER, "weighting": _TEXT},
-    "calibration": {"source": _TEXT, "nsamples": _POSITIVE, "seqlen": _POSITIVE, "seed": _INT},
+    "calibration": {"source": _TEXT, "nsamples": _POSITIVE, "seqlen": _POSITIVE, "seed": _INT,
+                    "data_dir": _TEXT},
     "evaluation": {"corpus": _TEXT, "split": _TEXT, "seqlen": _POSITIVE, "windows": _POSITIVE, "subset": _FLAG},
 }
 

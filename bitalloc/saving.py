@@ -82,7 +82,7 @@ def save(loaded: LoadedModel, directory, plan: str | None = None) -> dict:
             loaded.tokenizer.save_pretrained(tmp)
         meta["bytes"] = saved_bytes(tmp, layers)
         atomic.write_json(tmp / META, meta)
-    log.info("saved %d packed layers to %s (%d tensor bytes)", len(layers), directory, meta["bytes"]["total"])
+    log.debug("saved %d packed layers to %s (%d tensor bytes)", len(layers), directory, meta["bytes"]["total"])
     return meta
 
 

@@ -42,6 +42,20 @@ def test_apply_reproduces_the_searched_perplexity(search_run, capsys, tmp_path):
     assert applied["bytes"] == plan["predicted"]["bytes"]
 
 
+def test_apply_reads_the_corpora_its_search_read_without_being_told(search_run, corpus_dir, capsys, monkeypatch,
+                                                                   offline_hub):
+    run, _ = search_run
+    plan = json.loads((run / "plan.json").read_text())
+    assert plan["calibration"]["data_dir"] == str(corpus_dir.resolve())
+    monkeypatch.delenv("BITALLOC_DATA")
+    code, out, err = run_cli(apply.main, ["--plan", str(run / "plan.json"), "--quiet"], capsys)
+    assert code == 0, err
+    plan["calibration"]["data_dir"] = str(corpus_dir / "gone")  # moved since: the usual one-line refusal
+    (run / "moved.json").write_text(json.dumps(plan))
+    code, out, err = run_cli(apply.main, ["--plan", str(run / "moved.json"), "--quiet"], capsys)
+    assert code == 2 and "no evaluation corpus is available" in err
+
+
 def test_rerunning_search_reuses_the_cached_table(search_run, cli_env, tiny_dir, capsys, monkeypatch):
     from bitalloc import profile as profile_module
 
