@@ -13,16 +13,14 @@ from __future__ import annotations
 import argparse
 import collections
 import logging
-import os
 import resource
 import sys
-from pathlib import Path
 
 import torch
 
 from . import atomic
-from .cli_args import (add_data_args, add_model_args, calibration, check_positive, evaluator, resolve_device)
-from .data import ENV_DATA
+from .cli_args import (add_data_args, add_model_args, calibration, check_positive, data_dir_for_plan, evaluator,
+                       resolve_device)
 from .cost import average_bits, layer_shapes
 from .errors import cli_entry
 from .help_format import HelpFormatter, program
@@ -68,9 +66,7 @@ def protocol_defaults(args, plan: Plan) -> None:
     for key, attr in (("source", "calib"), ("nsamples", "nsamples"), ("seqlen", "calib_seqlen"), ("seed", "seed")):
         if key in cal and getattr(args, attr) == build_parser().get_default(attr):
             setattr(args, attr, type(getattr(args, attr))(cal[key]))
-    searched_data = cal.get("data_dir")
-    if args.data_dir is None and not os.environ.get(ENV_DATA) and searched_data and Path(searched_data).is_dir():
-        args.data_dir = searched_data  # the corpora the search read, where they still are
+    args.data_dir = data_dir_for_plan(args.data_dir, cal)
 
 
 @cli_entry

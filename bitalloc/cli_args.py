@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 
 import torch
 
@@ -92,11 +93,23 @@ def calibration(args, loaded) -> torch.Tensor:
 
 
 def calibration_record(args) -> dict:
-    """The plan's calibration record; `data_dir` (the local corpora, absent for the hub) lets apply find
-    the same text on the machine that searched without --data-dir."""
+    return {"source": args.calib, "nsamples": args.nsamples, "seqlen": args.calib_seqlen, "seed": args.seed}
+
+
+def corpora_location(args) -> dict:
+    """Where the local corpora were read ({} for the hub): recorded in a plan so that apply finds the
+    same text on the machine that searched without --data-dir.  Not part of the protocol's identity."""
     local = data_dir(args.data_dir)
-    return {"source": args.calib, "nsamples": args.nsamples, "seqlen": args.calib_seqlen, "seed": args.seed,
-            **({"data_dir": str(local.resolve())} if local else {})}
+    return {"data_dir": str(local.resolve())} if local else {}
+
+
+def data_dir_for_plan(given: str | None, calibration: dict) -> str | None:
+    """--data-dir as given, else $BITALLOC_DATA's (None here), else the directory the plan's search
+    read where it still exists."""
+    searched = calibration.get("data_dir")
+    if given or os.environ.get(ENV_DATA) or not searched or not os.path.isdir(searched):
+        return given
+    return searched
 
 
 def corpora(spec: str) -> list[str]:

@@ -24,7 +24,7 @@ from .blocks import capture_inputs, run_block
 from .budget import (add_budget_args, budgets_from_args, combined_cost_fns, combined_json, combined_limits,
                      latency_from_args)
 from .cli_args import (add_data_args, add_model_args, calibration, calibration_record, check_above_zero,
-                       check_non_negative, check_positive, evaluator, resolve_device)
+                       check_non_negative, check_positive, corpora_location, evaluator, resolve_device)
 from .cost import bits_of_bytes, bits_per_weight, layer_shapes
 from .data import calibration_ids
 from .errors import BitallocError, cli_entry
@@ -265,7 +265,7 @@ def main(argv=None) -> int:
         tie_groups=ties, budget=combined_json(budgets),
         # wall time would make plans of identical runs differ
         solver={k: v for k, v in reports[args.solver].items() if k not in ("measured_trials", "seconds")},
-        calibration=calibration_record(args), evaluation=evaluation.protocol,
+        calibration={**calibration_record(args), **corpora_location(args)}, evaluation=evaluation.protocol,
         predicted={"bytes": int(totals["bytes"]) if "bytes" in totals else None, "loss": totals["loss"],
                    "objective": totals["objective"], "weighting": args.weighting,
                    "avg_bits": bits_of_bytes(problem.total("bytes", choice), shapes) if "bytes" in problem.costs

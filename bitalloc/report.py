@@ -54,7 +54,8 @@ def build_parser() -> argparse.ArgumentParser:
                         help="also quantize and evaluate each option uniformly (and --plans) under the run's protocol")
     parser.add_argument("--plans", nargs="*", default=[], help="with --measure: more plan.json files or options")
     parser.add_argument("--device", default="auto", help="device for --measure")
-    parser.add_argument("--data-dir", default=None, help="local corpora for --measure (default $BITALLOC_DATA)")
+    parser.add_argument("--data-dir", default=None, help="local corpora for --measure (default $BITALLOC_DATA, else "
+                        "the directory the run's search read, where it still exists)")
     parser.add_argument("--cache-dir", default=None, help="reference/profile caches for --measure")
     parser.add_argument("--quiet", action="store_true", help="no progress bars")
     return parser
@@ -327,7 +328,7 @@ def report_lines(run: Run, out: Path) -> list[str]:
 def measure(run: Run, args) -> None:
     """Quantize and evaluate each table option uniformly (and --plans) under the run's protocol; cache results."""
     from .batch import build_parser as batch_parser, read_plan, resolve_plans
-    from .cli_args import calibration, evaluator, resolve_device
+    from .cli_args import calibration, data_dir_for_plan, evaluator, resolve_device
     from .cost import assignment_bytes, average_bits, layer_shapes
     from .models import load_model
     from .quantize_model import needs_calibration, quantize_model, restore
@@ -343,7 +344,8 @@ def measure(run: Run, args) -> None:
             "--eval-windows", str(protocol["windows"] if protocol.get("subset") else 0),
             "--calib", str(cal.get("source", "wiki")), "--nsamples", str(cal.get("nsamples", 16)),
             "--calib-seqlen", str(cal.get("seqlen", 512)), "--seed", str(cal.get("seed", 0)), "--device", args.device]
-    argv += ["--data-dir", args.data_dir] if args.data_dir else []
+    where = data_dir_for_plan(args.data_dir, cal)
+    argv += ["--data-dir", where] if where else []
     argv += ["--cache-dir", args.cache_dir] if args.cache_dir else []
     options = batch_parser().parse_args(argv)
     device = resolve_device(options.device)
