@@ -9,6 +9,7 @@ import contextlib
 import sys
 
 LOG_INTERVAL = 30.0  # seconds between redraws of a bar written to a file or pipe
+_paced = False  # pace_for_logs has wrapped tqdm in this process
 
 
 def _wrap(method: str, adjust) -> tuple[type, object]:
@@ -35,9 +36,6 @@ def pace_for_logs() -> None:
     for method in ("set_postfix", "set_postfix_str", "set_description", "set_description_str"):
         _wrap(method, lambda kwargs: kwargs.setdefault("refresh", False))  # shown at the next paced redraw
     _paced = True
-
-
-_paced = False
 
 
 @contextlib.contextmanager
