@@ -300,8 +300,10 @@ def profile(loaded: LoadedModel, calib_ids: torch.Tensor, options: list[Option],
                      seed)
     if device.type != "cpu":
         move_outside_blocks(setup.model, "cpu")
-    log.info("profiled %d block(s) in %.1f s", len(set(needed["block"]) | set(needed["linear"])),
-             time.perf_counter() - started)
+    measured = len(set(needed["block"]) | set(needed["linear"]))
+    cached = len(setup.measured) - measured
+    log.info("profiled %d block(s) in %.1f s%s", measured, time.perf_counter() - started,
+             f"; {cached} taken from the cache {setup.cache.dir or ''}".rstrip() if cached else "")
     return _table(setup, loaded, calib_ids, units, kl_windows, kl_stride, fisher_samples, seed)
 
 
