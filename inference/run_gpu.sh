@@ -2,7 +2,7 @@
 # Every GPU figure of docs/RESULTS.md (issue 8), on the device machine:
 #   bash inference/run_gpu.sh OUT_DIR [PHASE[,PHASE...]]      (default: full)
 # check: GPU tests, the 8192x8192 kernels, the Llama-2-7B decode.  full: every shape, layer and decode benchmark.
-# tests: the GPU tests.  configs: float16-pair GEMV configurations at 3 and 4 bits on three shapes.
+# tests: the GPU tests (tests-a, tests-b: their halves, for a cold Triton cache).  configs: float16-pair GEMV configurations at 3 and 4 bits on three shapes.
 # mma: every tensor-core GEMV configuration at 2/3/4/8 bits on three shapes.
 # gemv: the batch-1 GEMV of every width on the 7B/70B shapes (tuner choices included).
 # floor: the read floor (a kernel that only reads) at the byte counts of int4 8192x8192, 4096x4096, 28672x8192,
@@ -57,8 +57,14 @@ check)
   python inference/decode.py --config llama-2-7b --mix mixed4 --out "$out/decode_llama2_7b" 2>&1 | tail -8
   rm -f "$out"/*.png "$out"/*_latency.csv "$out"/*_plan.json "$out"/*.csv  # at most 8 files come back
   ;;
-tests)  # ~7 minutes with a cold Triton cache: one call of its own
+tests)  # 8-10 minutes with a cold Triton cache, which may exceed a call: then tests-a and tests-b, a call each
   timeout 560 python -m pytest -q -rf -p no:cacheprovider tests/test_kernels_gpu.py 2>&1 | tee "$out/pytest_gpu.txt" | tail -3
+  ;;
+tests-a|tests-b)  # the first or the second half of the GPU tests, in collection order
+  mapfile -t ids < <(python -m pytest --collect-only -q -p no:cacheprovider tests/test_kernels_gpu.py | grep '::')
+  half=$(( (${#ids[@]} + 1) / 2 ))
+  if [ "$1" = tests-a ]; then chosen=("${ids[@]:0:half}"); else chosen=("${ids[@]:half}"); fi
+  timeout 560 python -m pytest -q -rf -p no:cacheprovider "${chosen[@]}" 2>&1 | tee "$out/pytest_gpu_$1.txt" | tail -3
   ;;
 configs)
   shapes=8192x8192,4096x4096,11008x4096
