@@ -84,8 +84,8 @@ def wider_notes(wider: list[tuple[str, int, int, str]]) -> list[str]:
     kinds: dict[tuple[int, int, str], list[str]] = {}
     for tensor, columns, bits, chosen in wider:
         kinds.setdefault((columns, bits, chosen), []).append(tensor)
-    return [f"wider than planned: {len(tensors)} tensors of {columns} columns, {bits} bits -> {chosen} "
-            f"(e.g. {tensors[0]})" for (columns, bits, chosen), tensors in kinds.items()]
+    return [f"wider than planned: {len(tensors)} tensor{'s' * (len(tensors) != 1)} of {columns} columns, "
+            f"{bits} bits -> {chosen} (e.g. {tensors[0]})" for (columns, bits, chosen), tensors in kinds.items()]
 
 
 @register_exporter("llamacpp")
