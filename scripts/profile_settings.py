@@ -1,6 +1,6 @@
 """Profiling time per block and peak GPU memory of several settings, on a few blocks of a random model.
 
-    PYTHONPATH=$PWD python scripts/profile_settings.py --layers 3 \
+    PYTHONPATH=$PWD python scripts/profile_settings.py --layers 3 \\
         --settings 4:lean:triton,4:lean:torch,4:full:triton,2:full:triton,8:lean:triton [--trace]
 
 A setting is BATCH:lean|full:triton|torch: the calibration batch size, whether
