@@ -1,6 +1,6 @@
 """Time GPTQ W4 of every decoder linear of a model with 128 x 512 calibration tokens (true sequential).
 
-    flock /tmp/bitalloc-heavy.lock python scripts/bench_gptq.py --data-dir ../shared/data
+    python scripts/bench_gptq.py --data-dir ../shared/data
 
 Prints the wall time of bitalloc.quantize_model split into its parts: capturing
 block 0's inputs, collecting each layer group's inputs, GPTQ itself, and the

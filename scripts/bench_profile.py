@@ -1,6 +1,6 @@
 """Profiling speed and memory, measured in one run.
 
-    flock /tmp/bitalloc-heavy.lock python scripts/bench_profile.py --data-dir ../shared/data
+    python scripts/bench_profile.py --data-dir ../shared/data
     python scripts/bench_profile.py --random llama-3-8b --device cuda --nsamples 128 --calib-seqlen 2048
 
 Default: SmolLM2-135M on the CPU, every linear x RTN {2,3,4,8} bits g64, 16 x 512

@@ -8,7 +8,7 @@ by its default method, and forced to branch with HiGHS: "ilp (milp)"), over
 budgets from 2.5 to 6 average bits, then the 50-budget Pareto front by both
 methods, all measured in this one run.
 
-    flock /tmp/bitalloc-heavy.lock python scripts/bench_solvers.py
+    python scripts/bench_solvers.py
 """
 from __future__ import annotations
 

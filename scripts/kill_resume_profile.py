@@ -1,7 +1,7 @@
 """Kill a profile half way, run it again, and check it resumed: no finished block measured again,
 and the final table equal to an uninterrupted run's.
 
-    flock /tmp/bitalloc-heavy.lock python scripts/kill_resume_profile.py --data-dir ../shared/data
+    python scripts/kill_resume_profile.py --data-dir ../shared/data
 
 For each pass, `python -m bitalloc.profile` runs three times on fresh caches:
 uninterrupted; killed when half the blocks are cached (the block pass, --metrics

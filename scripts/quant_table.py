@@ -1,6 +1,6 @@
 """One table of every quantizer on one model: WikiText-2 PPL (and KL to the unquantized model) per option.
 
-    flock /tmp/bitalloc-heavy.lock python scripts/quant_table.py --data-dir ../shared/data
+    python scripts/quant_table.py --data-dir ../shared/data
 
 Loads the model once; for each variant quantizes every decoder linear with one
 option (bitalloc.quantize_model, calibrated methods true-sequentially), evaluates

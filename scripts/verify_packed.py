@@ -1,6 +1,6 @@
 """Verify a packed model end to end on the CPU: kernels agree, save/reload is exact, bytes are as predicted.
 
-    flock /tmp/bitalloc-heavy.lock python scripts/verify_packed.py --model smollm2-135m \\
+    python scripts/verify_packed.py --model smollm2-135m \\
         --data-dir ../shared/data --windows 24 --seqlen 512 --out results/verify_smollm2.json
 
 Quantizes the model with a mixed plan (bitalloc.benchmarks.MIXES-style rule
