@@ -7,6 +7,10 @@ reproduces the one search printed.  `--backend` picks the kernels (`auto`: the
 fastest exact one per layer for the device); `--save DIR` writes the packed
 model (`bitalloc.load(DIR)` reloads it).  The report gives the model's real
 bytes and the peak memory of the run.
+
+examples:
+  python -m bitalloc.apply --plan runs/mine/plan.json                    # the search's protocol again
+  python -m bitalloc.apply --plan plan.json --backend auto --save packed/ --eval wikitext2,ptb --eval-windows 0
 """
 from __future__ import annotations
 
@@ -23,7 +27,7 @@ from .cli_args import (add_data_args, add_model_args, calibration, check_positiv
                        resolve_device)
 from .cost import average_bits, layer_shapes
 from .errors import cli_entry
-from .help_format import HelpFormatter, program
+from .help_format import HelpFormatter, from_docstring, program
 from .kernels.backends import AUTO, BACKENDS, check_backend_name
 from .kernels.quant_linear import QuantLinear
 from .models import load_model
@@ -37,8 +41,7 @@ log = logging.getLogger(__name__)
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        prog=program("python -m bitalloc.apply"), description=__doc__.splitlines()[0],
-        formatter_class=HelpFormatter,
+        prog=program("python -m bitalloc.apply"), formatter_class=HelpFormatter, **from_docstring(__doc__),
     )
     parser.add_argument("--plan", required=True, help="plan.json written by search")
     parser.add_argument("--backend", default="reference",

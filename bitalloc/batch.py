@@ -23,7 +23,7 @@ from .cli_args import (add_data_args, add_model_args, calibration, check_above_z
 from .cost import assignment_bytes, average_bits, layer_shapes
 from .errors import BitallocError, cli_entry
 from .harness import run_tasks
-from .help_format import HelpFormatter, program
+from .help_format import HelpFormatter, from_docstring, program
 from .models import fingerprint_path, load_model, locate
 from .plan import Plan
 from .quant import check_option, parse
@@ -36,8 +36,8 @@ FP = "fp16"
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog=program("python scripts/batch_eval.py"), description=__doc__.split("\n\n")[0],
-                                     formatter_class=HelpFormatter)
+    parser = argparse.ArgumentParser(prog=program("python scripts/batch_eval.py"), formatter_class=HelpFormatter,
+                                     **from_docstring(__doc__))
     parser.add_argument("--models", nargs="+", default=None, help="several model specs (default: --model)")
     parser.add_argument("--plans", nargs="+", default=[FP, "rtn:int4:g64:asym"],
                         help="fp16, an option applied uniformly, or plan.json files")

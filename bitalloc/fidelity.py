@@ -23,7 +23,7 @@ from .cli_args import (add_data_args, add_model_args, calibration, check_non_neg
                        resolve_device)
 from .cost import LayerShape, bits_per_weight, layer_shapes
 from .errors import BitallocError, cli_entry
-from .help_format import HelpFormatter, program
+from .help_format import HelpFormatter, from_docstring, program
 from .metrics import METRICS, parse_metrics
 from .models import load_model
 from .paths import PRESET_SPACES, cache_root
@@ -95,8 +95,8 @@ def predicted_loss(table, assignment: dict[str, Option], metric: str) -> float:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog=program("python -m bitalloc.fidelity"), description=__doc__.split("\n\n")[0],
-                                     formatter_class=HelpFormatter)
+    parser = argparse.ArgumentParser(prog=program("python -m bitalloc.fidelity"), formatter_class=HelpFormatter,
+                                     **from_docstring(__doc__))
     parser.add_argument("--space", default="rtn-g64", help="option space (as search.sh --space)")
     parser.add_argument("--space-dir", default=str(PRESET_SPACES), help="where preset option spaces live")
     parser.add_argument("--metrics", default=",".join(METRICS), help="metrics to profile and compare")

@@ -7,6 +7,13 @@ The run directory holds plan.json, the sensitivity table (JSON + CSV), the
 predicted Pareto front (pareto.json + PNG), results.json, summary.txt, a short
 report.md (predicted vs measured), PNG figures and TensorBoard events; with
 --solver optuna also the Optuna study (optuna.db unless --storage says otherwise).
+
+examples:
+  bash search.sh                                  # SmolLM2-135M at the bytes of uniform RTN int4 g64
+  bash search.sh --budget 3.5 --compare all       # 3.5 bits per weight, every baseline beside the ILP
+  bash search.sh --budget 40MB --space gptq-g64   # GPTQ options (search/spaces/), 40 MB of linears
+  bash search.sh --solver optuna --n-trials 60    # the ILP plan refined by measured KL
+  bash search.sh --model path/to/hf_dir --out runs/mine --eval-windows 0   # another model, full test set
 """
 from __future__ import annotations
 
@@ -28,7 +35,7 @@ from .cli_args import (add_data_args, add_model_args, calibration, calibration_r
 from .cost import bits_of_bytes, bits_per_weight, layer_shapes
 from .data import calibration_ids
 from .errors import BitallocError, cli_entry
-from .help_format import HelpFormatter, program
+from .help_format import HelpFormatter, from_docstring, program
 from .models import find_blocks, load_model, tie_groups
 from .paths import PRESET_SPACES, cache_root
 from .metrics import DEFAULT_METRIC, METRICS
@@ -48,8 +55,7 @@ log = logging.getLogger(__name__)
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        prog=program("bash search.sh"), description=__doc__.split("\n\n")[0],
-        formatter_class=HelpFormatter,
+        prog=program("bash search.sh"), formatter_class=HelpFormatter, **from_docstring(__doc__),
     )
     add_budget_args(parser)
     parser.add_argument("--space", default="rtn-g64",

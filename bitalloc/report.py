@@ -23,7 +23,7 @@ from pathlib import Path
 
 from . import atomic, plots, safe_json
 from .errors import BitallocError, cli_entry
-from .help_format import HelpFormatter, program
+from .help_format import HelpFormatter, from_docstring, program
 from .plan import Plan
 from .quant import parse
 from .results import markdown
@@ -46,8 +46,8 @@ TABLE_ROW = {"layer": TEXT, "error": NUMBER, "bytes": NUMBER, "numel": POSITIVE}
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog=program("python -m bitalloc.report"), description=__doc__.split("\n\n")[0],
-                                     formatter_class=HelpFormatter)
+    parser = argparse.ArgumentParser(prog=program("python -m bitalloc.report"), formatter_class=HelpFormatter,
+                                     **from_docstring(__doc__))
     parser.add_argument("run_dir", help="a run directory written by bash search.sh")
     parser.add_argument("--out", default=None, help="report directory (default RUN_DIR/report)")
     parser.add_argument("--measure", action="store_true",

@@ -23,7 +23,7 @@ from pathlib import Path
 
 from bitalloc import atomic
 from bitalloc.errors import BitallocError, cli_entry
-from bitalloc.help_format import HelpFormatter
+from bitalloc.help_format import HelpFormatter, from_docstring
 
 
 def block_files(cache: Path) -> list[Path]:
@@ -64,7 +64,7 @@ def run(argv: list[str], cache: Path, out: Path, kill_when=None, sig=None) -> di
 
 @cli_entry
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=HelpFormatter)
+    parser = argparse.ArgumentParser(formatter_class=HelpFormatter, **from_docstring(__doc__))
     parser.add_argument("--data-dir", default=None, help="local data directory (default: $BITALLOC_DATA, else the hub)")
     parser.add_argument("--model", default="smollm2-135m", help="model spec (see bitalloc.models)")
     parser.add_argument("--space", default="rtn-g64", help="option space (a smaller one makes the demo quicker)")

@@ -18,7 +18,7 @@ from pathlib import Path
 
 from bitalloc import atomic
 from bitalloc.errors import BitallocError, cli_entry
-from bitalloc.help_format import HelpFormatter
+from bitalloc.help_format import HelpFormatter, from_docstring
 
 
 def last_word_punctuated(words: list[str]) -> list[str]:
@@ -30,7 +30,7 @@ def last_word_punctuated(words: list[str]) -> list[str]:
 
 @cli_entry
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0], formatter_class=HelpFormatter)
+    parser = argparse.ArgumentParser(formatter_class=HelpFormatter, **from_docstring(__doc__))
     parser.add_argument("text", help="a plain text file")
     parser.add_argument("--out", required=True, help="the JSONL task file to write")
     parser.add_argument("--questions", type=int, default=100, help="number of questions")

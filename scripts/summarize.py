@@ -7,13 +7,13 @@ import sys
 from pathlib import Path
 
 from bitalloc.errors import cli_entry
-from bitalloc.help_format import HelpFormatter
+from bitalloc.help_format import HelpFormatter, from_docstring
 from bitalloc.results import summarize
 
 
 @cli_entry
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0], formatter_class=HelpFormatter)
+    parser = argparse.ArgumentParser(formatter_class=HelpFormatter, **from_docstring(__doc__))
     parser.add_argument("--results", default="results", help="directory holding the results files")
     parser.add_argument("--format", choices=("text", "markdown"), default="text", help="table format")
     parser.add_argument("--metric", default="acc", help="lm-eval metric shown per task (acc, acc_norm, ...)")

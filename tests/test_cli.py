@@ -119,12 +119,17 @@ def test_search_rejects_bad_input_with_one_line(argv, message, cli_env, tiny_dir
     _expect_bad_input(pipeline.main, base + argv, capsys, cli_env, message)
 
 
-@pytest.mark.parametrize("main", [pipeline.main, apply.main])
-def test_help_states_each_default_once(main, capsys):
+@pytest.mark.parametrize("module", [pipeline, apply])
+def test_help_states_each_default_once(module, capsys):
+    from bitalloc.help_format import from_docstring
+
     with pytest.raises(SystemExit) as stop:
-        main(["--help"])
+        module.main(["--help"])
     assert stop.value.code == 0
     text = capsys.readouterr().out
+    epilog = from_docstring(module.__doc__)["epilog"]
+    assert epilog in text  # the docstring's prose and examples
+    text = text.replace(epilog, "")
     assert "(default: None)" not in text
     options = text.split("\n  -")
     assert all(option.lower().count("default") <= 1 for option in options)
