@@ -270,7 +270,7 @@ def solve_optuna(problem: Problem, measure: Measure | None = None, starts: list[
 
     try:
         study.optimize(objective, n_trials=n_trials, timeout=timeout, gc_after_trial=False,
-                       callbacks=[show, *([propose] if refit else [])])
+                       callbacks=[*([show] if progress else []), *([propose] if refit else [])])
     except ValueError as err:  # a distribution that clashes with an existing study of that name
         raise BitallocError(f"Optuna study '{study_name}' was made for another search space: {err}") from None
     finally:
