@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+from pathlib import Path
 
 
 # set by `bitalloc COMMAND` (bitalloc/__main__.py): usage and error lines then name the command as typed
@@ -12,6 +13,12 @@ invoked_as: str | None = None
 def program(documented: str) -> str:
     """A parser's prog: the command as the user typed it, else the way the README documents it."""
     return invoked_as or documented
+
+
+def script_program(file: str) -> str:
+    """A repo script's prog as the README runs it from the repository root: `python scripts/x.py`."""
+    path = Path(file).resolve()
+    return f"python {path.parent.name}/{path.name}"
 
 
 class HelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):

@@ -19,7 +19,7 @@ import torch
 
 from bitalloc.benchmarks import MAX_COPIES
 from bitalloc.errors import BitallocError, cli_entry
-from bitalloc.help_format import HelpFormatter, from_docstring
+from bitalloc.help_format import HelpFormatter, from_docstring, script_program
 from bitalloc.kernels import decode_attention as da
 from bitalloc.kernels.timing import time_cuda_graph
 
@@ -47,7 +47,8 @@ def attention_seconds(length: int, heads: int, dim: int, dtype: torch.dtype) -> 
 
 @cli_entry
 def main(argv=None):
-    parser = argparse.ArgumentParser(formatter_class=HelpFormatter, **from_docstring(__doc__))
+    parser = argparse.ArgumentParser(prog=script_program(__file__),
+                                     formatter_class=HelpFormatter, **from_docstring(__doc__))
     parser.add_argument("--lengths", default="167,512,2048", help="cache lengths, comma separated")
     parser.add_argument("--heads", type=int, default=32, help="attention heads (as many key/value heads)")
     parser.add_argument("--dim", type=int, default=128, help="head size (a power of two)")

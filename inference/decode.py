@@ -34,7 +34,7 @@ from bitalloc.cost import average_bits, layer_shapes
 from bitalloc.decode import decode
 from bitalloc.errors import BitallocError, cli_entry
 from bitalloc.fuse import four_tokens, fusable, fuse_layers, fuse_packed, options_after_fusing, shared_input_groups
-from bitalloc.help_format import HelpFormatter, from_docstring
+from bitalloc.help_format import HelpFormatter, from_docstring, script_program
 from bitalloc.kernels import tuner
 from bitalloc.kernels.decode_attention import use_for_decoding
 from bitalloc.plan import Plan
@@ -48,7 +48,8 @@ ATTENTION = {"torch": None, "cudnn": SDPBackend.CUDNN_ATTENTION, "efficient": SD
 
 
 def parse_args(argv):
-    parser = argparse.ArgumentParser(formatter_class=HelpFormatter, **from_docstring(__doc__))
+    parser = argparse.ArgumentParser(prog=script_program(__file__),
+                                     formatter_class=HelpFormatter, **from_docstring(__doc__))
     source = parser.add_mutually_exclusive_group(required=True)
     source.add_argument("--config", choices=sorted(LLAMA_CONFIGS), help="build this shape with random weights")
     source.add_argument("--saved", help="a directory written by python -m bitalloc.apply --save")

@@ -24,7 +24,7 @@ import torch
 
 from bitalloc.benchmarks import random_layer, roofline_bandwidth, time_layer, weight_bytes
 from bitalloc.errors import BitallocError, cli_entry, first_line
-from bitalloc.help_format import HelpFormatter, from_docstring
+from bitalloc.help_format import HelpFormatter, from_docstring, script_program
 from bitalloc.kernels import triton_backend as tb
 from bitalloc.kernels import triton_kernels as tk
 from bitalloc.kernels import tuner
@@ -34,7 +34,8 @@ from read_floor import read_floor_seconds
 
 
 def parse_args(argv):
-    parser = argparse.ArgumentParser(formatter_class=HelpFormatter, **from_docstring(__doc__))
+    parser = argparse.ArgumentParser(prog=script_program(__file__),
+                                     formatter_class=HelpFormatter, **from_docstring(__doc__))
     parser.add_argument("--shapes", default="8192x8192,4096x4096", help="out x in, comma separated")
     parser.add_argument("--bits", default="4,2,3,8", help="code widths to sweep, comma separated")
     parser.add_argument("--kernel", choices=["gemv", "gemv-pairs", "gemv-mma"], default="gemv",

@@ -22,7 +22,7 @@ from bitalloc.benchmarks import (BATCHES, LAYER_SHAPES, kernel_rows, plot_speedu
                                  write_csv, write_latency_table)
 from bitalloc.cost import layer_shapes
 from bitalloc.errors import BitallocError, cli_entry
-from bitalloc.help_format import HelpFormatter, from_docstring
+from bitalloc.help_format import HelpFormatter, from_docstring, script_program
 from bitalloc.kernels import tuner
 from bitalloc.models import load_model
 
@@ -35,7 +35,8 @@ CPU_BACKENDS = {"cpu": ["rtn:int8:pc:sym", "rtn:int4:g128:asym", "rtn:int4:g32:a
 
 
 def parse_args(argv):
-    parser = argparse.ArgumentParser(formatter_class=HelpFormatter, **from_docstring(__doc__))
+    parser = argparse.ArgumentParser(prog=script_program(__file__),
+                                     formatter_class=HelpFormatter, **from_docstring(__doc__))
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
                         help="cuda or cpu (default: cuda when there is a GPU)")
     parser.add_argument("--out", default=None, help="output path prefix (default results/kernels_<device>)")

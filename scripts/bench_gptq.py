@@ -18,7 +18,7 @@ import torch
 from bitalloc import quantize_model as qm
 from bitalloc.cli_args import add_data_args, add_model_args, calibration, check_positive
 from bitalloc.errors import cli_entry
-from bitalloc.help_format import HelpFormatter, from_docstring
+from bitalloc.help_format import HelpFormatter, from_docstring, script_program
 from bitalloc.models import linear_layers, load_model
 from bitalloc.quant import parse
 
@@ -39,7 +39,7 @@ def timed(name: str, fn, totals: dict):
 
 @cli_entry
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(formatter_class=HelpFormatter,
+    parser = argparse.ArgumentParser(prog=script_program(__file__), formatter_class=HelpFormatter,
                                      **from_docstring(__doc__))
     parser.add_argument("--option", default="gptq:int4:g64:asym", help="the option every linear gets")
     parser.add_argument("--target-minutes", type=float, default=10.0, help="the time the run must stay within")

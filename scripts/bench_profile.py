@@ -26,7 +26,7 @@ from bitalloc.blocks import capture_inputs
 from bitalloc.candidates import Candidates
 from bitalloc.cli_args import resolve_device
 from bitalloc.data import calibration_ids
-from bitalloc.help_format import HelpFormatter, from_docstring
+from bitalloc.help_format import HelpFormatter, from_docstring, script_program
 from bitalloc.models import LoadedModel, block_linears, find_blocks, load_model
 from bitalloc.profile import measure_block, profile
 from bitalloc.quant import parse
@@ -123,7 +123,8 @@ def add_profiling_args(parser, nsamples: int = 16, seqlen: int = 512, batch_size
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(formatter_class=HelpFormatter, **from_docstring(__doc__))
+    parser = argparse.ArgumentParser(prog=script_program(__file__),
+                                     formatter_class=HelpFormatter, **from_docstring(__doc__))
     parser.add_argument("--model", default="smollm2-135m", help="model spec (see bitalloc.models)")
     parser.add_argument("--random", choices=sorted(RANDOM_CONFIGS), help="a random-weight model of this shape")
     parser.add_argument("--layers", type=int, default=None,

@@ -23,7 +23,7 @@ from pathlib import Path
 
 from bitalloc import atomic
 from bitalloc.errors import BitallocError, cli_entry
-from bitalloc.help_format import HelpFormatter, from_docstring
+from bitalloc.help_format import HelpFormatter, from_docstring, script_program
 
 
 def block_files(cache: Path) -> list[Path]:
@@ -64,7 +64,8 @@ def run(argv: list[str], cache: Path, out: Path, kill_when=None, sig=None) -> di
 
 @cli_entry
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(formatter_class=HelpFormatter, **from_docstring(__doc__))
+    parser = argparse.ArgumentParser(prog=script_program(__file__),
+                                     formatter_class=HelpFormatter, **from_docstring(__doc__))
     parser.add_argument("--data-dir", default=None, help="local data directory (default: $BITALLOC_DATA, else the hub)")
     parser.add_argument("--model", default="smollm2-135m", help="model spec (see bitalloc.models)")
     parser.add_argument("--space", default="rtn-g64", help="option space (a smaller one makes the demo quicker)")

@@ -18,7 +18,7 @@ from pathlib import Path
 
 from bitalloc import atomic
 from bitalloc.errors import BitallocError, cli_entry
-from bitalloc.help_format import HelpFormatter, from_docstring
+from bitalloc.help_format import HelpFormatter, from_docstring, script_program
 
 
 def last_word_punctuated(words: list[str]) -> list[str]:
@@ -30,7 +30,8 @@ def last_word_punctuated(words: list[str]) -> list[str]:
 
 @cli_entry
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(formatter_class=HelpFormatter, **from_docstring(__doc__))
+    parser = argparse.ArgumentParser(prog=script_program(__file__),
+                                     formatter_class=HelpFormatter, **from_docstring(__doc__))
     parser.add_argument("text", help="a plain text file")
     parser.add_argument("--out", required=True, help="the JSONL task file to write")
     parser.add_argument("--questions", type=int, default=100, help="number of questions")

@@ -19,7 +19,7 @@ from pathlib import Path
 import torch
 
 import bitalloc.profile as profile_module
-from bitalloc.help_format import HelpFormatter, from_docstring
+from bitalloc.help_format import HelpFormatter, from_docstring, script_program
 from bitalloc.quant import parse
 
 sys.path.insert(0, str(Path(__file__).parent))
@@ -44,7 +44,8 @@ def watched(name, fn):
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(formatter_class=HelpFormatter, **from_docstring(__doc__))
+    parser = argparse.ArgumentParser(prog=script_program(__file__),
+                                     formatter_class=HelpFormatter, **from_docstring(__doc__))
     parser.add_argument("--random", choices=sorted(RANDOM_CONFIGS), default="llama-3-8b",
                         help="shape of the random-weight model profiled")
     parser.add_argument("--layers", type=int, default=2,

@@ -27,7 +27,7 @@ import torch
 import bitalloc.candidates as candidates_module
 from bitalloc.blocks import capture_inputs
 from bitalloc.candidates import Candidates
-from bitalloc.help_format import HelpFormatter, from_docstring
+from bitalloc.help_format import HelpFormatter, from_docstring, script_program
 from bitalloc.models import block_linears, find_blocks
 from bitalloc.profile import measure_block, profile
 from bitalloc.quant import parse
@@ -87,7 +87,8 @@ def trace_one_block(seqlen: int) -> str:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(formatter_class=HelpFormatter, **from_docstring(__doc__))
+    parser = argparse.ArgumentParser(prog=script_program(__file__),
+                                     formatter_class=HelpFormatter, **from_docstring(__doc__))
     parser.add_argument("--layers", type=int, default=3, help="blocks of the random model timed")
     parser.add_argument("--settings", default="4:lean:triton,4:lean:torch,4:full:triton,2:full:triton,8:lean:triton",
                         help="BATCH:lean|full:triton|torch settings (see above), comma separated")

@@ -30,7 +30,7 @@ from bitalloc.cost import assignment_bytes, average_bits, layer_shapes, other_by
 from bitalloc.data import eval_windows
 from bitalloc.errors import cli_entry
 from bitalloc.evaluate import evaluate
-from bitalloc.help_format import HelpFormatter, from_docstring
+from bitalloc.help_format import HelpFormatter, from_docstring, script_program
 from bitalloc.kernels.quant_linear import QuantLinear
 from bitalloc.models import linear_layers, load_model
 from bitalloc.plan import Plan
@@ -63,7 +63,8 @@ def set_backend(model, name: str) -> None:
 
 @cli_entry
 def main(argv=None):
-    parser = argparse.ArgumentParser(formatter_class=HelpFormatter, **from_docstring(__doc__))
+    parser = argparse.ArgumentParser(prog=script_program(__file__),
+                                     formatter_class=HelpFormatter, **from_docstring(__doc__))
     parser.add_argument("--model", default="smollm2-135m", help="model spec (see bitalloc.models)")
     parser.add_argument("--data-dir", default=None, help="local data directory (default: $BITALLOC_DATA, else the hub)")
     parser.add_argument("--windows", type=int, default=24, help="WikiText-2 test windows evaluated")
