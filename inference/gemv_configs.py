@@ -11,7 +11,7 @@ with /1 appended to launch an X_LOAD 2 configuration as a programmatic dependent
 element 1 for the older step that dequantizes each pair to q s (`triton_mma`'s DEQUANTIZE).  A
 configuration that cannot compute a shape (its lanes' chunks straddle the groups) is skipped with the
 reason.
-Same timing as inference/kernels.py: CUDA-graph replay over weight copies that exceed the L2
+Same timing as inference/kernel_bench.py: CUDA-graph replay over weight copies that exceed the L2
 cache; options rtn:intN:g128:asym.  Prints, per shape and bit width, the fastest configurations,
 the speed-up over fp16 cuBLAS and the % of the memory roofline; for gemv_units also its activation
 pass (`arrange_activations`) alone; beside them the read floor (`read_floor.py`: the fastest

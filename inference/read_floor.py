@@ -8,7 +8,7 @@ sizes of one layer (tens of MB) that is not bytes / bandwidth: programs ramp up,
 the first loads wait a full memory latency and the last programs finish alone.
 This times a plain streaming read (16-byte loads, a few tiles per program, all
 issued before any is used, one xor per word) over several launch shapes, replayed
-from a CUDA graph over copies beyond the L2 cache like `inference/kernels.py`, and
+from a CUDA graph over copies beyond the L2 cache like `inference/kernel_bench.py`, and
 prints each shape's time and bandwidth: the floor a GEMV of that many bytes can
 be compared with.  With --row-words it also reads the bytes as rows of that many
 words the way the tensor-core GEMV does (16 rows per program, a tile of CHUNK words

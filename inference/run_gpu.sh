@@ -52,7 +52,7 @@ run_phase() {
 case "$1" in
 check)
   python -m pytest -q -p no:cacheprovider tests/test_kernels_gpu.py 2>&1 | tee "$out/pytest_gpu.txt"
-  python inference/kernels.py --models llama-2-70b --layers q/o_proj --out "$out/kernels_8192" 2>&1 | tail -45
+  python inference/kernel_bench.py --models llama-2-70b --layers q/o_proj --out "$out/kernels_8192" 2>&1 | tail -45
   python inference/int8_layouts.py --out "$out/int8_layouts.txt" 2>&1 | tail -14
   python inference/decode.py --config llama-2-7b --mix mixed4 --out "$out/decode_llama2_7b" 2>&1 | tail -8
   rm -f "$out"/*.png "$out"/*_latency.csv "$out"/*_plan.json "$out"/*.csv  # at most 8 files come back
@@ -79,7 +79,7 @@ mma)
     --shapes 8192x8192,4096x4096,11008x4096 2>&1 | tee "$out/gemv_mma_configs.txt"
   ;;
 gemv)
-  timeout 360 python inference/kernels.py --layers "q/k/v/o_proj,gate/up_proj,down_proj,q/o_proj" --batches 1 \
+  timeout 360 python inference/kernel_bench.py --layers "q/k/v/o_proj,gate/up_proj,down_proj,q/o_proj" --batches 1 \
     --backends '{"triton": ["rtn:int2:g128:asym","rtn:int3:g128:asym","rtn:int4:g128:asym","rtn:int8:g128:asym"]}' \
     --out "$out/kernels_gemv" 2>&1 | grep -E "roofline|triton|dense"
   rm -f "$out"/*.png "$out"/*_latency.csv
@@ -210,7 +210,7 @@ print(len(a), 'choices;', 'the same in both processes' if a == b else 'DIFFERENT
   ;;
 retune)
   for run in a b; do
-    timeout 240 python inference/kernels.py --layers "q/k/v/o_proj,q/o_proj" --batches 1 --backends \
+    timeout 240 python inference/kernel_bench.py --layers "q/k/v/o_proj,q/o_proj" --batches 1 --backends \
       '{"triton": ["rtn:int2:g128:asym","rtn:int3:g128:asym","rtn:int4:g128:asym","rtn:int8:g128:asym"]}' \
       --out "$out/retune_$run" 2>&1 | grep -E "triton|dense"
   done
@@ -221,7 +221,7 @@ for key in sorted(a): print(key, a[key], b.get(key), 'same' if a[key] == b.get(k
   ;;
 full)
   timeout 90 python -m pytest -q -p no:cacheprovider tests/test_kernels_gpu.py 2>&1 | tee "$out/pytest_gpu.txt" | tail -3
-  timeout 150 python inference/kernels.py --layers "q/k/v/o_proj,gate/up_proj,down_proj,q/o_proj" \
+  timeout 150 python inference/kernel_bench.py --layers "q/k/v/o_proj,gate/up_proj,down_proj,q/o_proj" \
     --batches 1,4,16,64,256 --out "$out/kernels_h100" 2>&1 | grep -E "roofline| 1 |256 " | grep -v down_proj.*28672
   timeout 80 python inference/decode.py --config llama-2-7b --mix mixed4 --out "$out/decode_llama2_7b" 2>&1 | tail -4
   timeout 50 python inference/layers.py --mixes mixed4,int4,w8a8 --out "$out/layers_h100" 2>&1 | tail -14

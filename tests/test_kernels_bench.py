@@ -83,17 +83,16 @@ def test_profile_line_counts_gpu_operations_and_the_time_between_them():
 
 
 def test_a_models_own_shapes_give_a_latency_table_that_serves_its_latency_budget(tiny_dir, tmp_path):
-    """inference/kernels.py --model: every decoder-linear shape of that model timed, so a latency budget
+    """inference/kernel_bench.py --model: every decoder-linear shape of that model timed, so a latency budget
     over its layers can be counted from the table."""
     from bitalloc.budget import parse_budget
     from bitalloc.cost import LatencyTable, layer_shapes
     from bitalloc.models import load_model
 
-    kernels = load_script("inference/kernels.py")
-
+    kernel_bench = load_script("inference/kernel_bench.py")
     out = tmp_path / "k"
-    assert kernels.main(["--device", "cpu", "--model", str(tiny_dir), "--batches", "1",
-                         "--backends", '{"cpu": ["rtn:int4:g32:asym"]}', "--out", str(out)]) == 0
+    assert kernel_bench.main(["--device", "cpu", "--model", str(tiny_dir), "--batches", "1",
+                              "--backends", '{"cpu": ["rtn:int4:g32:asym"]}', "--out", str(out)]) == 0
     shapes = layer_shapes(load_model(str(tiny_dir)).model)
     latency = LatencyTable.load(tmp_path / "k_latency.csv")
     budget = parse_budget("rtn:int4:g32:asym@latency", shapes, latency.lookup())

@@ -1,7 +1,7 @@
 """Kernel benchmark: every backend and bit width against the dense layer, Llama-2-7B/70B layer shapes.
 
-    python inference/kernels.py --device cuda --out results/kernels_h100
-    python inference/kernels.py --device cpu --models llama-2-7b --layers q/k/v/o_proj --batches 1,4,16
+    python inference/kernel_bench.py --device cuda --out results/kernels_h100
+    python inference/kernel_bench.py --device cpu --models llama-2-7b --layers q/k/v/o_proj --batches 1,4,16
 
 Writes <out>.csv (every timing, GB/s, % of the memory roofline, speed-up),
 <out>.txt (the same as a table), <out>_latency.csv (the cost model's latency
