@@ -19,6 +19,7 @@ from pathlib import Path
 import torch
 
 import bitalloc.profile as profile_module
+from bitalloc.errors import BitallocError, cli_entry
 from bitalloc.help_format import HelpFormatter, from_docstring, script_program
 from bitalloc.quant import parse
 
@@ -43,7 +44,8 @@ def watched(name, fn):
     return wrapped
 
 
-def main() -> None:
+@cli_entry
+def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog=script_program(__file__),
                                      formatter_class=HelpFormatter, **from_docstring(__doc__))
     parser.add_argument("--random", choices=sorted(RANDOM_CONFIGS), default="llama-3-8b",
@@ -52,9 +54,9 @@ def main() -> None:
                         help="blocks kept (peak memory per block does not depend on it)")
     add_profiling_args(parser, nsamples=128, seqlen=2048, space=False)
     parser.add_argument("--lean-memory", action="store_true", help="profile(lean_memory=True): see bitalloc.profile")
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
     if not torch.cuda.is_available():
-        sys.exit("profile_memory_stages needs a CUDA GPU")
+        raise BitallocError("profile_memory_stages needs a CUDA GPU")
     for stage in STAGES:
         setattr(profile_module, stage, watched(stage, getattr(profile_module, stage)))
     loaded = random_model(args.random, torch.bfloat16, {"num_hidden_layers": args.layers})
@@ -65,7 +67,8 @@ def main() -> None:
     profile_module.profile(loaded, ids, options, None, args.batch_size, torch.device("cuda"), progress=False,
                            metrics=["rel"], weights=RandomBlocks(), lean_memory=args.lean_memory)
     print(f"profiled {args.layers} blocks in {time.perf_counter() - start:.1f} s")
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

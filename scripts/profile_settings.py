@@ -27,6 +27,7 @@ import torch
 import bitalloc.candidates as candidates_module
 from bitalloc.blocks import capture_inputs
 from bitalloc.candidates import Candidates
+from bitalloc.errors import BitallocError, cli_entry
 from bitalloc.help_format import HelpFormatter, from_docstring, script_program
 from bitalloc.models import block_linears, find_blocks
 from bitalloc.profile import measure_block, profile
@@ -86,7 +87,8 @@ def trace_one_block(seqlen: int) -> str:
     return trace.key_averages().table(sort_by="self_cuda_time_total", row_limit=25, max_name_column_width=60)
 
 
-def main() -> None:
+@cli_entry
+def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog=script_program(__file__),
                                      formatter_class=HelpFormatter, **from_docstring(__doc__))
     parser.add_argument("--layers", type=int, default=3, help="blocks of the random model timed")
@@ -94,14 +96,15 @@ def main() -> None:
                         help="BATCH:lean|full:triton|torch settings (see above), comma separated")
     add_profiling_args(parser, nsamples=128, seqlen=2048, batch_size=None, space=False)
     parser.add_argument("--trace", action="store_true", help="also print the kernel table of one lean block")
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
     if not torch.cuda.is_available():
-        sys.exit("profile_settings needs a CUDA GPU")
+        raise BitallocError("profile_settings needs a CUDA GPU")
     for setting in args.settings.split(","):
         print(json.dumps(time_setting(setting, args.layers, args.nsamples, args.calib_seqlen)), flush=True)
     if args.trace:
         print(trace_one_block(args.calib_seqlen))
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())
