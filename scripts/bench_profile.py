@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import argparse
 import json
-import logging
+import sys
 import time
 
 import torch
@@ -26,6 +26,7 @@ from bitalloc.blocks import capture_inputs
 from bitalloc.candidates import Candidates
 from bitalloc.cli_args import resolve_device
 from bitalloc.data import calibration_ids
+from bitalloc.errors import BitallocError, cli_entry
 from bitalloc.help_format import HelpFormatter, from_docstring, script_program
 from bitalloc.models import LoadedModel, block_linears, find_blocks, load_model
 from bitalloc.profile import measure_block, profile
@@ -122,7 +123,8 @@ def add_profiling_args(parser, nsamples: int = 16, seqlen: int = 512, batch_size
                             help="options profiled, comma separated")
 
 
-def main() -> None:
+@cli_entry
+def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog=script_program(__file__),
                                      formatter_class=HelpFormatter, **from_docstring(__doc__))
     parser.add_argument("--model", default="smollm2-135m", help="model spec (see bitalloc.models)")
@@ -137,8 +139,7 @@ def main() -> None:
     parser.add_argument("--baseline-blocks", default="0,15", help="blocks on which the full recompute is timed")
     parser.add_argument("--lean-memory", action="store_true", help="profile(lean_memory=True): see bitalloc.profile")
     parser.add_argument("--json", default=None, help="also write the figures here")
-    args = parser.parse_args()
-    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    args = parser.parse_args(argv)
     device = resolve_device(args.device)
     dtype = getattr(torch, args.dtype) if args.dtype else (torch.bfloat16 if device.type == "cuda" else torch.float32)
     options = [parse(t) for t in args.space.split(",")]
@@ -155,6 +156,11 @@ def main() -> None:
                "batch_size": args.batch_size, "lean_memory": args.lean_memory,
                "options": [str(o) for o in options], "load_s": round(time.perf_counter() - started, 1)}
     model = loaded.model
+    count = len(find_blocks(model)[1])
+    blocks_to_time = [int(b) for b in args.baseline_blocks.split(",") if b]
+    beyond = [b for b in blocks_to_time if not 0 <= b < count]
+    if beyond:  # before the profiles, which take minutes
+        raise BitallocError(f"--baseline-blocks {beyond[0]}: the model has blocks 0-{count - 1}")
     block_param_bytes = sum(p.numel() * p.element_size() for p in find_blocks(model)[1][0].parameters())
     hidden = model.config.hidden_size
     figures["block_weight_bytes"] = block_param_bytes
@@ -172,7 +178,6 @@ def main() -> None:
         if device.type == "cuda":
             figures[f"peak_gpu_bytes[{group}]"] = torch.cuda.max_memory_allocated()
         print(json.dumps(figures), flush=True)
-    blocks_to_time = [int(b) for b in args.baseline_blocks.split(",") if b]
     if blocks_to_time:
         seconds = baseline_ratio(loaded, ids, options, blocks_to_time, args.batch_size, device, weights)
         figures["block_pass_partial_s"] = round(seconds[True], 2)
@@ -181,7 +186,8 @@ def main() -> None:
     print(json.dumps(figures, indent=1))
     if args.json:
         atomic.write_json(args.json, figures)
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())
