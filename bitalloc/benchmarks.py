@@ -27,6 +27,7 @@ from . import atomic
 from .kernels.quant_linear import QuantLinear
 from .kernels.timing import time_cpu, time_cuda, time_cuda_graph
 from .quant import parse, quantize
+from .quant.calib import LayerCalib
 
 log = logging.getLogger(__name__)
 
@@ -56,17 +57,26 @@ def random_layer(out_features: int, in_features: int, option: str, device, backe
 
 
 def pack_weight(weight: torch.Tensor, option, bias, backend: str) -> QuantLinear:
-    """Quantize on the weight's device (RTN is fast on a GPU) and pack; `outliers=k` takes k evenly
-    spaced input channels as the fp16 outlier channels (benchmarks need their cost, not their choice)."""
+    """Quantize on the weight's device (RTN is fast on a GPU) and pack; `outliers=k` gets calibration
+    statistics that make k evenly spaced input channels the fp16 outlier channels (benchmarks need
+    their cost, not their choice)."""
     weight = weight.float()
-    qw = quantize(weight, option) if option.quantized else None
-    outliers = option.param("outliers", 0, int) if option.quantized else 0
-    if outliers and qw.outlier_idx is None:
-        qw.outlier_idx = torch.linspace(0, weight.shape[1] - 1, outliers, device=weight.device).long()
-        qw.outlier_weight = weight[:, qw.outlier_idx].half().float()
+    qw = quantize(weight, option, _spread_outliers(weight, option)) if option.quantized else None
     layer = QuantLinear.from_weight(qw, bias, dense=weight).to(weight.device)
     layer.set_backend(backend)
     return layer
+
+
+def _spread_outliers(weight: torch.Tensor, option) -> LayerCalib | None:
+    """Calibration inputs whose largest channels are `outliers` evenly spaced ones (None without outliers)."""
+    count = option.param("outliers", 0, int)
+    if not count:
+        return None
+    calib = LayerCalib(weight.shape[1], max_rows=0, hessian=False)
+    x = torch.ones(1, weight.shape[1], device=weight.device)
+    x[:, torch.linspace(0, weight.shape[1] - 1, count, device=weight.device).long()] = 100.0
+    calib.add(x)
+    return calib
 
 
 @torch.no_grad()

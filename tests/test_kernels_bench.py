@@ -97,3 +97,11 @@ def test_a_models_own_shapes_give_a_latency_table_that_serves_its_latency_budget
     latency = LatencyTable.load(tmp_path / "k_latency.csv")
     budget = parse_budget("rtn:int4:g32:asym@latency", shapes, latency.lookup())
     assert budget.kind == "latency" and budget.limit > 0
+
+
+def test_outlier_options_are_benchmarked_without_calibration_data():
+    """The GPU default set times mixed-outlier options: their fp16 channels are spread evenly (their
+    cost is what counts), not refused for want of calibration inputs."""
+    rows = kernel_rows("cpu", {"mixed-outlier": ["rtn:int8:pc:sym:a8:outliers=16"]}, {"tiny": {"proj": (64, 256)}},
+                       batches=(1,), progress=False)
+    assert rows[-1]["kernel"] == "mixed-outlier" and rows[-1]["weight_bytes"] > 64 * 256

@@ -16,11 +16,13 @@ class LayerCalib:
     tensor (q/k/v) may share one LayerCalib; quantizers never modify it.
     """
 
-    def __init__(self, in_features: int, max_rows: int = 4096, seed: int = 0):
+    def __init__(self, in_features: int, max_rows: int = 4096, seed: int = 0, hessian: bool = True):
         self.in_features = in_features
         self.max_rows = max_rows
         self.count = 0
-        self.xtx = torch.zeros(in_features, in_features, dtype=torch.float64)
+        # hessian=False: per-channel statistics only, for callers that never ask for X^T X (its
+        # in_features^2 float64 are 6.6 GB at 28672 inputs)
+        self.xtx = torch.zeros(in_features, in_features, dtype=torch.float64) if hessian else None
         self.abs_sum = torch.zeros(in_features, dtype=torch.float64)
         self.abs_max = torch.zeros(in_features, dtype=torch.float32)
         self._rows: list[torch.Tensor] = []
@@ -28,7 +30,8 @@ class LayerCalib:
 
     def add(self, x: torch.Tensor) -> None:
         x = x.detach().reshape(-1, self.in_features).float().cpu()
-        self.xtx += (x.T @ x).double()
+        if self.xtx is not None:
+            self.xtx += (x.T @ x).double()
         magnitude = x.abs()
         self.abs_sum += magnitude.sum(0, dtype=torch.float64)
         self.abs_max = torch.maximum(self.abs_max, magnitude.amax(0))
@@ -41,6 +44,8 @@ class LayerCalib:
 
     def hessian(self) -> torch.Tensor:
         """H = 2 X^T X / n: the curvature of the layer's squared output error."""
+        if self.xtx is None:
+            raise ValueError("this LayerCalib was made with hessian=False")
         return (2.0 * self.xtx / max(self.count, 1)).float()
 
     def act_mean(self) -> torch.Tensor:
