@@ -15,12 +15,6 @@ def program(documented: str) -> str:
     return invoked_as or documented
 
 
-def script_program(file: str) -> str:
-    """A repo script's prog as the README runs it from the repository root: `python scripts/x.py`."""
-    path = Path(file).resolve()
-    return f"python {path.parent.name}/{path.name}"
-
-
 class HelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
     """Appends an option's default only where its help does not already say it and there is one."""
 
@@ -36,3 +30,11 @@ def from_docstring(doc: str) -> dict:
     --help shows each once."""
     first, _, rest = doc.strip().partition("\n\n")
     return {"description": first, "epilog": rest.lstrip("\n").rstrip() or None}
+
+
+def script_parser(file: str, doc: str) -> argparse.ArgumentParser:
+    """The parser of a repo script (scripts/, inference/): named as the README runs it from the
+    repository root (`python scripts/x.py`), its docstring as description and epilog."""
+    path = Path(file).resolve()
+    return argparse.ArgumentParser(prog=f"python {path.parent.name}/{path.name}", formatter_class=HelpFormatter,
+                                   **from_docstring(doc))

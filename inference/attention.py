@@ -12,14 +12,13 @@ do in a model whose every layer has its own cache; the launch overhead stays out
 as in a graph-replayed decode.  Prints microseconds per call and the bandwidth of
 the cache bytes each call reads.
 """
-import argparse
 import sys
 
 import torch
 
 from bitalloc.benchmarks import MAX_COPIES
 from bitalloc.errors import BitallocError, cli_entry
-from bitalloc.help_format import HelpFormatter, from_docstring, script_program
+from bitalloc.help_format import script_parser
 from bitalloc.kernels import decode_attention as da
 from bitalloc.kernels.timing import time_cuda_graph
 
@@ -47,8 +46,7 @@ def attention_seconds(length: int, heads: int, dim: int, dtype: torch.dtype) -> 
 
 @cli_entry
 def main(argv=None):
-    parser = argparse.ArgumentParser(prog=script_program(__file__),
-                                     formatter_class=HelpFormatter, **from_docstring(__doc__))
+    parser = script_parser(__file__, __doc__)
     parser.add_argument("--lengths", default="167,512,2048", help="cache lengths, comma separated")
     parser.add_argument("--heads", type=int, default=32, help="attention heads (as many key/value heads)")
     parser.add_argument("--dim", type=int, default=128, help="head size (a power of two)")

@@ -19,7 +19,6 @@ it, choices come from the tuner's cache file where an earlier process on this GP
 left them (bitalloc.kernels.tuner; BITALLOC_TUNER_CACHE=off times afresh, as
 inference/run_gpu.sh does).
 """
-import argparse
 import contextlib
 import logging
 import sys
@@ -34,7 +33,7 @@ from bitalloc.cost import average_bits, layer_shapes
 from bitalloc.decode import decode
 from bitalloc.errors import BitallocError, cli_entry
 from bitalloc.fuse import four_tokens, fusable, fuse_layers, fuse_packed, options_after_fusing, shared_input_groups
-from bitalloc.help_format import HelpFormatter, from_docstring, script_program
+from bitalloc.help_format import script_parser
 from bitalloc.kernels import tuner
 from bitalloc.kernels.decode_attention import use_for_decoding
 from bitalloc.plan import Plan
@@ -48,8 +47,7 @@ ATTENTION = {"torch": None, "cudnn": SDPBackend.CUDNN_ATTENTION, "efficient": SD
 
 
 def parse_args(argv):
-    parser = argparse.ArgumentParser(prog=script_program(__file__),
-                                     formatter_class=HelpFormatter, **from_docstring(__doc__))
+    parser = script_parser(__file__, __doc__)
     source = parser.add_mutually_exclusive_group(required=True)
     source.add_argument("--config", choices=sorted(LLAMA_CONFIGS), help="build this shape with random weights")
     source.add_argument("--saved", help="a directory written by python -m bitalloc.apply --save")

@@ -17,14 +17,13 @@ the speed-up over fp16 cuBLAS and the % of the memory roofline; for gemv_units a
 pass (`arrange_activations`) alone; beside them the read floor (`read_floor.py`: the fastest
 kernel that only reads that many bytes, timed alike).
 """
-import argparse
 import sys
 
 import torch
 
 from bitalloc.benchmarks import random_layer, roofline_bandwidth, time_layer, weight_bytes
 from bitalloc.errors import BitallocError, cli_entry, first_line
-from bitalloc.help_format import HelpFormatter, from_docstring, script_program
+from bitalloc.help_format import script_parser
 from bitalloc.kernels import triton_backend as tb
 from bitalloc.kernels import triton_kernels as tk
 from bitalloc.kernels import tuner
@@ -34,8 +33,7 @@ from read_floor import read_floor_seconds
 
 
 def parse_args(argv):
-    parser = argparse.ArgumentParser(prog=script_program(__file__),
-                                     formatter_class=HelpFormatter, **from_docstring(__doc__))
+    parser = script_parser(__file__, __doc__)
     parser.add_argument("--shapes", default="8192x8192,4096x4096", help="out x in, comma separated")
     parser.add_argument("--bits", default="4,2,3,8", help="code widths to sweep, comma separated")
     parser.add_argument("--kernel", choices=["gemv", "gemv-pairs", "gemv-mma"], default="gemv",

@@ -23,7 +23,6 @@ steps, so its count is an upper bound.
 """
 from __future__ import annotations
 
-import argparse
 import collections
 import os
 import re
@@ -38,7 +37,7 @@ from triton.compiler.errors import CompilationError
 from triton.experimental.gluon._runtime import GluonASTSource
 
 from bitalloc import atomic
-from bitalloc.help_format import HelpFormatter, from_docstring, script_program
+from bitalloc.help_format import script_parser
 from bitalloc.kernels import triton_backend as tb
 from bitalloc.kernels import triton_kernels as tk
 from bitalloc.kernels import triton_mma as tm
@@ -122,8 +121,7 @@ def loop_body(sass: str) -> list[str]:
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(prog=script_program(__file__),
-                                     formatter_class=HelpFormatter, **from_docstring(__doc__))
+    parser = script_parser(__file__, __doc__)
     parser.add_argument("--bits", default="4,2,3,8", help="code widths to compile, comma separated")
     parser.add_argument("--configs", default=None,
                         help="launch configurations (see above), comma separated (default: the backend's first "

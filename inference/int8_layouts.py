@@ -9,14 +9,13 @@ with row/column scales; and the int8 backend's whole layer with its parts
 (per-token quantization, the integer product, the rescaling epilogue).
 Timings are medians with a cold L2 cache.
 """
-import argparse
 import sys
 
 import torch
 
 from bitalloc import atomic
 from bitalloc.errors import BitallocError, cli_entry
-from bitalloc.help_format import HelpFormatter, from_docstring, script_program
+from bitalloc.help_format import script_parser
 from bitalloc.kernels import int8 as int8_backend
 from bitalloc.kernels.timing import time_cuda
 
@@ -26,8 +25,7 @@ BATCHES = (256, 512, 1024)
 
 @cli_entry
 def main(argv=None):
-    parser = argparse.ArgumentParser(prog=script_program(__file__),
-                                     formatter_class=HelpFormatter, **from_docstring(__doc__))
+    parser = script_parser(__file__, __doc__)
     parser.add_argument("--out", default="results/int8_layouts.txt", help="where the table is written")
     args = parser.parse_args(argv)
     if not torch.cuda.is_available():

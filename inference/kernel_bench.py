@@ -9,7 +9,6 @@ table, bitalloc.cost), <out>.png (speed-up against batch per shape) and, on a
 GPU, <out>_tuner.json (the launch choice the tuner made per kernel, shape and
 batch bucket, e.g. the fused W8A8 matmul or `_int_mm`).
 """
-import argparse
 import json
 import logging
 import sys
@@ -22,7 +21,7 @@ from bitalloc.benchmarks import (BATCHES, LAYER_SHAPES, kernel_rows, plot_speedu
                                  write_csv, write_latency_table)
 from bitalloc.cost import layer_shapes
 from bitalloc.errors import BitallocError, cli_entry
-from bitalloc.help_format import HelpFormatter, from_docstring, script_program
+from bitalloc.help_format import script_parser
 from bitalloc.kernels import tuner
 from bitalloc.models import load_model
 
@@ -35,8 +34,7 @@ CPU_BACKENDS = {"cpu": ["rtn:int8:pc:sym", "rtn:int4:g128:asym", "rtn:int4:g32:a
 
 
 def parse_args(argv):
-    parser = argparse.ArgumentParser(prog=script_program(__file__),
-                                     formatter_class=HelpFormatter, **from_docstring(__doc__))
+    parser = script_parser(__file__, __doc__)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
                         help="cuda or cpu (default: cuda when there is a GPU)")
     parser.add_argument("--out", default=None, help="output path prefix (default results/kernels_<device>)")

@@ -7,7 +7,6 @@ a prefill (one sequence of 512 tokens), for each mix of options
 (bitalloc.benchmarks.MIXES), replayed from a CUDA graph (the block's weights
 exceed the L2 cache).  Writes <out>.csv and <out>.txt.
 """
-import argparse
 import sys
 from pathlib import Path
 
@@ -17,7 +16,7 @@ from bitalloc import atomic
 from bitalloc.benchmarks import LLAMA_CONFIGS, MIXES, mix_assignment, pack_in_place, random_llama, write_csv
 from bitalloc.cost import average_bits, layer_shapes
 from bitalloc.errors import BitallocError, cli_entry
-from bitalloc.help_format import HelpFormatter, from_docstring, script_program
+from bitalloc.help_format import script_parser
 from bitalloc.kernels.timing import time_cuda_graph
 
 SETTINGS = [(1, 1), (4, 1), (32, 1), (1, 512)]  # (sequences, tokens each)
@@ -25,8 +24,7 @@ COLUMNS = ("device", "model", "mix", "avg_bits", "sequences", "tokens", "seconds
 
 
 def parse_args(argv):
-    parser = argparse.ArgumentParser(prog=script_program(__file__),
-                                     formatter_class=HelpFormatter, **from_docstring(__doc__))
+    parser = script_parser(__file__, __doc__)
     parser.add_argument("--config", default="llama-2-7b", choices=sorted(LLAMA_CONFIGS), help="the block's shape")
     parser.add_argument("--mixes", default=",".join(MIXES), help="mixes of options to time, comma separated")
     parser.add_argument("--out", default="results/layers", help="output path prefix: <out>.csv and <out>.txt")

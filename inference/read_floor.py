@@ -16,7 +16,6 @@ of each row per step, a program walking its rows): whether that access pattern,
 and not the GEMV's arithmetic, is what costs (an int4 8192x8192 layer's codes are
 8192 rows of 1024 words, 33.6 MB).
 """
-import argparse
 import math
 import sys
 
@@ -26,7 +25,7 @@ import triton.language as tl
 
 from bitalloc.benchmarks import MAX_COPIES, roofline_bandwidth
 from bitalloc.errors import BitallocError, cli_entry
-from bitalloc.help_format import HelpFormatter, from_docstring, script_program
+from bitalloc.help_format import script_parser
 from bitalloc.kernels.timing import time_cuda_graph
 
 # (BLOCK words per tile, TILES per program, num_warps)
@@ -101,8 +100,7 @@ def read_floor_seconds(moved: int) -> dict[tuple, float]:
 
 @cli_entry
 def main(argv=None):
-    parser = argparse.ArgumentParser(prog=script_program(__file__),
-                                     formatter_class=HelpFormatter, **from_docstring(__doc__))
+    parser = script_parser(__file__, __doc__)
     parser.add_argument("--mb", default="35.6,8.9,124.3", help="sizes to read in MB (1e6 bytes), comma separated")
     parser.add_argument("--row-words", type=int, default=None,
                         help="also read each size as rows of this many int32 words, in row tiles")

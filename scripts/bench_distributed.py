@@ -29,7 +29,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_profile import RANDOM_CONFIGS, RandomBlocks, add_profiling_args, random_model  # noqa: E402
 from bitalloc.errors import BitallocError, cli_entry
-from bitalloc.help_format import HelpFormatter, from_docstring, script_program
+from bitalloc.help_format import script_parser
 
 
 def _value(text: str):
@@ -111,8 +111,7 @@ def launch(ranks: int, argv: list[str], threads: int) -> dict:
 
 @cli_entry
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(prog=script_program(__file__),
-                                     formatter_class=HelpFormatter, **from_docstring(__doc__))
+    parser = script_parser(__file__, __doc__)
     parser.add_argument("--gpus", type=int, default=2, help="ranks of the sharded run (one GPU each on CUDA)")
     parser.add_argument("--random", choices=sorted(RANDOM_CONFIGS), default="llama-2-13b",
                         help="shape of the random-weight model profiled")

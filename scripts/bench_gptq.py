@@ -8,7 +8,6 @@ block forward passes that feed the next block; and checks it against --target-mi
 """
 from __future__ import annotations
 
-import argparse
 import sys
 import time
 from collections import defaultdict
@@ -18,7 +17,7 @@ import torch
 from bitalloc import quantize_model as qm
 from bitalloc.cli_args import add_data_args, add_model_args, calibration, check_positive
 from bitalloc.errors import cli_entry
-from bitalloc.help_format import HelpFormatter, from_docstring, script_program
+from bitalloc.help_format import script_parser
 from bitalloc.models import linear_layers, load_model
 from bitalloc.quant import parse
 
@@ -39,8 +38,7 @@ def timed(name: str, fn, totals: dict):
 
 @cli_entry
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(prog=script_program(__file__), formatter_class=HelpFormatter,
-                                     **from_docstring(__doc__))
+    parser = script_parser(__file__, __doc__)
     parser.add_argument("--option", default="gptq:int4:g64:asym", help="the option every linear gets")
     parser.add_argument("--target-minutes", type=float, default=10.0, help="the time the run must stay within")
     add_model_args(parser)

@@ -14,7 +14,6 @@ and the calibration activations.
 """
 from __future__ import annotations
 
-import argparse
 import json
 import sys
 import time
@@ -27,7 +26,7 @@ from bitalloc.candidates import Candidates
 from bitalloc.cli_args import resolve_device
 from bitalloc.data import calibration_ids
 from bitalloc.errors import BitallocError, cli_entry
-from bitalloc.help_format import HelpFormatter, from_docstring, script_program
+from bitalloc.help_format import script_parser
 from bitalloc.models import LoadedModel, block_linears, find_blocks, load_model
 from bitalloc.profile import measure_block, profile
 from bitalloc.quant import parse
@@ -125,8 +124,7 @@ def add_profiling_args(parser, nsamples: int = 16, seqlen: int = 512, batch_size
 
 @cli_entry
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(prog=script_program(__file__),
-                                     formatter_class=HelpFormatter, **from_docstring(__doc__))
+    parser = script_parser(__file__, __doc__)
     parser.add_argument("--model", default="smollm2-135m", help="model spec (see bitalloc.models)")
     parser.add_argument("--random", choices=sorted(RANDOM_CONFIGS), help="a random-weight model of this shape")
     parser.add_argument("--layers", type=int, default=None,

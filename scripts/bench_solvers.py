@@ -12,7 +12,6 @@ methods, all measured in this one run.
 """
 from __future__ import annotations
 
-import argparse
 import statistics
 import sys
 import time
@@ -22,7 +21,7 @@ import numpy as np
 from bitalloc.budget import parse_budget
 from bitalloc.cost import LayerShape, layer_bytes
 from bitalloc.errors import BitallocError, cli_entry
-from bitalloc.help_format import HelpFormatter, from_docstring, script_program
+from bitalloc.help_format import script_parser
 from bitalloc.quant import parse
 from bitalloc.solve import SOLVERS, TABLE_SOLVERS, build_problem, pareto_front, solve_ilp
 from bitalloc.table import SensitivityTable
@@ -74,8 +73,7 @@ def budget_limits(spec: str, shapes) -> dict[float, int]:
 
 @cli_entry
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(prog=script_program(__file__),
-                                     formatter_class=HelpFormatter, **from_docstring(__doc__))
+    parser = script_parser(__file__, __doc__)
     parser.add_argument("--tie", choices=("none", "fused"), default="fused",
                         help="fused: q/k/v and gate/up each take one option; none: every layer its own")
     parser.add_argument("--seed", type=int, default=0, help="seed of the synthetic table")

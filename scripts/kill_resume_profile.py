@@ -11,7 +11,6 @@ measured again.
 """
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import signal
@@ -23,7 +22,7 @@ from pathlib import Path
 
 from bitalloc import atomic
 from bitalloc.errors import BitallocError, cli_entry
-from bitalloc.help_format import HelpFormatter, from_docstring, script_program
+from bitalloc.help_format import script_parser
 
 
 def block_files(cache: Path) -> list[Path]:
@@ -64,8 +63,7 @@ def run(argv: list[str], cache: Path, out: Path, kill_when=None, sig=None) -> di
 
 @cli_entry
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(prog=script_program(__file__),
-                                     formatter_class=HelpFormatter, **from_docstring(__doc__))
+    parser = script_parser(__file__, __doc__)
     parser.add_argument("--data-dir", default=None, help="local data directory (default: $BITALLOC_DATA, else the hub)")
     parser.add_argument("--model", default="smollm2-135m", help="model spec (see bitalloc.models)")
     parser.add_argument("--space", default="rtn-g64", help="option space (a smaller one makes the demo quicker)")

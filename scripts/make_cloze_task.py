@@ -9,7 +9,6 @@ text, never a test split):
 
     python scripts/make_cloze_task.py /work/shared/data/calib/wiki.txt --out results/wiki_cloze.jsonl
 """
-import argparse
 import json
 import random
 import re
@@ -18,7 +17,7 @@ from pathlib import Path
 
 from bitalloc import atomic
 from bitalloc.errors import BitallocError, cli_entry
-from bitalloc.help_format import HelpFormatter, from_docstring, script_program
+from bitalloc.help_format import script_parser
 
 
 def last_word_punctuated(words: list[str]) -> list[str]:
@@ -30,8 +29,7 @@ def last_word_punctuated(words: list[str]) -> list[str]:
 
 @cli_entry
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(prog=script_program(__file__),
-                                     formatter_class=HelpFormatter, **from_docstring(__doc__))
+    parser = script_parser(__file__, __doc__)
     parser.add_argument("text", help="a plain text file")
     parser.add_argument("--out", required=True, help="the JSONL task file to write")
     parser.add_argument("--questions", type=int, default=100, help="number of questions")

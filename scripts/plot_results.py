@@ -2,20 +2,18 @@
 
     python scripts/plot_results.py [--results results] [--out results/figures]
 """
-import argparse
 import sys
 from pathlib import Path
 
 from bitalloc import plots
 from bitalloc.errors import BitallocError, cli_entry
-from bitalloc.help_format import HelpFormatter, from_docstring, script_program
+from bitalloc.help_format import script_parser
 from bitalloc.results import PPL_FIELDS, PPL_FILE, read_rows
 
 
 @cli_entry
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(prog=script_program(__file__),
-                                     formatter_class=HelpFormatter, **from_docstring(__doc__))
+    parser = script_parser(__file__, __doc__)
     parser.add_argument("--results", default="results", help="directory holding ppl_results.txt")
     parser.add_argument("--out", default=None, help="where the PNGs go (default RESULTS/figures)")
     args = parser.parse_args(argv)

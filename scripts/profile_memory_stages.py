@@ -10,7 +10,6 @@ memory per block does not depend on the number of blocks, so two are enough.
 """
 from __future__ import annotations
 
-import argparse
 import functools
 import sys
 import time
@@ -20,7 +19,7 @@ import torch
 
 import bitalloc.profile as profile_module
 from bitalloc.errors import BitallocError, cli_entry
-from bitalloc.help_format import HelpFormatter, from_docstring, script_program
+from bitalloc.help_format import script_parser
 from bitalloc.quant import parse
 
 sys.path.insert(0, str(Path(__file__).parent))
@@ -46,8 +45,7 @@ def watched(name, fn):
 
 @cli_entry
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(prog=script_program(__file__),
-                                     formatter_class=HelpFormatter, **from_docstring(__doc__))
+    parser = script_parser(__file__, __doc__)
     parser.add_argument("--random", choices=sorted(RANDOM_CONFIGS), default="llama-3-8b",
                         help="shape of the random-weight model profiled")
     parser.add_argument("--layers", type=int, default=2,

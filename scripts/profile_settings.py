@@ -15,7 +15,6 @@ one block measured on 4 batches.
 """
 from __future__ import annotations
 
-import argparse
 import contextlib
 import json
 import sys
@@ -28,7 +27,7 @@ import bitalloc.candidates as candidates_module
 from bitalloc.blocks import capture_inputs
 from bitalloc.candidates import Candidates
 from bitalloc.errors import BitallocError, cli_entry
-from bitalloc.help_format import HelpFormatter, from_docstring, script_program
+from bitalloc.help_format import script_parser
 from bitalloc.models import block_linears, find_blocks
 from bitalloc.profile import measure_block, profile
 from bitalloc.quant import parse
@@ -89,8 +88,7 @@ def trace_one_block(seqlen: int) -> str:
 
 @cli_entry
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(prog=script_program(__file__),
-                                     formatter_class=HelpFormatter, **from_docstring(__doc__))
+    parser = script_parser(__file__, __doc__)
     parser.add_argument("--layers", type=int, default=3, help="blocks of the random model timed")
     parser.add_argument("--settings", default="4:lean:triton,4:lean:torch,4:full:triton,2:full:triton,8:lean:triton",
                         help="BATCH:lean|full:triton|torch settings (see above), comma separated")

@@ -25,7 +25,7 @@ from bitalloc.cli_args import (add_data_args, add_model_args, calibration, calib
 from bitalloc.data import eval_windows
 from bitalloc.errors import BitallocError, cli_entry
 from bitalloc.evaluate import ReferenceCache, evaluate
-from bitalloc.help_format import HelpFormatter, from_docstring, script_program
+from bitalloc.help_format import script_parser
 from bitalloc.models import linear_layers, load_model
 from bitalloc.quant import parse
 from bitalloc.quantize_model import needs_calibration, quantize_model, restore
@@ -58,8 +58,7 @@ def variants() -> list[tuple[str, str]]:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog=script_program(__file__), formatter_class=HelpFormatter,
-                                     **from_docstring(__doc__))
+    parser = script_parser(__file__, __doc__)
     parser.add_argument("--json", default="results/quant_table.json", help="results file (resumed if present)")
     parser.add_argument("--markdown", default="results/quant_table.md", help="the table as Markdown")
     parser.add_argument("--only", default=None, help="comma-separated options to run instead of the full list")

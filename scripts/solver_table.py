@@ -7,12 +7,11 @@ model divided by that of the uniform plan of the same run.
 """
 from __future__ import annotations
 
-import argparse
 import sys
 from pathlib import Path
 
 from bitalloc.errors import BitallocError, cli_entry
-from bitalloc.help_format import HelpFormatter, from_docstring, script_program
+from bitalloc.help_format import script_parser
 from bitalloc.safe_json import load_json
 
 
@@ -48,8 +47,7 @@ def _rows(data: dict) -> list[str]:
 
 @cli_entry
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(prog=script_program(__file__),
-                                     formatter_class=HelpFormatter, **from_docstring(__doc__))
+    parser = script_parser(__file__, __doc__)
     parser.add_argument("runs", nargs="+", help="run directories written by search.sh")
     args = parser.parse_args(argv)
     lines = [line for run in args.runs for line in rows(Path(run))]  # every run read before any output

@@ -2,19 +2,17 @@
 
     python scripts/summarize.py [--results results] [--format text|markdown] [--metric acc]
 """
-import argparse
 import sys
 from pathlib import Path
 
 from bitalloc.errors import cli_entry
-from bitalloc.help_format import HelpFormatter, from_docstring, script_program
+from bitalloc.help_format import script_parser
 from bitalloc.results import summarize
 
 
 @cli_entry
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(prog=script_program(__file__),
-                                     formatter_class=HelpFormatter, **from_docstring(__doc__))
+    parser = script_parser(__file__, __doc__)
     parser.add_argument("--results", default="results", help="directory holding the results files")
     parser.add_argument("--format", choices=("text", "markdown"), default="text", help="table format")
     parser.add_argument("--metric", default="acc", help="lm-eval metric shown per task (acc, acc_norm, ...)")

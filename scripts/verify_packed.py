@@ -14,7 +14,6 @@ below, written out as plan.json), then:
 Prints PASS or FAIL per check and exits 1 when any fails (PPL within 0.05:
 fewer windows than the documented 24 x 512 give noisier perplexities).
 """
-import argparse
 import json
 import math
 import sys
@@ -30,7 +29,7 @@ from bitalloc.cost import assignment_bytes, average_bits, layer_shapes, other_by
 from bitalloc.data import eval_windows
 from bitalloc.errors import cli_entry
 from bitalloc.evaluate import evaluate
-from bitalloc.help_format import HelpFormatter, from_docstring, script_program
+from bitalloc.help_format import script_parser
 from bitalloc.kernels.quant_linear import QuantLinear
 from bitalloc.models import linear_layers, load_model
 from bitalloc.plan import Plan
@@ -63,8 +62,7 @@ def set_backend(model, name: str) -> None:
 
 @cli_entry
 def main(argv=None):
-    parser = argparse.ArgumentParser(prog=script_program(__file__),
-                                     formatter_class=HelpFormatter, **from_docstring(__doc__))
+    parser = script_parser(__file__, __doc__)
     parser.add_argument("--model", default="smollm2-135m", help="model spec (see bitalloc.models)")
     parser.add_argument("--data-dir", default=None, help="local data directory (default: $BITALLOC_DATA, else the hub)")
     parser.add_argument("--windows", type=int, default=24, help="WikiText-2 test windows evaluated")

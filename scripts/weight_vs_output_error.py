@@ -11,7 +11,6 @@ unquantized model).
 """
 from __future__ import annotations
 
-import argparse
 import sys
 
 import torch
@@ -19,7 +18,7 @@ import torch
 from bitalloc.cli_args import add_data_args, add_model_args
 from bitalloc.data import calibration_ids
 from bitalloc.errors import BitallocError, cli_entry
-from bitalloc.help_format import HelpFormatter, from_docstring, script_program
+from bitalloc.help_format import script_parser
 from bitalloc.hooks import run_hooked
 from bitalloc.models import linear_layers, load_model, weight_matrix
 from bitalloc.quant import parse, quantize
@@ -59,8 +58,7 @@ def relative_errors(loaded, inputs, option) -> dict[str, float]:
 
 @cli_entry
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(prog=script_program(__file__),
-                                     formatter_class=HelpFormatter, **from_docstring(__doc__))
+    parser = script_parser(__file__, __doc__)
     parser.add_argument("--options", default="rtn:int3:g64:asym,hqq:int3:g64:asym",
                         help="comma-separated calibration-free options")
     add_model_args(parser)

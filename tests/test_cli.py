@@ -151,7 +151,7 @@ def _command_lines():
     from pathlib import Path
     root = Path(__file__).resolve().parent.parent
     files = [*root.glob("bitalloc/**/*.py"), *root.glob("scripts/*.py"), *root.glob("inference/*.py")]
-    return [f for f in files if "ArgumentParser(" in f.read_text()]
+    return [f for f in files if "ArgumentParser(" in f.read_text() or "script_parser(__file__" in f.read_text()]
 
 
 @pytest.mark.parametrize("path", _command_lines(), ids=lambda p: f"{p.parent.name}/{p.name}")
@@ -163,8 +163,11 @@ def test_every_option_of_every_command_line_is_explained(path):
     tree = ast.parse(path.read_text())
     calls = [node for node in ast.walk(tree) if isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute)]
     parsers = [c for c in calls if c.func.attr == "ArgumentParser"]
-    assert parsers and all(any(k.arg == "formatter_class" and ast.unparse(k.value) == "HelpFormatter"
-                                   for k in c.keywords) for c in parsers)
+    shared = [node for node in ast.walk(tree)
+              if isinstance(node, ast.Call) and ast.unparse(node.func) == "script_parser"]
+    assert parsers or shared  # script_parser (help_format) builds its parser with HelpFormatter
+    assert all(any(k.arg == "formatter_class" and ast.unparse(k.value) == "HelpFormatter" for k in c.keywords)
+               for c in parsers)
     unexplained = [ast.unparse(c.args[0]) for c in calls
                    if c.func.attr == "add_argument" and not any(k.arg == "help" for k in c.keywords)]
     assert not unexplained, f"options without help: {unexplained}"
@@ -384,7 +387,8 @@ def test_search_and_apply_show_a_bops_budget_and_the_weighted_objective(cli_env,
 
 def test_an_unreachable_optuna_storage_stops_search_before_loading(cli_env, capsys):
     argv = ["--model", "no-such-model", "--solver", "optuna", "--storage", "sqlite:////no/such/dir/study.db", *QUICK]
-    _expect_bad_input(pipeline.main, argv, capsys, cli_env, "cannot open Optuna storage sqlite:////no/such/dir/study.db")
+    _expect_bad_input(pipeline.main, argv, capsys, cli_env,
+                      "cannot open Optuna storage sqlite:////no/such/dir/study.db")
 
 
 def test_bars_in_logs_are_paced_and_quiet_silences_the_libraries_bars():
