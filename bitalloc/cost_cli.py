@@ -22,7 +22,7 @@ from .arch import architecture
 from .cost import (Workload, analytic_macs, assignment_bops, average_bits, count_macs, kv_cache_bytes,
                    layer_shapes, model_bytes, parameter_count)
 from .errors import BitallocError, cli_entry
-from .help_format import HelpFormatter, program
+from .help_format import HelpFormatter, from_docstring, program
 from .models import find_blocks, load_model
 from .plan import Plan
 from .quant.option import FP16, parse
@@ -33,9 +33,8 @@ UNQUANTIZED_BITS = 16 * 16  # bits_w x bits_a of a float16 product
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog=program("python flops/cal_flops.py"), description=__doc__.split("\n\n")[0],
-                                     epilog=__doc__.split("\n\n", 1)[1],
-                                     formatter_class=HelpFormatter)
+    parser = argparse.ArgumentParser(prog=program("python flops/cal_flops.py"), formatter_class=HelpFormatter,
+                                     **from_docstring(__doc__))
     parser.add_argument("--model", default="smollm2-135m", help="model spec (see bitalloc.models)")
     parser.add_argument("--seqlen", type=int, default=512,
                         help="tokens per sequence (with --decode: tokens already in the KV cache)")

@@ -51,7 +51,7 @@ from .candidates import Candidates
 from .cost import layer_bytes, layer_shapes
 from .errors import BitallocError, cli_entry
 from .guards import check_activations, check_weights
-from .help_format import HelpFormatter, program
+from .help_format import HelpFormatter, from_docstring, program
 from .linear_pass import forward_sweep, label_gradients, measure_block_linears, weight_values
 from .logit_kl import LogitKL
 from .metrics import DEFAULT_METRIC, METRICS, BlockErrors, combine, parse_metrics
@@ -339,7 +339,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     width = max(map(len, METRICS))
     metrics = "\n".join(f"  {name:<{width}}  {metric.help}" for name, metric in METRICS.items())
-    parser = argparse.ArgumentParser(prog=program("python -m bitalloc.profile"), description=__doc__.split("\n\n")[0],
+    parser = argparse.ArgumentParser(prog=program("python -m bitalloc.profile"),
+                                     description=from_docstring(__doc__)["description"],
                                      epilog=f"metrics (--metrics):\n{metrics}", formatter_class=HelpFormatter)
     parser.add_argument("--space", default="rtn-g64", help="option space: preset name, file or comma-separated list")
     parser.add_argument("--space-dir", default=str(PRESET_SPACES), help="where preset option spaces live")

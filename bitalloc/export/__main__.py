@@ -14,16 +14,15 @@ from pathlib import Path
 
 from .. import atomic
 from ..errors import cli_entry
-from ..help_format import HelpFormatter, program
+from ..help_format import HelpFormatter, from_docstring, program
 from ..models import load_model, locate
 from ..plan import Plan
 from . import EXPORTERS, export_input, get_exporter
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog=program("python -m bitalloc.export"), description=__doc__.split("\n\n")[0],
-                                     formatter_class=HelpFormatter,
-                                     epilog=__doc__.split("\n\n", 1)[1])
+    parser = argparse.ArgumentParser(prog=program("python -m bitalloc.export"), formatter_class=HelpFormatter,
+                                     **from_docstring(__doc__))
     parser.add_argument("out", help="file to write")
     parser.add_argument("--plan", required=True, help="plan.json written by search")
     parser.add_argument("--to", required=True, choices=sorted(EXPORTERS), help="target format")
